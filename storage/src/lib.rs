@@ -1,0 +1,100 @@
+//! flashsale storage: the domain model, the [`OrderStore`] trait and its backends.
+//!
+//! The embedded backend ([`sqlite::SqliteStore`]) needs no services; the distributed
+//! backends (sharded Postgres, Scylla) plug in behind the same trait.
+
+pub mod model;
+#[cfg(feature = "embedded")]
+pub mod sqlite;
+
+use async_trait::async_trait;
+pub use model::*;
+
+/// Errors of the order store.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The backend could not be reached or failed; the operation may be retried.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// A sale with this id exists already.
+    #[error("sale {0} exists already")]
+    SaleExists(SaleId),
+    /// No sale with this id.
+    #[error("unknown sale {0}")]
+    UnknownSale(SaleId),
+    /// Stored data that does not decode: a bug or a tampered database.
+    #[error("corrupt stored data: {0}")]
+    Corrupt(String),
+    /// A move the status machine refuses.
+    #[error(transparent)]
+    IllegalTransition(#[from] IllegalTransition),
+}
+
+/// Result alias of this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Where a consumer of the log has got to: the next offset to read in a partition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Checkpoint {
+    /// Name of the consumer (group).
+    pub consumer: String,
+    /// Log partition.
+    pub partition: u32,
+    /// Next offset to read.
+    pub next_offset: u64,
+}
+
+/// The sale catalog and the order store.
+///
+/// Writes are idempotent: persisting an order twice keeps one row; a status change is
+/// conditional on the expected current status, so a replayed record or a racing worker
+/// changes nothing.
+#[async_trait]
+pub trait OrderStore: Send + Sync + 'static {
+    /// Adds a sale to the catalog; [`Error::SaleExists`] if the id is taken.
+    async fn create_sale(&self, sale: &Sale) -> Result<()>;
+    /// A sale by id.
+    async fn get_sale(&self, id: &SaleId) -> Result<Option<Sale>>;
+    /// Every sale in the catalog.
+    async fn list_sales(&self) -> Result<Vec<Sale>>;
+    /// Adds `units` to a sale's stock and returns the sale after the change.
+    async fn add_stock(&self, id: &SaleId, units: u32) -> Result<Sale>;
+
+    /// Persists a batch of accepted orders (status `persisted`), skipping ids already held,
+    /// and records `checkpoint` in the same transaction. Returns how many were new.
+    async fn persist_batch(
+        &self,
+        orders: &[NewOrder],
+        checkpoint: Option<&Checkpoint>,
+    ) -> Result<usize>;
+    /// The checkpoint stored for a consumer and partition.
+    async fn checkpoint(&self, consumer: &str, partition: u32) -> Result<Option<u64>>;
+
+    /// Moves an order from `from` to `to` if it is in `from`; `Ok(false)` if it was not.
+    /// Illegal moves are refused with [`Error::IllegalTransition`].
+    async fn transition(
+        &self,
+        id: OrderId,
+        from: OrderStatus,
+        to: OrderStatus,
+        charge_id: Option<&str>,
+    ) -> Result<bool>;
+    /// Records that the admission backend took back the stock of a failed or expired order.
+    async fn mark_released(&self, id: OrderId) -> Result<bool>;
+    /// Records that the buyer was notified of the order's final outcome.
+    async fn mark_notified(&self, id: OrderId) -> Result<bool>;
+
+    /// An order with its history.
+    async fn get_order(&self, id: OrderId) -> Result<Option<Order>>;
+    /// Orders in any of `statuses`, oldest first, at most `limit`.
+    async fn orders_in_status(&self, statuses: &[OrderStatus], limit: usize)
+        -> Result<Vec<Order>>;
+    /// Final orders whose release (if they release stock) or notification is still owed.
+    async fn unfinished_followups(&self, limit: usize) -> Result<Vec<Order>>;
+    /// Every order of a sale (for reconciliation and reports).
+    async fn orders_of_sale(&self, sale: &SaleId) -> Result<Vec<Order>>;
+    /// Orders and units of a sale by status.
+    async fn sale_totals(&self, sale: &SaleId) -> Result<SaleTotals>;
+    /// Cheap liveness check of the backend.
+    async fn ping(&self) -> Result<()>;
+}
