@@ -1,1 +1,71 @@
-//! sequencer
+//! flashsale sequencer: the order record format, partitioning, and the order log.
+//!
+//! Ingest appends an accepted order with [`OrderLog::append`] and answers the buyer 202 only
+//! once that returns: the record is durable. The settler reads records back through a
+//! [`LogConsumer`]. The log is the only hand-off between admission and settlement.
+
+pub mod embedded;
+pub mod partition;
+pub mod record;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use std::time::Duration;
+
+pub use record::{decode, encode, OrderRecord, RecordError, CONTENT_TYPE, RECORD_VERSION};
+
+/// Errors of the order log.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The log cannot take the record now (backend down, queue full, closed); nothing was
+    /// written, or it is unknown whether it was.
+    #[error("log unavailable: {0}")]
+    Unavailable(String),
+    /// An I/O error of the embedded log.
+    #[error("log i/o: {0}")]
+    Io(#[from] std::io::Error),
+    /// A record could not be encoded.
+    #[error(transparent)]
+    Record(#[from] RecordError),
+}
+
+/// Result alias of this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Where a record sits in the log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct LogPosition {
+    /// Partition of the topic (0 for the embedded log).
+    pub partition: u32,
+    /// Offset inside the partition.
+    pub offset: u64,
+}
+
+/// A record as read back: its position and its undecoded bytes, so a reader can send what
+/// it cannot decode to a dead-letter place instead of stopping.
+#[derive(Debug, Clone)]
+pub struct LogEntry {
+    /// Where it sits.
+    pub position: LogPosition,
+    /// The encoded record.
+    pub payload: Bytes,
+}
+
+/// The producer side of the order log.
+#[async_trait]
+pub trait OrderLog: Send + Sync + 'static {
+    /// Appends an accepted order; returns once the record is durable.
+    async fn append(&self, record: &OrderRecord) -> Result<LogPosition>;
+    /// Cheap check that the log can take records.
+    async fn ping(&self) -> Result<()>;
+}
+
+/// The consumer side of the order log.
+#[async_trait]
+pub trait LogConsumer: Send + 'static {
+    /// Up to `max` records after the last ones returned, waiting up to `wait` for the first.
+    async fn poll(&mut self, max: usize, wait: Duration) -> Result<Vec<LogEntry>>;
+    /// Marks everything up to and including `positions` as done. Called only after the
+    /// store committed them.
+    async fn commit(&mut self, positions: &[LogPosition]) -> Result<()>;
+}
