@@ -1,1 +1,8 @@
-//! ingest
+//! flashsale ingest: the HTTP front end that admits orders.
+//!
+//! [`server::serve`] runs the hyper server on a bound listener; [`api`] holds the routes;
+//! [`admission`] the `Admission` trait and its embedded backend; [`model`] the decision
+//! rules every backend agrees with; [`auth`] buyer JWTs and the operator token.
+
+pub mod admission;
+pub mod model;

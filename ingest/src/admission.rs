@@ -1,0 +1,147 @@
+//! The `Admission` trait and its embedded backend.
+//!
+//! A backend owns the per-sale counters (stock, users' units, token buckets, idempotency
+//! answers, sequence). The embedded backend keeps them in memory behind one mutex per sale
+//! and runs the I/O-free [`model`](crate::model) directly; after a restart it is rebuilt
+//! from the order log and the store (see [`EmbeddedAdmission::restore_accepted`]).
+
+use crate::model::{AdmitRequest, Counters, Decision, OrderRef, SaleRules, SaleState};
+use async_trait::async_trait;
+use dashmap::DashMap;
+use parking_lot::Mutex;
+use std::sync::Arc;
+use storage::{Sale, SaleId, Timestamp};
+
+/// Errors of an admission backend.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The backend is down or too slow; nothing is known to be taken.
+    #[error("admission unavailable: {0}")]
+    Unavailable(String),
+    /// The sale is not known to the backend.
+    #[error("unknown sale {0}")]
+    UnknownSale(SaleId),
+    /// The sale exists already.
+    #[error("sale {0} exists already")]
+    SaleExists(SaleId),
+}
+
+/// Result alias of admission.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Decides orders against a sale's counters, atomically per decision.
+#[async_trait]
+pub trait Admission: Send + Sync + 'static {
+    /// Puts a sale's counters in place with all its stock.
+    async fn create_sale(&self, sale: &Sale) -> Result<()>;
+    /// Adds units to a sale's stock.
+    async fn add_stock(&self, sale: &SaleId, units: u32) -> Result<()>;
+    /// Decides one order attempt.
+    async fn admit(&self, sale: &SaleId, req: &AdmitRequest) -> Result<Decision>;
+    /// The order's record is durable: its retries now get its answer.
+    async fn confirm(&self, sale: &SaleId, order: &OrderRef) -> Result<()>;
+    /// The order's record did not reach the log: give its stock back and forget its answer.
+    async fn abort(&self, sale: &SaleId, order: &OrderRef) -> Result<()>;
+    /// Gives an order's units back, exactly once per order id. `Ok(true)` if this call did.
+    async fn release(&self, sale: &SaleId, order: &OrderRef) -> Result<bool>;
+    /// The sale's counters, or `None` if the backend does not know the sale.
+    async fn counters(&self, sale: &SaleId) -> Result<Option<Counters>>;
+    /// Cheap liveness check.
+    async fn ping(&self) -> Result<()>;
+}
+
+/// In-process [`Admission`]: one [`SaleState`] per sale.
+#[derive(Debug, Default)]
+pub struct EmbeddedAdmission {
+    sales: DashMap<SaleId, Arc<Mutex<SaleState>>>,
+}
+
+impl EmbeddedAdmission {
+    /// An empty backend.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn sale(&self, id: &SaleId) -> Result<Arc<Mutex<SaleState>>> {
+        self.sales
+            .get(id)
+            .map(|s| Arc::clone(s.value()))
+            .ok_or_else(|| Error::UnknownSale(id.clone()))
+    }
+
+    /// Recovery: loads a sale known to the catalog (stock as the catalog holds it).
+    pub fn restore_sale(&self, sale: &Sale) {
+        self.sales
+            .entry(sale.id.clone())
+            .or_insert_with(|| Arc::new(Mutex::new(SaleState::new(SaleRules::of(sale)))));
+    }
+
+    /// Recovery: replays an order that is durable in the log.
+    pub fn restore_accepted(
+        &self,
+        sale: &SaleId,
+        order: &OrderRef,
+        fingerprint: &str,
+        sequence: u64,
+    ) -> Result<()> {
+        self.sale(sale)?
+            .lock()
+            .restore_accepted(order, fingerprint, sequence);
+        Ok(())
+    }
+
+    /// Recovery: replays a release the store holds.
+    pub fn restore_release(&self, sale: &SaleId, order: &OrderRef) -> Result<()> {
+        self.sale(sale)?.lock().release(order);
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Admission for EmbeddedAdmission {
+    async fn create_sale(&self, sale: &Sale) -> Result<()> {
+        match self.sales.entry(sale.id.clone()) {
+            dashmap::mapref::entry::Entry::Occupied(_) => Err(Error::SaleExists(sale.id.clone())),
+            dashmap::mapref::entry::Entry::Vacant(v) => {
+                v.insert(Arc::new(Mutex::new(SaleState::new(SaleRules::of(sale)))));
+                Ok(())
+            }
+        }
+    }
+
+    async fn add_stock(&self, sale: &SaleId, units: u32) -> Result<()> {
+        self.sale(sale)?.lock().add_stock(u64::from(units));
+        Ok(())
+    }
+
+    async fn admit(&self, sale: &SaleId, req: &AdmitRequest) -> Result<Decision> {
+        let Ok(state) = self.sale(sale) else {
+            return Ok(Decision::Rejected(crate::model::Rejection::UnknownSale));
+        };
+        let now = Timestamp::now().micros();
+        let decision = state.lock().admit(req, now);
+        Ok(decision)
+    }
+
+    async fn confirm(&self, sale: &SaleId, order: &OrderRef) -> Result<()> {
+        self.sale(sale)?.lock().confirm(order);
+        Ok(())
+    }
+
+    async fn abort(&self, sale: &SaleId, order: &OrderRef) -> Result<()> {
+        self.sale(sale)?.lock().abort(order);
+        Ok(())
+    }
+
+    async fn release(&self, sale: &SaleId, order: &OrderRef) -> Result<bool> {
+        Ok(self.sale(sale)?.lock().release(order))
+    }
+
+    async fn counters(&self, sale: &SaleId) -> Result<Option<Counters>> {
+        Ok(self.sales.get(sale).map(|s| s.lock().counters()))
+    }
+
+    async fn ping(&self) -> Result<()> {
+        Ok(())
+    }
+}

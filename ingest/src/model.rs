@@ -1,0 +1,564 @@
+//! The admission model: every rule that decides an order's fate, with no I/O.
+//!
+//! The embedded backend runs this state machine directly; the Redis Lua script implements
+//! the same rules and is checked against this model by the model tests. Checks run in a
+//! fixed order: idempotency, sale active, the user's token bucket, the per-user limit,
+//! stock. A rejection takes no stock; only an acceptance changes stock, the user's units,
+//! the sequence and the idempotency record.
+//!
+//! Time is the caller's `now` in microseconds (the backend's clock: Redis `TIME` for the
+//! distributed backend), and the token bucket counts milli-tokens in integers so the Lua
+//! script, whose numbers are doubles, computes exactly the same values.
+
+use std::collections::{HashMap, HashSet};
+use storage::{OrderId, Sale, UserId};
+
+/// A token costs this many milli-tokens.
+pub const TOKEN: i64 = 1000;
+
+/// The rules of one sale that admission needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SaleRules {
+    /// Total units put on sale.
+    pub stock: u64,
+    /// Most units a user may hold.
+    pub per_user_limit: u32,
+    /// Bucket refill per second.
+    pub rate_per_second: u32,
+    /// Bucket capacity.
+    pub burst: u32,
+    /// First microsecond the sale is open.
+    pub starts_at_us: i64,
+    /// First microsecond the sale is closed.
+    pub ends_at_us: i64,
+}
+
+impl SaleRules {
+    /// The admission rules of a sale.
+    pub fn of(sale: &Sale) -> Self {
+        SaleRules {
+            stock: u64::from(sale.stock),
+            per_user_limit: sale.per_user_limit,
+            rate_per_second: sale.user_rate.per_second,
+            burst: sale.user_rate.burst,
+            starts_at_us: sale.starts_at.micros(),
+            ends_at_us: sale.ends_at.micros(),
+        }
+    }
+}
+
+/// One order attempt as admission sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdmitRequest {
+    /// The buyer.
+    pub user: UserId,
+    /// Units asked for (already checked against the per-order maximum).
+    pub quantity: u32,
+    /// The buyer's Idempotency-Key.
+    pub key: String,
+    /// Digest of the request body.
+    pub fingerprint: String,
+    /// Id the order gets if accepted.
+    pub order_id: OrderId,
+}
+
+/// The answer stored for an accepted order and replayed for its retries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Answer {
+    /// The order's id.
+    pub order_id: OrderId,
+    /// Its sequence number in the sale.
+    pub sequence: u64,
+    /// Units accepted.
+    pub quantity: u32,
+}
+
+/// Why admission refused an order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Rejection {
+    /// The Idempotency-Key was used before with a different body.
+    IdempotencyConflict,
+    /// No such sale.
+    UnknownSale,
+    /// The sale has not started or has ended.
+    NotActive,
+    /// The user's token bucket is empty; retry after this many seconds.
+    RateLimited {
+        /// Whole seconds until a token is available.
+        retry_after_s: u32,
+    },
+    /// The order would take the user over the per-user limit.
+    LimitExceeded,
+    /// Not enough stock left.
+    SoldOut,
+}
+
+impl Rejection {
+    /// The stable code of the rejection (also its stats key).
+    pub fn code(self) -> &'static str {
+        match self {
+            Rejection::IdempotencyConflict => "idempotency_conflict",
+            Rejection::UnknownSale => "unknown_sale",
+            Rejection::NotActive => "sale_not_active",
+            Rejection::RateLimited { .. } => "rate_limited",
+            Rejection::LimitExceeded => "limit_exceeded",
+            Rejection::SoldOut => "sold_out",
+        }
+    }
+}
+
+/// What admission decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    /// A new order: stock taken, answer stored (unconfirmed until the log has it).
+    Accepted(Answer),
+    /// A retry of an accepted, confirmed order: its first answer.
+    Replayed(Answer),
+    /// A retry of an order whose record is not yet confirmed durable.
+    InProgress,
+    /// Refused; nothing taken.
+    Rejected(Rejection),
+}
+
+/// A user's token bucket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bucket {
+    /// Milli-tokens available.
+    pub tokens: i64,
+    /// When `tokens` was last computed (microseconds).
+    pub at_us: i64,
+}
+
+/// Takes one token at `now_us`, or says how many whole seconds until one is available.
+pub fn take_token(
+    bucket: Option<Bucket>,
+    rate_per_second: u32,
+    burst: u32,
+    now_us: i64,
+) -> (Bucket, Result<(), u32>) {
+    let cap = i64::from(burst) * TOKEN;
+    let rate = i64::from(rate_per_second);
+    let mut b = bucket.unwrap_or(Bucket {
+        tokens: cap,
+        at_us: now_us,
+    });
+    let elapsed = (now_us - b.at_us).max(0);
+    b.tokens = (b.tokens + elapsed * rate / 1000).min(cap);
+    b.at_us = b.at_us.max(now_us);
+    if b.tokens >= TOKEN {
+        b.tokens -= TOKEN;
+        (b, Ok(()))
+    } else {
+        let missing_us = ((TOKEN - b.tokens) * 1000 + rate - 1) / rate;
+        let secs = (missing_us + 999_999) / 1_000_000;
+        (b, Err(secs.clamp(1, i64::from(u32::MAX)) as u32))
+    }
+}
+
+/// The stored answer of an idempotency key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdemEntry {
+    /// Digest of the body the key was first used with.
+    pub fingerprint: String,
+    /// The answer given.
+    pub answer: Answer,
+    /// Whether the order's record is durable in the log.
+    pub confirmed: bool,
+}
+
+/// An accepted order, as release and abort need it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OrderRef {
+    /// The order.
+    pub order_id: OrderId,
+    /// Its buyer.
+    pub user: UserId,
+    /// Units it holds.
+    pub quantity: u32,
+    /// Its Idempotency-Key.
+    pub key: String,
+}
+
+/// Admission counters of a sale, for stats.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// Total units put on sale.
+    pub stock: u64,
+    /// Units not taken.
+    pub stock_left: i64,
+    /// Orders accepted (not counting replays).
+    pub accepted_orders: u64,
+    /// Units accepted.
+    pub accepted_units: u64,
+    /// Units given back (released or aborted).
+    pub released_units: u64,
+    /// Rejections by code.
+    pub rejected: Vec<(String, u64)>,
+}
+
+/// Admission state of one sale.
+#[derive(Debug, Clone)]
+pub struct SaleState {
+    /// The sale's rules.
+    pub rules: SaleRules,
+    /// Units not taken; negative only if restored data is inconsistent.
+    pub stock_left: i64,
+    /// Next sequence number.
+    pub next_sequence: u64,
+    accepted_orders: u64,
+    accepted_units: u64,
+    released_units: u64,
+    units: HashMap<UserId, u32>,
+    buckets: HashMap<UserId, Bucket>,
+    idem: HashMap<(UserId, String), IdemEntry>,
+    released: HashSet<OrderId>,
+    rejected: HashMap<&'static str, u64>,
+}
+
+impl SaleState {
+    /// A sale with all its stock.
+    pub fn new(rules: SaleRules) -> Self {
+        SaleState {
+            rules,
+            stock_left: rules.stock as i64,
+            next_sequence: 1,
+            accepted_orders: 0,
+            accepted_units: 0,
+            released_units: 0,
+            units: HashMap::new(),
+            buckets: HashMap::new(),
+            idem: HashMap::new(),
+            released: HashSet::new(),
+            rejected: HashMap::new(),
+        }
+    }
+
+    /// Decides one attempt at `now_us`.
+    pub fn admit(&mut self, req: &AdmitRequest, now_us: i64) -> Decision {
+        let decision = self.decide(req, now_us);
+        if let Decision::Rejected(r) = decision {
+            *self.rejected.entry(r.code()).or_default() += 1;
+        }
+        decision
+    }
+
+    fn decide(&mut self, req: &AdmitRequest, now_us: i64) -> Decision {
+        let idem_key = (req.user.clone(), req.key.clone());
+        if let Some(entry) = self.idem.get(&idem_key) {
+            if entry.fingerprint != req.fingerprint {
+                return Decision::Rejected(Rejection::IdempotencyConflict);
+            }
+            if !entry.confirmed {
+                return Decision::InProgress;
+            }
+            return Decision::Replayed(entry.answer);
+        }
+        if now_us < self.rules.starts_at_us || now_us >= self.rules.ends_at_us {
+            return Decision::Rejected(Rejection::NotActive);
+        }
+        let (bucket, took) = take_token(
+            self.buckets.get(&req.user).copied(),
+            self.rules.rate_per_second,
+            self.rules.burst,
+            now_us,
+        );
+        self.buckets.insert(req.user.clone(), bucket);
+        if let Err(retry_after_s) = took {
+            return Decision::Rejected(Rejection::RateLimited { retry_after_s });
+        }
+        let held = self.units.get(&req.user).copied().unwrap_or(0);
+        if u64::from(held) + u64::from(req.quantity) > u64::from(self.rules.per_user_limit) {
+            return Decision::Rejected(Rejection::LimitExceeded);
+        }
+        if self.stock_left < i64::from(req.quantity) {
+            return Decision::Rejected(Rejection::SoldOut);
+        }
+        let answer = Answer {
+            order_id: req.order_id,
+            sequence: self.next_sequence,
+            quantity: req.quantity,
+        };
+        self.take(&req.user, req.quantity);
+        self.next_sequence += 1;
+        self.idem.insert(
+            idem_key,
+            IdemEntry {
+                fingerprint: req.fingerprint.clone(),
+                answer,
+                confirmed: false,
+            },
+        );
+        Decision::Accepted(answer)
+    }
+
+    fn take(&mut self, user: &UserId, quantity: u32) {
+        self.stock_left -= i64::from(quantity);
+        *self.units.entry(user.clone()).or_default() += quantity;
+        self.accepted_orders += 1;
+        self.accepted_units += u64::from(quantity);
+    }
+
+    /// Marks an accepted order's record durable: its retries now get its answer.
+    pub fn confirm(&mut self, order: &OrderRef) -> bool {
+        match self.idem.get_mut(&(order.user.clone(), order.key.clone())) {
+            Some(e) if e.answer.order_id == order.order_id => {
+                e.confirmed = true;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Gives an order's units back to the sale and its user, once per order id whatever
+    /// the number of calls. Returns whether this call released it.
+    pub fn release(&mut self, order: &OrderRef) -> bool {
+        if !self.released.insert(order.order_id) {
+            return false;
+        }
+        self.stock_left += i64::from(order.quantity);
+        if let Some(u) = self.units.get_mut(&order.user) {
+            *u = u.saturating_sub(order.quantity);
+        }
+        self.released_units += u64::from(order.quantity);
+        true
+    }
+
+    /// Undoes an acceptance whose record never reached the log: releases it and forgets
+    /// its idempotency answer so the buyer's retry is decided afresh.
+    pub fn abort(&mut self, order: &OrderRef) -> bool {
+        let key = (order.user.clone(), order.key.clone());
+        if self
+            .idem
+            .get(&key)
+            .is_some_and(|e| e.answer.order_id == order.order_id)
+        {
+            self.idem.remove(&key);
+        }
+        self.release(order)
+    }
+
+    /// Rebuilds the effect of an order that is durable in the log (recovery after restart).
+    pub fn restore_accepted(&mut self, order: &OrderRef, fingerprint: &str, sequence: u64) {
+        self.take(&order.user, order.quantity);
+        self.next_sequence = self.next_sequence.max(sequence + 1);
+        self.idem.insert(
+            (order.user.clone(), order.key.clone()),
+            IdemEntry {
+                fingerprint: fingerprint.to_owned(),
+                answer: Answer {
+                    order_id: order.order_id,
+                    sequence,
+                    quantity: order.quantity,
+                },
+                confirmed: true,
+            },
+        );
+    }
+
+    /// Adds units to the sale.
+    pub fn add_stock(&mut self, units: u64) {
+        self.rules.stock += units;
+        self.stock_left += units as i64;
+    }
+
+    /// Units a user holds.
+    pub fn units_of(&self, user: &UserId) -> u32 {
+        self.units.get(user).copied().unwrap_or(0)
+    }
+
+    /// Counters for stats.
+    pub fn counters(&self) -> Counters {
+        let mut rejected: Vec<(String, u64)> = self
+            .rejected
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), *v))
+            .collect();
+        rejected.sort();
+        Counters {
+            stock: self.rules.stock,
+            stock_left: self.stock_left,
+            accepted_orders: self.accepted_orders,
+            accepted_units: self.accepted_units,
+            released_units: self.released_units,
+            rejected,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const SEC: i64 = 1_000_000;
+
+    fn rules(stock: u64, limit: u32) -> SaleRules {
+        SaleRules {
+            stock,
+            per_user_limit: limit,
+            rate_per_second: 5,
+            burst: 10,
+            starts_at_us: 0,
+            ends_at_us: 1_000 * SEC,
+        }
+    }
+
+    fn req(user: u8, quantity: u32, key: u8, body: u8) -> AdmitRequest {
+        AdmitRequest {
+            user: UserId::parse(format!("u{user}")).expect("user"),
+            quantity,
+            key: format!("k{key}"),
+            fingerprint: format!("f{body}"),
+            order_id: OrderId::new(),
+        }
+    }
+
+    fn oref(r: &AdmitRequest) -> OrderRef {
+        OrderRef {
+            order_id: r.order_id,
+            user: r.user.clone(),
+            quantity: r.quantity,
+            key: r.key.clone(),
+        }
+    }
+
+    #[test]
+    fn checks_run_in_order_and_rejections_take_nothing() {
+        let mut s = SaleState::new(rules(3, 2));
+        let a = req(1, 2, 1, 1);
+        let Decision::Accepted(ans) = s.admit(&a, SEC) else {
+            panic!("first order must be accepted")
+        };
+        assert_eq!(ans.sequence, 1);
+        assert_eq!(s.admit(&a, SEC), Decision::InProgress);
+        assert!(s.confirm(&oref(&a)));
+        assert_eq!(s.admit(&a, SEC), Decision::Replayed(ans));
+        let mut conflict = a.clone();
+        conflict.fingerprint = "other".into();
+        assert_eq!(
+            s.admit(&conflict, SEC),
+            Decision::Rejected(Rejection::IdempotencyConflict)
+        );
+        assert_eq!(
+            s.admit(&req(1, 1, 2, 1), SEC),
+            Decision::Rejected(Rejection::LimitExceeded)
+        );
+        assert_eq!(
+            s.admit(&req(2, 2, 1, 1), SEC),
+            Decision::Rejected(Rejection::SoldOut)
+        );
+        assert_eq!(
+            s.admit(&req(2, 1, 1, 1), 2_000 * SEC),
+            Decision::Rejected(Rejection::NotActive)
+        );
+        assert_eq!(s.stock_left, 1);
+        assert!(s.release(&oref(&a)));
+        assert!(!s.release(&oref(&a)), "release happens once per order");
+        assert_eq!(s.stock_left, 3);
+        assert_eq!(s.units_of(&a.user), 0);
+    }
+
+    #[test]
+    fn token_bucket_allows_burst_then_rate() {
+        let mut s = SaleState::new(rules(1_000_000, 1000));
+        let mut admitted_first_second = 0;
+        // 50 requests a second for two seconds, each with a fresh key.
+        let mut retry_after = None;
+        for i in 0..100u32 {
+            let now = SEC + i64::from(i) * SEC / 50;
+            let r = AdmitRequest {
+                key: format!("k{i}"),
+                ..req(1, 1, 0, 0)
+            };
+            match s.admit(&r, now) {
+                Decision::Accepted(_) if i < 50 => admitted_first_second += 1,
+                Decision::Rejected(Rejection::RateLimited { retry_after_s }) => {
+                    retry_after = Some(retry_after_s)
+                }
+                _ => {}
+            }
+        }
+        assert!(
+            (10..=15).contains(&admitted_first_second),
+            "{admitted_first_second}"
+        );
+        assert_eq!(retry_after, Some(1));
+    }
+
+    #[test]
+    fn abort_forgets_the_answer_so_a_retry_is_decided_again() {
+        let mut s = SaleState::new(rules(1, 1));
+        let a = req(1, 1, 1, 1);
+        assert!(matches!(s.admit(&a, SEC), Decision::Accepted(_)));
+        assert!(s.abort(&oref(&a)));
+        assert_eq!(s.stock_left, 1);
+        let retry = AdmitRequest {
+            order_id: OrderId::new(),
+            ..a.clone()
+        };
+        assert!(matches!(s.admit(&retry, SEC), Decision::Accepted(_)));
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Admit { user: u8, qty: u32, key: u8, body: u8 },
+        Confirm(usize),
+        Release(usize),
+        Abort(usize),
+        Tick(u32),
+        AddStock(u8),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            6 => (0u8..6, 1u32..4, 0u8..4, 0u8..2).prop_map(|(user, qty, key, body)| Op::Admit { user, qty, key, body }),
+            3 => (0usize..64).prop_map(Op::Confirm),
+            2 => (0usize..64).prop_map(Op::Release),
+            1 => (0usize..64).prop_map(Op::Abort),
+            2 => (0u32..3_000_000).prop_map(Op::Tick),
+            1 => (0u8..3).prop_map(Op::AddStock),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn accepted_never_exceeds_stock(stock in 1u64..20, limit in 1u32..5, ops in prop::collection::vec(op(), 1..200)) {
+            let mut s = SaleState::new(rules(stock, limit));
+            let mut now = SEC;
+            let mut total_stock = stock;
+            let mut accepted: Vec<AdmitRequest> = Vec::new();
+            let mut released: HashSet<OrderId> = HashSet::new();
+            for op in ops {
+                match op {
+                    Op::Admit { user, qty, key, body } => {
+                        let r = req(user, qty, key, body);
+                        if let Decision::Accepted(a) = s.admit(&r, now) {
+                            prop_assert_eq!(a.order_id, r.order_id);
+                            accepted.push(r);
+                        }
+                    }
+                    Op::Confirm(i) => if let Some(r) = accepted.get(i) { s.confirm(&oref(r)); },
+                    Op::Release(i) => if let Some(r) = accepted.get(i) {
+                        let first = released.insert(r.order_id);
+                        prop_assert_eq!(s.release(&oref(r)), first);
+                    },
+                    Op::Abort(i) => if let Some(r) = accepted.get(i) {
+                        let first = released.insert(r.order_id);
+                        prop_assert_eq!(s.abort(&oref(r)), first);
+                    },
+                    Op::Tick(us) => now += i64::from(us),
+                    Op::AddStock(n) => { s.add_stock(u64::from(n)); total_stock += u64::from(n); }
+                }
+                let held: u64 = accepted.iter().filter(|r| !released.contains(&r.order_id)).map(|r| u64::from(r.quantity)).sum();
+                prop_assert!(held <= total_stock, "held {} > stock {}", held, total_stock);
+                prop_assert_eq!(s.stock_left, total_stock as i64 - held as i64);
+                for u in 0..6u8 {
+                    let user = UserId::parse(format!("u{u}")).expect("user");
+                    let by_user: u64 = accepted.iter().filter(|r| r.user == user && !released.contains(&r.order_id)).map(|r| u64::from(r.quantity)).sum();
+                    prop_assert!(by_user <= u64::from(limit));
+                    prop_assert_eq!(u64::from(s.units_of(&user)), by_user);
+                }
+            }
+        }
+    }
+}
