@@ -2,7 +2,13 @@
 //!
 //! [`server::serve`] runs the hyper server on a bound listener; [`api`] holds the routes;
 //! [`admission`] the `Admission` trait and its embedded backend; [`model`] the decision
-//! rules every backend agrees with; [`auth`] buyer JWTs and the operator token.
+//! rules every backend agrees with; [`auth`] buyer JWTs and the operator token;
+//! [`problem`] the error answers and their stable codes.
 
 pub mod admission;
+pub mod api;
+pub mod auth;
+pub mod metrics;
 pub mod model;
+pub mod problem;
+pub mod server;

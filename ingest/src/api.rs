@@ -1,0 +1,789 @@
+//! The v1 HTTP API: routing, request validation, and the order path.
+//!
+//! The order path is: authenticate, check headers, read at most `order_body_limit` bytes,
+//! parse, look the sale up (cached), decide in the admission backend (one call), append the
+//! record to the log and answer 202 only once the log has it. If the log refuses the
+//! record, the admission is aborted (stock back, idempotency answer forgotten) and the
+//! buyer gets 503. Every error is problem+json with a stable code and changes nothing.
+
+use crate::admission::{self, Admission};
+use crate::auth::Auth;
+use crate::metrics::{Metrics, OutcomeLabel, RateWindow, ResponseLabel};
+use crate::model::{AdmitRequest, Decision, OrderRef, Rejection};
+use crate::problem::ApiError;
+use bytes::Bytes;
+use dashmap::DashMap;
+use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use serde::{Deserialize, Serialize};
+use sequencer::{OrderLog, OrderRecord, RECORD_VERSION};
+use sha2::{Digest, Sha256};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use storage::{
+    Currency, Money, Order, OrderId, OrderStatus, OrderStore, Sale, SaleId, Timestamp, UserId,
+    UserRate,
+};
+
+/// Settings of the API layer.
+#[derive(Debug, Clone)]
+pub struct ApiConfig {
+    /// Largest order body accepted (bytes).
+    pub order_body_limit: usize,
+    /// Largest operator body accepted (bytes).
+    pub admin_body_limit: usize,
+    /// Deadline of one admission decision; past it the buyer gets 503.
+    pub decision_timeout: Duration,
+    /// How long a sale's definition is cached.
+    pub sale_cache_ttl: Duration,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        ApiConfig {
+            order_body_limit: 4096,
+            admin_body_limit: 64 * 1024,
+            decision_timeout: Duration::from_millis(250),
+            sale_cache_ttl: Duration::from_secs(2),
+        }
+    }
+}
+
+type Resp = Response<Full<Bytes>>;
+
+/// An order accepted by this instance and maybe not yet persisted, so that its status can
+/// be read right after the 202.
+#[derive(Debug, Clone)]
+struct RecentOrder {
+    user: UserId,
+    sale_id: SaleId,
+    sequence: u64,
+    quantity: u32,
+    accepted_at: Timestamp,
+}
+
+/// The API: everything a request handler needs.
+pub struct Ingest {
+    admission: Arc<dyn Admission>,
+    log: Arc<dyn OrderLog>,
+    store: Arc<dyn OrderStore>,
+    auth: Auth,
+    config: ApiConfig,
+    sales: moka::sync::Cache<SaleId, Arc<Sale>>,
+    recent: moka::sync::Cache<OrderId, RecentOrder>,
+    rates: DashMap<SaleId, RateWindow>,
+    /// The instance's metrics.
+    pub metrics: Metrics,
+}
+
+impl std::fmt::Debug for Ingest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ingest")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Body of `POST /v1/sales/{id}/orders`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OrderBody {
+    quantity: i64,
+    payment_token: String,
+}
+
+/// Body of `POST /v1/sales`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateSale {
+    /// Sale id; generated (UUIDv7) when absent.
+    pub id: Option<String>,
+    /// Item on sale.
+    pub sku: String,
+    /// Initial stock.
+    pub stock: u32,
+    /// Unit price in minor units.
+    pub price_cents: i64,
+    /// ISO 4217 currency.
+    pub currency: String,
+    /// Opening instant (default: now).
+    pub starts_at: Option<Timestamp>,
+    /// Closing instant (default: 24 hours after opening).
+    pub ends_at: Option<Timestamp>,
+    /// Most units per user (default 1).
+    pub per_user_limit: Option<u32>,
+    /// Most units per order (default: the per-user limit).
+    pub max_quantity_per_order: Option<u32>,
+    /// Per-user rate (default 5/s, burst 10).
+    pub user_rate: Option<UserRate>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AddStock {
+    quantity: i64,
+}
+
+/// A sale as the API shows it.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct SaleView {
+    /// Sale id.
+    pub id: SaleId,
+    /// Item on sale.
+    pub sku: String,
+    /// Total units put on sale.
+    pub stock: u32,
+    /// Units not taken (from the admission backend), if known.
+    pub stock_left: Option<i64>,
+    /// Unit price in minor units.
+    pub price_cents: i64,
+    /// Currency.
+    pub currency: Currency,
+    /// Opening instant.
+    pub starts_at: Timestamp,
+    /// Closing instant.
+    pub ends_at: Timestamp,
+    /// Most units per user.
+    pub per_user_limit: u32,
+    /// Most units per order.
+    pub max_quantity_per_order: u32,
+    /// Per-user rate.
+    pub user_rate: UserRate,
+}
+
+/// `GET /v1/sales/{id}/stats`.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct SaleStats {
+    /// Sale id.
+    pub sale_id: String,
+    /// Total units put on sale.
+    pub stock: u64,
+    /// Units not taken.
+    pub stock_left: i64,
+    /// Orders accepted (202).
+    pub accepted: u64,
+    /// Units accepted.
+    pub accepted_units: u64,
+    /// Rejections by code.
+    pub rejected: std::collections::BTreeMap<String, u64>,
+    /// Orders in the store.
+    pub persisted: u64,
+    /// Orders waiting on the payment provider.
+    pub payment_pending: u64,
+    /// Orders paid.
+    pub paid: u64,
+    /// Orders whose payment failed.
+    pub payment_failed: u64,
+    /// Orders expired.
+    pub expired: u64,
+    /// Orders whose stock went back.
+    pub released: u64,
+    /// Units that went back.
+    pub released_units: u64,
+    /// Accepted orders per second over the last ten seconds.
+    pub throughput_per_s: f64,
+}
+
+/// An order as its buyer sees it.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct OrderView {
+    /// Order id.
+    pub order_id: OrderId,
+    /// Sale id.
+    pub sale_id: SaleId,
+    /// Sequence in the sale.
+    pub sequence: u64,
+    /// Units.
+    pub quantity: u32,
+    /// Current status.
+    pub status: OrderStatus,
+    /// Statuses entered, oldest first.
+    pub history: Vec<storage::HistoryEntry>,
+}
+
+fn json<T: Serialize>(status: StatusCode, value: &T) -> Resp {
+    let body = serde_json::to_vec(value).unwrap_or_default();
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
+fn text(status: StatusCode, body: String, content_type: &'static str) -> Resp {
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    resp
+}
+
+fn admission_error(e: admission::Error) -> ApiError {
+    match e {
+        admission::Error::Unavailable(_) => {
+            ApiError::unavailable("admission backend unavailable").retry_after(1)
+        }
+        admission::Error::UnknownSale(_) => ApiError::unknown_sale("no such sale"),
+        admission::Error::SaleExists(_) => ApiError::sale_exists("the sale exists"),
+    }
+}
+
+fn store_error(e: storage::Error) -> ApiError {
+    match e {
+        storage::Error::SaleExists(_) => ApiError::sale_exists("a sale with this id exists"),
+        storage::Error::UnknownSale(_) => ApiError::unknown_sale("no such sale"),
+        other => {
+            tracing::warn!(error = %other, "store error");
+            ApiError::unavailable("order store unavailable").retry_after(1)
+        }
+    }
+}
+
+fn parse_error(e: serde_json::Error) -> ApiError {
+    use serde_json::error::Category;
+    match e.classify() {
+        Category::Syntax | Category::Eof | Category::Io => {
+            ApiError::malformed_json(format!("malformed JSON: {e}"))
+        }
+        Category::Data => ApiError::invalid_body(e.to_string()),
+    }
+}
+
+fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
+    let ok = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"));
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::unsupported_media_type(
+            "send Content-Type: application/json",
+        ))
+    }
+}
+
+async fn read_body(req: Request<Incoming>, limit: usize) -> Result<Bytes, ApiError> {
+    let too_large = || ApiError::body_too_large(format!("the body must be at most {limit} bytes"));
+    if let Some(len) = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        if len > limit as u64 {
+            return Err(too_large());
+        }
+    }
+    match Limited::new(req.into_body(), limit).collect().await {
+        Ok(c) => Ok(c.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
+        Err(_) => Err(ApiError::malformed_json("the body could not be read")),
+    }
+}
+
+fn idempotency_key(headers: &HeaderMap) -> Result<String, ApiError> {
+    let v = headers
+        .get("idempotency-key")
+        .ok_or_else(|| ApiError::missing_idempotency_key("send an Idempotency-Key header"))?;
+    let s = v
+        .to_str()
+        .map_err(|_| ApiError::invalid_idempotency_key("the key must be visible ASCII"))?;
+    if s.is_empty() || s.len() > 128 || !s.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(ApiError::invalid_idempotency_key(
+            "the key must be 1 to 128 visible ASCII characters",
+        ));
+    }
+    Ok(s.to_owned())
+}
+
+/// Digest of an order body's meaningful content: a retry with the same key must carry the
+/// same quantity and payment token.
+pub fn fingerprint(quantity: u32, payment_token: &str) -> String {
+    let mut h = Sha256::new();
+    h.update(quantity.to_le_bytes());
+    h.update(payment_token.as_bytes());
+    let digest = h.finalize();
+    let mut out = String::with_capacity(32);
+    for b in &digest[..16] {
+        out.push_str(&format!("{b:02x}"));
+    }
+    out
+}
+
+fn sale_view(sale: &Sale, stock_left: Option<i64>) -> SaleView {
+    SaleView {
+        id: sale.id.clone(),
+        sku: sale.sku.clone(),
+        stock: sale.stock,
+        stock_left,
+        price_cents: sale.price.minor,
+        currency: sale.price.currency,
+        starts_at: sale.starts_at,
+        ends_at: sale.ends_at,
+        per_user_limit: sale.per_user_limit,
+        max_quantity_per_order: sale.max_quantity_per_order,
+        user_rate: sale.user_rate,
+    }
+}
+
+impl CreateSale {
+    /// The sale this body defines, with defaults applied, validated.
+    pub fn into_sale(self, now: Timestamp) -> Result<Sale, ApiError> {
+        let invalid = |e: storage::InvalidValue| ApiError::invalid_sale(e.to_string());
+        let id = match self.id {
+            Some(id) => SaleId::parse(id).map_err(invalid)?,
+            None => SaleId::generate(),
+        };
+        let starts_at = self.starts_at.unwrap_or(now);
+        let per_user_limit = self.per_user_limit.unwrap_or(1);
+        let sale = Sale {
+            id,
+            sku: self.sku,
+            stock: self.stock,
+            price: Money {
+                minor: self.price_cents,
+                currency: Currency::parse(&self.currency).map_err(invalid)?,
+            },
+            starts_at,
+            ends_at: self
+                .ends_at
+                .unwrap_or(starts_at.plus_millis(24 * 3600 * 1000)),
+            per_user_limit,
+            max_quantity_per_order: self.max_quantity_per_order.unwrap_or(per_user_limit),
+            user_rate: self.user_rate.unwrap_or_default(),
+            created_at: now,
+        };
+        sale.validate().map_err(invalid)?;
+        Ok(sale)
+    }
+}
+
+fn route_name(method: &Method, segments: &[&str]) -> &'static str {
+    match (method, segments) {
+        (_, ["v1", "sales", _, "orders"]) => "order",
+        (_, ["v1", "sales"]) => "sales",
+        (_, ["v1", "sales", _]) => "sale",
+        (_, ["v1", "sales", _, "stats"]) => "stats",
+        (_, ["v1", "sales", _, "stock"]) => "stock",
+        (_, ["v1", "orders", _]) => "order_status",
+        (_, ["healthz"]) => "healthz",
+        (_, ["readyz"]) => "readyz",
+        (_, ["metrics"]) => "metrics",
+        _ => "other",
+    }
+}
+
+impl Ingest {
+    /// Builds the API over its backends.
+    pub fn new(
+        admission: Arc<dyn Admission>,
+        log: Arc<dyn OrderLog>,
+        store: Arc<dyn OrderStore>,
+        auth: Auth,
+        config: ApiConfig,
+    ) -> Self {
+        Ingest {
+            admission,
+            log,
+            store,
+            auth,
+            sales: moka::sync::Cache::builder()
+                .max_capacity(10_000)
+                .time_to_live(config.sale_cache_ttl)
+                .build(),
+            recent: moka::sync::Cache::builder()
+                .max_capacity(1_000_000)
+                .time_to_live(Duration::from_secs(600))
+                .build(),
+            rates: DashMap::new(),
+            metrics: Metrics::default(),
+            config,
+        }
+    }
+
+    /// Answers one request.
+    pub async fn handle(&self, req: Request<Incoming>) -> Resp {
+        let started = Instant::now();
+        let method = req.method().clone();
+        let path = req.uri().path().to_owned();
+        let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+        let route = route_name(&method, &segments);
+        let result = self.route(&method, &segments, req).await;
+        let resp = result.unwrap_or_else(ApiError::into_response);
+        self.metrics
+            .responses
+            .get_or_create(&ResponseLabel {
+                route,
+                status: resp.status().as_u16(),
+            })
+            .inc();
+        if route == "order" {
+            self.metrics
+                .order_latency
+                .observe(started.elapsed().as_secs_f64());
+        }
+        resp
+    }
+
+    async fn route(
+        &self,
+        method: &Method,
+        segments: &[&str],
+        req: Request<Incoming>,
+    ) -> Result<Resp, ApiError> {
+        match (method, segments) {
+            (&Method::POST, ["v1", "sales", id, "orders"]) => self.post_order(id, req).await,
+            (&Method::POST, ["v1", "sales"]) => self.create_sale(req).await,
+            (&Method::GET, ["v1", "sales", id]) => self.get_sale(id).await,
+            (&Method::GET, ["v1", "sales", id, "stats"]) => {
+                self.auth.operator(req.headers())?;
+                self.stats(id).await
+            }
+            (&Method::POST, ["v1", "sales", id, "stock"]) => self.add_stock(id, req).await,
+            (&Method::GET, ["v1", "orders", id]) => self.get_order(id, req.headers()).await,
+            (&Method::GET, ["healthz"]) => Ok(json(StatusCode::OK, &serde_json::json!({"status": "ok"}))),
+            (&Method::GET, ["readyz"]) => self.ready().await,
+            (&Method::GET, ["metrics"]) => Ok(text(
+                StatusCode::OK,
+                self.metrics.render(),
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )),
+            (
+                _,
+                ["v1", "sales", _, "orders"]
+                | ["v1", "sales"]
+                | ["v1", "sales", _]
+                | ["v1", "sales", _, "stats" | "stock"]
+                | ["v1", "orders", _]
+                | ["healthz" | "readyz" | "metrics"],
+            ) => Err(ApiError::method_not_allowed(format!(
+                "{method} is not allowed here"
+            ))),
+            _ => Err(ApiError::not_found("no such route")),
+        }
+    }
+
+    async fn sale(&self, id: &SaleId) -> Result<Option<Arc<Sale>>, ApiError> {
+        if let Some(s) = self.sales.get(id) {
+            return Ok(Some(s));
+        }
+        let Some(sale) = self.store.get_sale(id).await.map_err(store_error)? else {
+            return Ok(None);
+        };
+        let sale = Arc::new(sale);
+        self.sales.insert(id.clone(), Arc::clone(&sale));
+        Ok(Some(sale))
+    }
+
+    fn count(&self, outcome: &'static str) {
+        self.metrics
+            .orders
+            .get_or_create(&OutcomeLabel { outcome })
+            .inc();
+    }
+
+    async fn post_order(&self, sale_id: &str, req: Request<Incoming>) -> Result<Resp, ApiError> {
+        let user = self.auth.buyer(req.headers())?;
+        let key = idempotency_key(req.headers())?;
+        require_json(req.headers())?;
+        let body = read_body(req, self.config.order_body_limit).await?;
+        let body: OrderBody = serde_json::from_slice(&body).map_err(parse_error)?;
+        if body.payment_token.is_empty()
+            || body.payment_token.len() > 256
+            || !body.payment_token.bytes().all(|b| b.is_ascii_graphic())
+        {
+            return Err(ApiError::invalid_payment_token(
+                "payment_token must be 1 to 256 visible ASCII characters",
+            ));
+        }
+        if body.quantity < 1 {
+            return Err(ApiError::invalid_quantity("quantity must be at least 1"));
+        }
+        let sale_id = SaleId::parse(sale_id).map_err(|_| ApiError::unknown_sale("no such sale"))?;
+        let sale = self
+            .sale(&sale_id)
+            .await?
+            .ok_or_else(|| ApiError::unknown_sale("no such sale"))?;
+        let quantity = u32::try_from(body.quantity)
+            .ok()
+            .filter(|q| *q <= sale.max_quantity_per_order)
+            .ok_or_else(|| {
+                ApiError::invalid_quantity(format!(
+                    "quantity must be between 1 and {}",
+                    sale.max_quantity_per_order
+                ))
+            })?;
+        let admit = AdmitRequest {
+            user,
+            quantity,
+            fingerprint: fingerprint(quantity, &body.payment_token),
+            key,
+            order_id: OrderId::new(),
+        };
+        let decision = tokio::time::timeout(
+            self.config.decision_timeout,
+            self.admission.admit(&sale_id, &admit),
+        )
+        .await
+        .map_err(|_| ApiError::unavailable("admission decision timed out").retry_after(1))?
+        .map_err(admission_error)?;
+        let answer = match decision {
+            Decision::Accepted(answer) => {
+                let accepted_at = Timestamp::now();
+                let record = OrderRecord {
+                    v: RECORD_VERSION,
+                    order_id: answer.order_id,
+                    sale_id: sale_id.clone(),
+                    user_id: admit.user.clone(),
+                    quantity,
+                    amount_minor: sale.price.minor * i64::from(quantity),
+                    currency: sale.price.currency,
+                    sequence: answer.sequence,
+                    idempotency_key: admit.key.clone(),
+                    fingerprint: admit.fingerprint.clone(),
+                    payment_token: body.payment_token,
+                    accepted_at,
+                };
+                let oref = OrderRef {
+                    order_id: answer.order_id,
+                    user: admit.user.clone(),
+                    quantity,
+                    key: admit.key.clone(),
+                };
+                // No deadline here: the embedded log completes or fails every append, and
+                // abandoning an append that may still land would release stock of a
+                // durable order.
+                if let Err(e) = self.log.append(&record).await {
+                    tracing::warn!(error = %e, order = %answer.order_id, "append failed; aborting admission");
+                    if let Err(e) = self.admission.abort(&sale_id, &oref).await {
+                        tracing::error!(error = %e, order = %answer.order_id, "abort failed; reconcile will repair");
+                    }
+                    self.count("log_unavailable");
+                    return Err(ApiError::unavailable("order log unavailable").retry_after(1));
+                }
+                if let Err(e) = self.admission.confirm(&sale_id, &oref).await {
+                    tracing::warn!(error = %e, order = %answer.order_id, "confirm failed; retries answer in-progress until reconcile");
+                }
+                self.recent.insert(
+                    answer.order_id,
+                    RecentOrder {
+                        user: admit.user,
+                        sale_id: sale_id.clone(),
+                        sequence: answer.sequence,
+                        quantity,
+                        accepted_at,
+                    },
+                );
+                self.rates
+                    .entry(sale_id.clone())
+                    .or_default()
+                    .add(accepted_at.millis() / 1000, 1);
+                self.count("accepted");
+                answer
+            }
+            Decision::Replayed(answer) => {
+                self.count("replayed");
+                answer
+            }
+            Decision::InProgress => {
+                self.count("request_in_progress");
+                return Err(ApiError::request_in_progress(
+                    "the first request with this key is still being processed",
+                )
+                .retry_after(1));
+            }
+            Decision::Rejected(r) => {
+                self.count(r.code());
+                return Err(match r {
+                    Rejection::IdempotencyConflict => ApiError::idempotency_conflict(
+                        "this Idempotency-Key was used with a different body",
+                    ),
+                    Rejection::UnknownSale => ApiError::unknown_sale("no such sale"),
+                    Rejection::NotActive => ApiError::sale_not_active("the sale is not open"),
+                    Rejection::RateLimited { retry_after_s } => {
+                        ApiError::rate_limited("slow down").retry_after(retry_after_s)
+                    }
+                    Rejection::LimitExceeded => ApiError::limit_exceeded(format!(
+                        "at most {} units per user",
+                        sale.per_user_limit
+                    )),
+                    Rejection::SoldOut => ApiError::sold_out("no stock left"),
+                });
+            }
+        };
+        let mut resp = json(
+            StatusCode::ACCEPTED,
+            &serde_json::json!({
+                "order_id": answer.order_id,
+                "sale_id": sale_id,
+                "sequence": answer.sequence,
+                "quantity": answer.quantity,
+                "status": "accepted",
+            }),
+        );
+        if let Ok(v) = HeaderValue::from_str(&format!("/v1/orders/{}", answer.order_id)) {
+            resp.headers_mut().insert(header::LOCATION, v);
+        }
+        Ok(resp)
+    }
+
+    async fn create_sale(&self, req: Request<Incoming>) -> Result<Resp, ApiError> {
+        self.auth.operator(req.headers())?;
+        require_json(req.headers())?;
+        let body = read_body(req, self.config.admin_body_limit).await?;
+        let body: CreateSale = serde_json::from_slice(&body).map_err(parse_error)?;
+        let sale = body.into_sale(Timestamp::now())?;
+        // The catalog is the durable record of the sale; admission counters follow it.
+        self.store.create_sale(&sale).await.map_err(store_error)?;
+        match self.admission.create_sale(&sale).await {
+            Ok(()) | Err(admission::Error::SaleExists(_)) => {}
+            Err(e) => return Err(admission_error(e)),
+        }
+        let mut resp = json(
+            StatusCode::CREATED,
+            &sale_view(&sale, Some(i64::from(sale.stock))),
+        );
+        if let Ok(v) = HeaderValue::from_str(&format!("/v1/sales/{}", sale.id)) {
+            resp.headers_mut().insert(header::LOCATION, v);
+        }
+        Ok(resp)
+    }
+
+    async fn get_sale(&self, id: &str) -> Result<Resp, ApiError> {
+        let id = SaleId::parse(id).map_err(|_| ApiError::unknown_sale("no such sale"))?;
+        let sale = self
+            .store
+            .get_sale(&id)
+            .await
+            .map_err(store_error)?
+            .ok_or_else(|| ApiError::unknown_sale("no such sale"))?;
+        let left = self
+            .admission
+            .counters(&id)
+            .await
+            .ok()
+            .flatten()
+            .map(|c| c.stock_left);
+        Ok(json(StatusCode::OK, &sale_view(&sale, left)))
+    }
+
+    async fn add_stock(&self, id: &str, req: Request<Incoming>) -> Result<Resp, ApiError> {
+        self.auth.operator(req.headers())?;
+        require_json(req.headers())?;
+        let id = SaleId::parse(id).map_err(|_| ApiError::unknown_sale("no such sale"))?;
+        let body = read_body(req, self.config.admin_body_limit).await?;
+        let body: AddStock = serde_json::from_slice(&body).map_err(parse_error)?;
+        let units = u32::try_from(body.quantity)
+            .ok()
+            .filter(|q| (1..=100_000_000).contains(q))
+            .ok_or_else(|| ApiError::invalid_quantity("quantity must be between 1 and 100000000"))?;
+        let sale = self.store.add_stock(&id, units).await.map_err(store_error)?;
+        self.admission
+            .add_stock(&id, units)
+            .await
+            .map_err(admission_error)?;
+        self.sales.invalidate(&id);
+        let left = self
+            .admission
+            .counters(&id)
+            .await
+            .ok()
+            .flatten()
+            .map(|c| c.stock_left);
+        Ok(json(StatusCode::OK, &sale_view(&sale, left)))
+    }
+
+    /// The stats of a sale, from the admission backend and the store.
+    pub async fn sale_stats(&self, id: &SaleId) -> Result<SaleStats, ApiError> {
+        let counters = self
+            .admission
+            .counters(id)
+            .await
+            .map_err(admission_error)?
+            .ok_or_else(|| ApiError::unknown_sale("no such sale"))?;
+        let totals = self.store.sale_totals(id).await.map_err(store_error)?;
+        let now_s = Timestamp::now().millis() / 1000;
+        Ok(SaleStats {
+            sale_id: id.to_string(),
+            stock: counters.stock,
+            stock_left: counters.stock_left,
+            accepted: counters.accepted_orders,
+            accepted_units: counters.accepted_units,
+            rejected: counters.rejected.into_iter().collect(),
+            persisted: totals.orders,
+            payment_pending: totals.get(OrderStatus::PaymentPending).orders,
+            paid: totals.get(OrderStatus::Paid).orders,
+            payment_failed: totals.get(OrderStatus::PaymentFailed).orders,
+            expired: totals.get(OrderStatus::Expired).orders,
+            released: totals.released_orders,
+            released_units: totals.released_units,
+            throughput_per_s: self.rates.get(id).map_or(0.0, |r| r.per_second(now_s)),
+        })
+    }
+
+    async fn stats(&self, id: &str) -> Result<Resp, ApiError> {
+        let id = SaleId::parse(id).map_err(|_| ApiError::unknown_sale("no such sale"))?;
+        Ok(json(StatusCode::OK, &self.sale_stats(&id).await?))
+    }
+
+    async fn get_order(&self, id: &str, headers: &HeaderMap) -> Result<Resp, ApiError> {
+        let user = self.auth.buyer(headers)?;
+        let not_found = || ApiError::unknown_order("no such order");
+        let id: OrderId = id.parse().map_err(|_| not_found())?;
+        if let Some(order) = self.store.get_order(id).await.map_err(store_error)? {
+            return if order.new.user_id == user {
+                Ok(json(StatusCode::OK, &order_view(order)))
+            } else {
+                Err(not_found())
+            };
+        }
+        match self.recent.get(&id) {
+            Some(r) if r.user == user => Ok(json(
+                StatusCode::OK,
+                &OrderView {
+                    order_id: id,
+                    sale_id: r.sale_id,
+                    sequence: r.sequence,
+                    quantity: r.quantity,
+                    status: OrderStatus::Accepted,
+                    history: vec![storage::HistoryEntry {
+                        status: OrderStatus::Accepted,
+                        at: r.accepted_at,
+                    }],
+                },
+            )),
+            _ => Err(not_found()),
+        }
+    }
+
+    async fn ready(&self) -> Result<Resp, ApiError> {
+        let admission = self.admission.ping().await.is_ok();
+        let log = self.log.ping().await.is_ok();
+        let store = self.store.ping().await.is_ok();
+        let body = serde_json::json!({"admission": admission, "log": log, "store": store});
+        if admission && log && store {
+            Ok(json(StatusCode::OK, &body))
+        } else {
+            let mut resp = json(StatusCode::SERVICE_UNAVAILABLE, &body);
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            Ok(resp)
+        }
+    }
+}
+
+fn order_view(order: Order) -> OrderView {
+    OrderView {
+        order_id: order.new.order_id,
+        sale_id: order.new.sale_id,
+        sequence: order.new.sequence,
+        quantity: order.new.quantity,
+        status: order.status,
+        history: order.history,
+    }
+}

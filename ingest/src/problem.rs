@@ -1,0 +1,111 @@
+//! RFC 9457 problem details: every error the API returns, with its stable `code`.
+//!
+//! Handlers return [`ApiError`]; this module is the one place that turns it into a
+//! `application/problem+json` response. Codes are part of the API contract: never rename.
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Response, StatusCode};
+use http_body_util::Full;
+use serde::Serialize;
+use std::borrow::Cow;
+
+/// An error answer of the API.
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    /// HTTP status.
+    pub status: StatusCode,
+    /// Stable machine-readable code.
+    pub code: &'static str,
+    /// Human-readable explanation of this occurrence.
+    pub detail: Cow<'static, str>,
+    /// Seconds to wait before retrying (sent as `Retry-After`).
+    pub retry_after: Option<u32>,
+}
+
+macro_rules! codes {
+    ($($fn:ident => $status:ident, $code:literal, $title:literal;)*) => {
+        impl ApiError {
+            $(
+                #[doc = concat!("`", $code, "`: ", $title)]
+                pub fn $fn(detail: impl Into<Cow<'static, str>>) -> Self {
+                    ApiError { status: StatusCode::$status, code: $code, detail: detail.into(), retry_after: None }
+                }
+            )*
+        }
+
+        /// Every code the API can return, with its status and title (for the docs test).
+        pub const ALL_CODES: &[(&str, u16, &str)] = &[$(($code, StatusCode::$status.as_u16(), $title)),*];
+
+        fn title_of(code: &str) -> &'static str {
+            match code { $($code => $title,)* _ => "Error" }
+        }
+    };
+}
+
+codes! {
+    malformed_json => BAD_REQUEST, "malformed_json", "The body is not valid JSON";
+    missing_idempotency_key => BAD_REQUEST, "missing_idempotency_key", "The Idempotency-Key header is required";
+    invalid_idempotency_key => BAD_REQUEST, "invalid_idempotency_key", "The Idempotency-Key header is invalid";
+    missing_token => UNAUTHORIZED, "missing_token", "A bearer token is required";
+    invalid_token => UNAUTHORIZED, "invalid_token", "The bearer token is invalid";
+    token_expired => UNAUTHORIZED, "token_expired", "The bearer token has expired";
+    limit_exceeded => FORBIDDEN, "limit_exceeded", "The order would exceed the per-user limit";
+    sale_not_active => FORBIDDEN, "sale_not_active", "The sale is not open";
+    unknown_sale => NOT_FOUND, "unknown_sale", "No such sale";
+    unknown_order => NOT_FOUND, "unknown_order", "No such order";
+    not_found => NOT_FOUND, "not_found", "No such resource";
+    method_not_allowed => METHOD_NOT_ALLOWED, "method_not_allowed", "Method not allowed on this resource";
+    sold_out => CONFLICT, "sold_out", "The sale is sold out";
+    sale_exists => CONFLICT, "sale_exists", "A sale with this id exists";
+    request_in_progress => CONFLICT, "request_in_progress", "A request with this Idempotency-Key is still in progress";
+    body_too_large => PAYLOAD_TOO_LARGE, "body_too_large", "The request body is too large";
+    unsupported_media_type => UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type", "The body must be application/json";
+    invalid_body => UNPROCESSABLE_ENTITY, "invalid_body", "The body does not match the schema";
+    invalid_quantity => UNPROCESSABLE_ENTITY, "invalid_quantity", "The quantity is out of range";
+    invalid_payment_token => UNPROCESSABLE_ENTITY, "invalid_payment_token", "The payment token is invalid";
+    invalid_sale => UNPROCESSABLE_ENTITY, "invalid_sale", "The sale definition is invalid";
+    idempotency_conflict => UNPROCESSABLE_ENTITY, "idempotency_conflict", "The Idempotency-Key was used with a different body";
+    rate_limited => TOO_MANY_REQUESTS, "rate_limited", "Too many requests";
+    unavailable => SERVICE_UNAVAILABLE, "unavailable", "A backend is unavailable; nothing was taken";
+    internal => INTERNAL_SERVER_ERROR, "internal", "Internal error";
+}
+
+impl ApiError {
+    /// Adds a `Retry-After` in seconds.
+    pub fn retry_after(mut self, seconds: u32) -> Self {
+        self.retry_after = Some(seconds);
+        self
+    }
+
+    /// The problem+json response.
+    pub fn into_response(self) -> Response<Full<Bytes>> {
+        #[derive(Serialize)]
+        struct Problem<'a> {
+            #[serde(rename = "type")]
+            kind: String,
+            title: &'a str,
+            status: u16,
+            code: &'a str,
+            detail: &'a str,
+        }
+        let body = serde_json::to_vec(&Problem {
+            kind: format!("urn:flashsale:problem:{}", self.code),
+            title: title_of(self.code),
+            status: self.status.as_u16(),
+            code: self.code,
+            detail: &self.detail,
+        })
+        .unwrap_or_default();
+        let mut resp = Response::new(Full::new(Bytes::from(body)));
+        *resp.status_mut() = self.status;
+        resp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        );
+        if let Some(s) = self.retry_after {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(s));
+        }
+        resp
+    }
+}
