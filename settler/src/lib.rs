@@ -1,1 +1,43 @@
-//! settler
+//! flashsale settler: everything that happens to an order after admission.
+//!
+//! The [`settle::Settler`] reads accepted orders from the log, persists them in batches
+//! (with the log checkpoint in the same transaction), charges them at the payment provider,
+//! releases the stock of failed ones back to admission and notifies the buyer, each exactly
+//! once. [`provider`] holds the HTTP clients of the payment and notification providers,
+//! [`mock`] a real HTTP mock of both for tests and the embedded demo, and [`dead_letter`]
+//! the place records go that cannot be decoded.
+
+pub mod dead_letter;
+pub mod mock;
+pub mod provider;
+pub mod settle;
+
+pub use dead_letter::{DeadLetter, FileDeadLetter, LogDeadLetter};
+pub use provider::{ChargeOutcome, NotificationClient, NotificationKind, PaymentClient, ProviderError};
+pub use settle::{ReleaseError, Settler, SettlerConfig, SettlerStats, StatsHandle, StockRelease};
+
+/// Errors of the settler.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The order store failed.
+    #[error(transparent)]
+    Store(#[from] storage::Error),
+    /// The order log failed.
+    #[error(transparent)]
+    Log(#[from] sequencer::Error),
+    /// A provider could not be reached or refused a request.
+    #[error(transparent)]
+    Provider(#[from] ProviderError),
+    /// The dead-letter sink could not take a record.
+    #[error("dead-letter sink: {0}")]
+    DeadLetter(#[source] std::io::Error),
+    /// Returning stock to the admission backend failed.
+    #[error(transparent)]
+    Release(#[from] ReleaseError),
+    /// A settler task panicked or was cancelled unexpectedly.
+    #[error("settler task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
+/// Result alias of this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

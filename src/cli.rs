@@ -1,0 +1,446 @@
+//! The command line: `serve`, `demo`, `token`, `sale`, `mock-provider`, `migrate`,
+//! `settle`. Flags override the configuration file and the environment.
+
+use crate::app::{self, App};
+use crate::config::{self, Config, EMBEDDED};
+use crate::demo::{self, DemoOptions};
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand};
+use figment::value::Value;
+use secrecy::ExposeSecret;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// flashsale: a flash-sale order ingestion pipeline.
+#[derive(Debug, Parser)]
+#[command(name = "flashsale", version, about)]
+pub struct Cli {
+    /// Configuration file (TOML). Default: flashsale.toml when present.
+    #[arg(long, global = true, env = "FLASHSALE_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// The command.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Backend selection shared by `serve` and `demo`.
+#[derive(Debug, Args, Default)]
+pub struct Backends {
+    /// Admission backend: `embedded` or `redis://...` (admission.url).
+    #[arg(long)]
+    pub admission: Option<String>,
+    /// Order log: `embedded` or `kafka://host:port` (log.url).
+    #[arg(long)]
+    pub log: Option<String>,
+    /// Order store: `embedded` or `postgres://...,postgres://...` (store.url).
+    #[arg(long)]
+    pub store: Option<String>,
+    /// Payment provider base URL or `embedded` (providers.payment_url).
+    #[arg(long)]
+    pub payment_url: Option<String>,
+    /// Notification provider base URL or `embedded` (providers.notification_url).
+    #[arg(long)]
+    pub notification_url: Option<String>,
+}
+
+impl Backends {
+    fn overrides(&self) -> Vec<(&'static str, Value)> {
+        let mut o = Vec::new();
+        let mut push = |k: &'static str, v: &Option<String>| {
+            if let Some(v) = v {
+                o.push((k, Value::from(v.clone())));
+            }
+        };
+        push("admission.url", &self.admission);
+        push("log.url", &self.log);
+        push("store.url", &self.store);
+        push("providers.payment_url", &self.payment_url);
+        push("providers.notification_url", &self.notification_url);
+        o
+    }
+}
+
+/// Sub-commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the API (and, with the embedded log, the settler) until SIGINT or SIGTERM.
+    Serve {
+        /// Address to listen on (server.listen).
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+        /// Data directory of the embedded backends (data_dir).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Backends.
+        #[command(flatten)]
+        backends: Backends,
+    },
+    /// Run the settler alone (needs a distributed log).
+    Settle {
+        /// Backends.
+        #[command(flatten)]
+        backends: Backends,
+    },
+    /// Run a whole sale on this machine and report.
+    Demo {
+        /// Units on sale.
+        #[arg(long, default_value_t = 10_000)]
+        stock: u32,
+        /// Distinct buyers.
+        #[arg(long, default_value_t = 20_000)]
+        users: u32,
+        /// Requests in the burst.
+        #[arg(long, default_value_t = 50_000)]
+        requests: u32,
+        /// Requests in flight at once.
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+        /// Share of charges the mock provider declines (0..1).
+        #[arg(long, default_value_t = 0.1)]
+        decline_rate: f64,
+        /// Most units per user.
+        #[arg(long, default_value_t = 2)]
+        per_user_limit: u32,
+        /// Seed of the request plan.
+        #[arg(long, default_value_t = 7)]
+        seed: u64,
+        /// Print the report as one JSON object.
+        #[arg(long)]
+        json: bool,
+        /// Backends.
+        #[command(flatten)]
+        backends: Backends,
+    },
+    /// Print a buyer JWT signed with the configured secret.
+    Token {
+        /// The user id (`sub`).
+        #[arg(long)]
+        user: String,
+        /// Validity.
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+    },
+    /// Operator client of the sale routes.
+    Sale {
+        /// Base URL of the API.
+        #[arg(long, default_value = "http://127.0.0.1:8080", global = true)]
+        url: String,
+        /// What to do.
+        #[command(subcommand)]
+        action: SaleAction,
+    },
+    /// Run the mock payment and notification provider.
+    MockProvider {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:8090")]
+        listen: SocketAddr,
+        /// Fixed latency of every call.
+        #[arg(long, default_value = "0ms", value_parser = humantime::parse_duration)]
+        latency: Duration,
+        /// Extra random latency, uniform up to this.
+        #[arg(long, default_value = "0ms", value_parser = humantime::parse_duration)]
+        jitter: Duration,
+        /// Share of charges declined.
+        #[arg(long, default_value_t = 0.0)]
+        decline_rate: f64,
+        /// Share of calls answered 500.
+        #[arg(long, default_value_t = 0.0)]
+        error_rate: f64,
+    },
+    /// Apply the store's schema migrations.
+    Migrate {
+        /// Data directory of the embedded store (data_dir).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
+}
+
+/// Sale actions.
+#[derive(Debug, Subcommand)]
+pub enum SaleAction {
+    /// Create a sale.
+    Create {
+        /// Sale id (default: generated).
+        #[arg(long)]
+        id: Option<String>,
+        /// Item on sale.
+        #[arg(long, default_value = "sku-1")]
+        sku: String,
+        /// Units on sale.
+        #[arg(long)]
+        stock: u32,
+        /// Unit price in minor units.
+        #[arg(long, default_value_t = 1999)]
+        price_cents: i64,
+        /// Currency.
+        #[arg(long, default_value = "EUR")]
+        currency: String,
+        /// Most units per user.
+        #[arg(long, default_value_t = 1)]
+        per_user_limit: u32,
+        /// Most units per order (default: the per-user limit).
+        #[arg(long)]
+        max_quantity_per_order: Option<u32>,
+        /// Per-user requests per second.
+        #[arg(long, default_value_t = 5)]
+        rate: u32,
+        /// Per-user burst.
+        #[arg(long, default_value_t = 10)]
+        burst: u32,
+        /// Opening instant, RFC 3339 (default: now).
+        #[arg(long)]
+        starts_at: Option<String>,
+        /// Closing instant, RFC 3339 (default: a day after opening).
+        #[arg(long)]
+        ends_at: Option<String>,
+    },
+    /// Show a sale.
+    Get {
+        /// Sale id.
+        id: String,
+    },
+    /// Show a sale's stats.
+    Stats {
+        /// Sale id.
+        id: String,
+    },
+    /// Add stock to a sale.
+    AddStock {
+        /// Sale id.
+        id: String,
+        /// Units to add.
+        #[arg(long)]
+        quantity: u32,
+    },
+}
+
+fn load(cli_config: &Option<PathBuf>, overrides: &[(&'static str, Value)]) -> anyhow::Result<Config> {
+    let cfg = config::load(cli_config.as_deref(), overrides)?;
+    app::check(&cfg)?;
+    Ok(cfg)
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {},
+            _ = term.recv() => {},
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}
+
+async fn print_response(resp: reqwest::Response) -> anyhow::Result<()> {
+    let status = resp.status();
+    let body: serde_json::Value = resp.json().await.unwrap_or_default();
+    println!("{}", serde_json::to_string_pretty(&body)?);
+    if !status.is_success() {
+        bail!("the API answered {status}");
+    }
+    Ok(())
+}
+
+/// Runs the parsed command line; returns the process exit code.
+pub async fn run(cli: Cli) -> anyhow::Result<i32> {
+    match cli.command {
+        Command::Serve {
+            listen,
+            data_dir,
+            backends,
+        } => {
+            let mut o = backends.overrides();
+            if let Some(l) = listen {
+                o.push(("server.listen", Value::from(l.to_string())));
+            }
+            if let Some(d) = data_dir {
+                o.push(("data_dir", Value::from(d.display().to_string())));
+            }
+            let cfg = load(&cli.config, &o)?;
+            let listener = tokio::net::TcpListener::bind(cfg.server.listen)
+                .await
+                .with_context(|| format!("server.listen: cannot bind {}", cfg.server.listen))?;
+            let running = App::start(&cfg, listener).await?;
+            // The line tests and scripts wait for.
+            println!("flashsale listening on http://{}", running.addr);
+            let token = running.shutdown_token();
+            tokio::spawn(async move {
+                shutdown_signal().await;
+                tracing::info!("shutdown requested; draining");
+                token.cancel();
+            });
+            running.wait().await?;
+            Ok(0)
+        }
+        Command::Settle { backends } => {
+            let cfg = load(&cli.config, &backends.overrides())?;
+            if cfg.log.url == EMBEDDED {
+                bail!(
+                    "log.url = \"embedded\": the embedded log belongs to the `serve` process, \
+                     which runs the settler itself; `settle` needs a distributed log (kafka://)"
+                );
+            }
+            bail!("log.url = {:?}: the Kafka log is not implemented yet", cfg.log.url)
+        }
+        Command::Demo {
+            stock,
+            users,
+            requests,
+            concurrency,
+            decline_rate,
+            per_user_limit,
+            seed,
+            json,
+            backends,
+        } => {
+            anyhow::ensure!((0.0..=1.0).contains(&decline_rate), "--decline-rate must be between 0 and 1");
+            anyhow::ensure!(stock > 0 && users > 0 && requests > 0, "--stock, --users and --requests must be positive");
+            let cfg = load(&cli.config, &backends.overrides())?;
+            let opts = DemoOptions {
+                stock,
+                users,
+                requests,
+                concurrency,
+                decline_rate,
+                per_user_limit,
+                seed,
+                progress: !json,
+                ..DemoOptions::default()
+            };
+            if !json {
+                eprintln!(
+                    "flashsale demo: {requests} requests from {users} buyers for {stock} units \
+                     (admission {}, log {}, store {})",
+                    cfg.admission.url, cfg.log.url, cfg.store.url
+                );
+            }
+            let report = demo::run(cfg, &opts).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", demo::render(&report));
+            }
+            Ok(if report.passed() { 0 } else { 1 })
+        }
+        Command::Token { user, ttl } => {
+            let cfg = load(&cli.config, &[])?;
+            storage::UserId::parse(user.clone()).map_err(|e| anyhow::anyhow!("--user: {e}"))?;
+            let token = ingest::auth::issue_token(&cfg.auth.to_auth_config()?, &user, ttl)?;
+            println!("{token}");
+            Ok(0)
+        }
+        Command::Sale { url, action } => {
+            let cfg = load(&cli.config, &[])?;
+            let operator = cfg.auth.operator_token.expose_secret().to_owned();
+            let client = reqwest::Client::builder()
+                .timeout(Duration::from_secs(10))
+                .build()?;
+            let url = url.trim_end_matches('/');
+            let resp = match action {
+                SaleAction::Create {
+                    id,
+                    sku,
+                    stock,
+                    price_cents,
+                    currency,
+                    per_user_limit,
+                    max_quantity_per_order,
+                    rate,
+                    burst,
+                    starts_at,
+                    ends_at,
+                } => {
+                    client
+                        .post(format!("{url}/v1/sales"))
+                        .bearer_auth(&operator)
+                        .json(&serde_json::json!({
+                            "id": id, "sku": sku, "stock": stock, "price_cents": price_cents,
+                            "currency": currency, "per_user_limit": per_user_limit,
+                            "max_quantity_per_order": max_quantity_per_order,
+                            "user_rate": {"per_second": rate, "burst": burst},
+                            "starts_at": starts_at, "ends_at": ends_at,
+                        }))
+                        .send()
+                        .await?
+                }
+                SaleAction::Get { id } => client.get(format!("{url}/v1/sales/{id}")).send().await?,
+                SaleAction::Stats { id } => {
+                    client
+                        .get(format!("{url}/v1/sales/{id}/stats"))
+                        .bearer_auth(&operator)
+                        .send()
+                        .await?
+                }
+                SaleAction::AddStock { id, quantity } => {
+                    client
+                        .post(format!("{url}/v1/sales/{id}/stock"))
+                        .bearer_auth(&operator)
+                        .json(&serde_json::json!({ "quantity": quantity }))
+                        .send()
+                        .await?
+                }
+            };
+            print_response(resp).await?;
+            Ok(0)
+        }
+        Command::MockProvider {
+            listen,
+            latency,
+            jitter,
+            decline_rate,
+            error_rate,
+        } => {
+            let listener = tokio::net::TcpListener::bind(listen)
+                .await
+                .with_context(|| format!("--listen: cannot bind {listen}"))?;
+            let addr = listener.local_addr()?;
+            println!("flashsale mock provider listening on http://{addr}");
+            let token = tokio_util::sync::CancellationToken::new();
+            let t = token.clone();
+            tokio::spawn(async move {
+                shutdown_signal().await;
+                t.cancel();
+            });
+            settler::mock::serve(
+                listener,
+                settler::mock::MockConfig {
+                    latency,
+                    latency_jitter: jitter,
+                    decline_rate,
+                    error_rate,
+                    ..settler::mock::MockConfig::default()
+                },
+                token,
+            )
+            .await?;
+            Ok(0)
+        }
+        Command::Migrate { data_dir } => {
+            let mut o = Vec::new();
+            if let Some(d) = data_dir {
+                o.push(("data_dir", Value::from(d.display().to_string())));
+            }
+            let cfg = load(&cli.config, &o)?;
+            if cfg.store.url != EMBEDDED {
+                bail!("store.url = {:?}: only the embedded store exists in this build", cfg.store.url);
+            }
+            let path = cfg.data_dir.join("flashsale.db");
+            storage::sqlite::SqliteStore::open(&path)?;
+            println!("store {} is at the latest schema", path.display());
+            Ok(0)
+        }
+    }
+}

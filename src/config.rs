@@ -1,0 +1,376 @@
+//! Configuration: one TOML file, every key overridable by `FLASHSALE_*` environment
+//! variables (sections split by `__`, e.g. `FLASHSALE_SERVER__LISTEN`) and by flags.
+//!
+//! Precedence, lowest first: built-in defaults, the file (`--config`, `FLASHSALE_CONFIG`, or
+//! `flashsale.toml` in the working directory when present), the environment, flags. Each
+//! backend (admission, log, store, providers) is chosen on its own by its `url`, so
+//! embedded and distributed parts can be mixed.
+
+use anyhow::Context;
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use secrecy::SecretString;
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// The word that selects the in-process backend of a part.
+pub const EMBEDDED: &str = "embedded";
+
+/// The whole configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Directory of the embedded log and store.
+    pub data_dir: PathBuf,
+    /// The HTTP server.
+    pub server: ServerSection,
+    /// Buyer and operator authentication.
+    pub auth: AuthSection,
+    /// The admission backend.
+    pub admission: AdmissionSection,
+    /// The order log.
+    pub log: LogSection,
+    /// The order store.
+    pub store: StoreSection,
+    /// The settler.
+    pub settler: SettlerSection,
+    /// Payment and notification providers.
+    pub providers: ProvidersSection,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            data_dir: PathBuf::from("data"),
+            server: ServerSection::default(),
+            auth: AuthSection::default(),
+            admission: AdmissionSection::default(),
+            log: LogSection::default(),
+            store: StoreSection::default(),
+            settler: SettlerSection::default(),
+            providers: ProvidersSection::default(),
+        }
+    }
+}
+
+/// `[server]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerSection {
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    /// Most open connections.
+    pub max_connections: usize,
+    /// Deadline for a request's headers.
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// Idle keep-alive connections are closed after this.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Grace period of a graceful shutdown.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+    /// Largest order body in bytes.
+    pub order_body_limit: usize,
+}
+
+impl Default for ServerSection {
+    fn default() -> Self {
+        ServerSection {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            max_connections: 10_000,
+            header_read_timeout: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(60),
+            shutdown_grace: Duration::from_secs(10),
+            order_body_limit: 4096,
+        }
+    }
+}
+
+/// `[auth]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthSection {
+    /// HMAC secret of buyer JWTs (at least 16 bytes).
+    pub jwt_secret: SecretString,
+    /// Required `iss` claim.
+    pub issuer: String,
+    /// Required `aud` claim.
+    pub audience: String,
+    /// Accepted JWT algorithms.
+    pub algorithms: Vec<String>,
+    /// Tolerated clock skew on `exp`.
+    #[serde(with = "humantime_serde")]
+    pub leeway: Duration,
+    /// Bearer token of the operator routes.
+    pub operator_token: SecretString,
+}
+
+/// Development secret, used only when none is configured; `serve` warns about it.
+pub const DEV_JWT_SECRET: &str = "flashsale-dev-secret-change-me";
+/// Development operator token, likewise.
+pub const DEV_OPERATOR_TOKEN: &str = "flashsale-dev-operator-token";
+
+impl Default for AuthSection {
+    fn default() -> Self {
+        AuthSection {
+            jwt_secret: SecretString::from(DEV_JWT_SECRET),
+            issuer: "flashsale".into(),
+            audience: "flashsale-buyers".into(),
+            algorithms: vec!["HS256".into()],
+            leeway: Duration::from_secs(5),
+            operator_token: SecretString::from(DEV_OPERATOR_TOKEN),
+        }
+    }
+}
+
+impl AuthSection {
+    /// Whether the JWT secret is still the development default.
+    pub fn jwt_secret_is_default(&self) -> bool {
+        use secrecy::ExposeSecret;
+        self.jwt_secret.expose_secret() == DEV_JWT_SECRET
+    }
+
+    /// The verifier's settings; names the key that is wrong.
+    pub fn to_auth_config(&self) -> anyhow::Result<ingest::auth::AuthConfig> {
+        let algorithms = self
+            .algorithms
+            .iter()
+            .map(|a| {
+                a.parse::<jsonwebtoken::Algorithm>()
+                    .map_err(|_| anyhow::anyhow!("auth.algorithms: unknown algorithm {a:?}"))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        Ok(ingest::auth::AuthConfig {
+            jwt_secret: self.jwt_secret.clone(),
+            issuer: self.issuer.clone(),
+            audience: self.audience.clone(),
+            algorithms,
+            leeway: self.leeway,
+            operator_token: self.operator_token.clone(),
+        })
+    }
+}
+
+/// `[admission]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdmissionSection {
+    /// `embedded`, or a `redis://` URL (distributed backend).
+    pub url: String,
+    /// Deadline of one decision; past it the buyer gets 503.
+    #[serde(with = "humantime_serde")]
+    pub decision_timeout: Duration,
+}
+
+impl Default for AdmissionSection {
+    fn default() -> Self {
+        AdmissionSection {
+            url: EMBEDDED.into(),
+            decision_timeout: Duration::from_millis(250),
+        }
+    }
+}
+
+/// `[log]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogSection {
+    /// `embedded`, or a `kafka://host:port[,host:port]` bootstrap list.
+    pub url: String,
+    /// Flush the embedded log to disk before answering 202.
+    pub fsync: bool,
+    /// Most records per group commit.
+    pub max_batch: usize,
+    /// Most appends waiting for the disk.
+    pub queue_capacity: usize,
+}
+
+impl Default for LogSection {
+    fn default() -> Self {
+        LogSection {
+            url: EMBEDDED.into(),
+            fsync: true,
+            max_batch: 4096,
+            queue_capacity: 65_536,
+        }
+    }
+}
+
+/// `[store]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreSection {
+    /// `embedded` (SQLite in `data_dir`), or `postgres://...` shard URLs separated by commas.
+    pub url: String,
+}
+
+impl Default for StoreSection {
+    fn default() -> Self {
+        StoreSection {
+            url: EMBEDDED.into(),
+        }
+    }
+}
+
+/// `[settler]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SettlerSection {
+    /// Run the settler inside `serve` (always, for the embedded log).
+    pub enabled: bool,
+    /// Most records persisted per transaction.
+    pub batch_size: usize,
+    /// Longest wait for new records before a partial batch is persisted.
+    #[serde(with = "humantime_serde")]
+    pub poll_wait: Duration,
+    /// Most charges in flight.
+    pub charge_concurrency: usize,
+    /// Consumer (group) name; also the key of the embedded checkpoint.
+    pub consumer: String,
+}
+
+impl Default for SettlerSection {
+    fn default() -> Self {
+        SettlerSection {
+            enabled: true,
+            batch_size: 512,
+            poll_wait: Duration::from_millis(20),
+            charge_concurrency: 64,
+            consumer: "settler".into(),
+        }
+    }
+}
+
+/// `[providers]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProvidersSection {
+    /// Payment provider base URL, or `embedded` to start the built-in mock on loopback.
+    pub payment_url: String,
+    /// Notification provider base URL, or `embedded` (the same built-in mock).
+    pub notification_url: String,
+    /// Deadline of one provider call.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Decline rate of the built-in mock.
+    pub mock_decline_rate: f64,
+    /// Error rate of the built-in mock.
+    pub mock_error_rate: f64,
+    /// Latency of the built-in mock.
+    #[serde(with = "humantime_serde")]
+    pub mock_latency: Duration,
+}
+
+impl Default for ProvidersSection {
+    fn default() -> Self {
+        ProvidersSection {
+            payment_url: EMBEDDED.into(),
+            notification_url: EMBEDDED.into(),
+            timeout: Duration::from_secs(2),
+            mock_decline_rate: 0.0,
+            mock_error_rate: 0.0,
+            mock_latency: Duration::ZERO,
+        }
+    }
+}
+
+/// Top-level keys the environment may set; other `FLASHSALE_*` variables (such as
+/// `FLASHSALE_CONFIG` or test switches) are not configuration keys.
+const SECTIONS: &[&str] = &[
+    "data_dir",
+    "server",
+    "auth",
+    "admission",
+    "log",
+    "store",
+    "settler",
+    "providers",
+];
+
+/// Loads the configuration: defaults, then `file` (or `flashsale.toml` if it exists), then
+/// `FLASHSALE_*` variables, then `overrides` (dotted key, value) from flags.
+pub fn load(
+    file: Option<&Path>,
+    overrides: &[(&str, figment::value::Value)],
+) -> anyhow::Result<Config> {
+    let mut fig = Figment::new();
+    match file {
+        Some(path) => {
+            anyhow::ensure!(
+                path.exists(),
+                "config file {} does not exist",
+                path.display()
+            );
+            fig = fig.merge(Toml::file(path));
+        }
+        None if Path::new("flashsale.toml").exists() => {
+            fig = fig.merge(Toml::file("flashsale.toml"));
+        }
+        None => {}
+    }
+    fig = fig.merge(
+        Env::prefixed("FLASHSALE_")
+            .split("__")
+            .filter(|k| {
+                let first = k.as_str().split('.').next().unwrap_or_default();
+                SECTIONS.contains(&first)
+            }),
+    );
+    for (key, value) in overrides {
+        fig = fig.merge(Serialized::default(key, value.clone()));
+    }
+    fig.extract::<Config>()
+        .context("invalid configuration (the message names the key)")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use secrecy::ExposeSecret;
+
+    #[test]
+    fn file_env_and_flags_layer_in_order() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "f.toml",
+                r#"
+                data_dir = "/tmp/x"
+                [server]
+                listen = "127.0.0.1:9000"
+                idle_timeout = "30s"
+                [auth]
+                jwt_secret = "from-file-secret-123"
+                "#,
+            )?;
+            jail.set_env("FLASHSALE_SERVER__LISTEN", "127.0.0.1:9001");
+            jail.set_env("FLASHSALE_ADMISSION__DECISION_TIMEOUT", "100ms");
+            jail.set_env("FLASHSALE_CONFIG", "ignored");
+            let cfg = load(
+                Some(Path::new("f.toml")),
+                &[("log.fsync", figment::value::Value::from(false))],
+            )
+            .map_err(|e| e.to_string())?;
+            assert_eq!(cfg.server.listen.port(), 9001);
+            assert_eq!(cfg.server.idle_timeout, Duration::from_secs(30));
+            assert_eq!(cfg.admission.decision_timeout, Duration::from_millis(100));
+            assert_eq!(cfg.data_dir, PathBuf::from("/tmp/x"));
+            assert_eq!(cfg.auth.jwt_secret.expose_secret(), "from-file-secret-123");
+            assert!(!cfg.log.fsync);
+            assert!(!format!("{cfg:?}").contains("from-file-secret-123"), "secrets never print");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("f.toml", "[server]\nlisten_addr = \"x\"\n")?;
+            let err = load(Some(Path::new("f.toml")), &[]).expect_err("must fail");
+            assert!(format!("{err:#}").contains("listen_addr"), "{err:#}");
+            Ok(())
+        });
+    }
+}
