@@ -142,7 +142,10 @@ async fn recover_admission(
         }
     }
     let released = store
-        .orders_in_status(&[OrderStatus::PaymentFailed, OrderStatus::Expired], usize::MAX)
+        .orders_in_status(
+            &[OrderStatus::PaymentFailed, OrderStatus::Expired],
+            usize::MAX,
+        )
         .await?;
     for o in &released {
         let oref = OrderRef {
@@ -279,7 +282,9 @@ impl App {
             shutdown.clone(),
         ));
         if config.auth.jwt_secret_is_default() {
-            tracing::warn!("auth.jwt_secret is the development default; set FLASHSALE_AUTH__JWT_SECRET");
+            tracing::warn!(
+                "auth.jwt_secret is the development default; set FLASHSALE_AUTH__JWT_SECRET"
+            );
         }
         Ok(Running {
             addr,

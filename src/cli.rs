@@ -215,7 +215,10 @@ pub enum SaleAction {
     },
 }
 
-fn load(cli_config: &Option<PathBuf>, overrides: &[(&'static str, Value)]) -> anyhow::Result<Config> {
+fn load(
+    cli_config: &Option<PathBuf>,
+    overrides: &[(&'static str, Value)],
+) -> anyhow::Result<Config> {
     let cfg = config::load(cli_config.as_deref(), overrides)?;
     app::check(&cfg)?;
     Ok(cfg)
@@ -293,7 +296,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
                      which runs the settler itself; `settle` needs a distributed log (kafka://)"
                 );
             }
-            bail!("log.url = {:?}: the Kafka log is not implemented yet", cfg.log.url)
+            bail!(
+                "log.url = {:?}: the Kafka log is not implemented yet",
+                cfg.log.url
+            )
         }
         Command::Demo {
             stock,
@@ -306,8 +312,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             json,
             backends,
         } => {
-            anyhow::ensure!((0.0..=1.0).contains(&decline_rate), "--decline-rate must be between 0 and 1");
-            anyhow::ensure!(stock > 0 && users > 0 && requests > 0, "--stock, --users and --requests must be positive");
+            anyhow::ensure!(
+                (0.0..=1.0).contains(&decline_rate),
+                "--decline-rate must be between 0 and 1"
+            );
+            anyhow::ensure!(
+                stock > 0 && users > 0 && requests > 0,
+                "--stock, --users and --requests must be positive"
+            );
             let cfg = load(&cli.config, &backends.overrides())?;
             let opts = DemoOptions {
                 stock,
@@ -435,7 +447,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             }
             let cfg = load(&cli.config, &o)?;
             if cfg.store.url != EMBEDDED {
-                bail!("store.url = {:?}: only the embedded store exists in this build", cfg.store.url);
+                bail!(
+                    "store.url = {:?}: only the embedded store exists in this build",
+                    cfg.store.url
+                );
             }
             let path = cfg.data_dir.join("flashsale.db");
             storage::sqlite::SqliteStore::open(&path)?;

@@ -311,14 +311,11 @@ pub fn load(
         }
         None => {}
     }
-    fig = fig.merge(
-        Env::prefixed("FLASHSALE_")
-            .split("__")
-            .filter(|k| {
-                let first = k.as_str().split('.').next().unwrap_or_default();
-                SECTIONS.contains(&first)
-            }),
-    );
+    fig = fig.merge(Env::prefixed("FLASHSALE_").split("__").filter(|k| {
+        // Keys are still upper-case here; figment lowercases them afterwards.
+        let first = k.as_str().split('.').next().unwrap_or_default();
+        SECTIONS.iter().any(|s| first.eq_ignore_ascii_case(s))
+    }));
     for (key, value) in overrides {
         fig = fig.merge(Serialized::default(key, value.clone()));
     }
@@ -327,6 +324,7 @@ pub fn load(
 }
 
 #[cfg(test)]
+#[allow(clippy::result_large_err)] // figment's Jail closures return figment::Error
 mod tests {
     use super::*;
     use secrecy::ExposeSecret;
@@ -359,7 +357,10 @@ mod tests {
             assert_eq!(cfg.data_dir, PathBuf::from("/tmp/x"));
             assert_eq!(cfg.auth.jwt_secret.expose_secret(), "from-file-secret-123");
             assert!(!cfg.log.fsync);
-            assert!(!format!("{cfg:?}").contains("from-file-secret-123"), "secrets never print");
+            assert!(
+                !format!("{cfg:?}").contains("from-file-secret-123"),
+                "secrets never print"
+            );
             Ok(())
         });
     }
@@ -372,5 +373,25 @@ mod tests {
             assert!(format!("{err:#}").contains("listen_addr"), "{err:#}");
             Ok(())
         });
+    }
+}
+
+#[cfg(test)]
+mod example_file {
+    use super::*;
+
+    #[test]
+    fn the_shipped_example_lists_the_defaults() {
+        let path = Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/deploy/flashsale.toml"
+        ));
+        let text = std::fs::read_to_string(path).expect("deploy/flashsale.toml");
+        let from_file: Config = Figment::new()
+            .merge(Toml::string(&text))
+            .extract()
+            .expect("the example parses");
+        let defaults = Config::default();
+        assert_eq!(format!("{from_file:?}"), format!("{defaults:?}"));
     }
 }

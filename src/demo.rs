@@ -161,9 +161,18 @@ impl Bad {
 
 #[derive(Debug, Clone)]
 enum Plan {
-    Buy { user: u32, quantity: u32, key: String },
-    Retry { of: usize },
-    Bad { user: u32, kind: Bad },
+    Buy {
+        user: u32,
+        quantity: u32,
+        key: String,
+    },
+    Retry {
+        of: usize,
+    },
+    Bad {
+        user: u32,
+        kind: Bad,
+    },
 }
 
 #[derive(Debug, Clone, Default)]
@@ -394,7 +403,8 @@ async fn drive(config: &Config, running: &Running, opts: &DemoOptions) -> anyhow
     let mut outcomes = vec![Outcome::default(); total];
     while let Some(res) = workers.join_next().await {
         let (h, results) = res??;
-        hist.add(&h).map_err(|e| anyhow::anyhow!("histogram: {e}"))?;
+        hist.add(&h)
+            .map_err(|e| anyhow::anyhow!("histogram: {e}"))?;
         for (i, o) in results {
             outcomes[i] = o;
         }
@@ -426,7 +436,9 @@ async fn drive(config: &Config, running: &Running, opts: &DemoOptions) -> anyhow
                 if let (Some(a), Some(b)) = (first.order_id, o.order_id) {
                     if a != b {
                         idempotent = false;
-                        failures.push(format!("retry of request {of} got order {b}, first got {a}"));
+                        failures.push(format!(
+                            "retry of request {of} got order {b}, first got {a}"
+                        ));
                     }
                     replayed += 1;
                 }
@@ -438,12 +450,16 @@ async fn drive(config: &Config, running: &Running, opts: &DemoOptions) -> anyhow
                 Plan::Retry { of } => &driver.plan[*of],
                 p => p,
             };
-            if let (Some(id), Plan::Buy { user, .. } | Plan::Bad { user, .. }) = (o.order_id, origin)
+            if let (Some(id), Plan::Buy { user, .. } | Plan::Bad { user, .. }) =
+                (o.order_id, origin)
             {
                 accepted.insert(id, (*user, o.quantity));
             }
         } else {
-            let code = o.code.clone().unwrap_or_else(|| format!("http_{}", o.status));
+            let code = o
+                .code
+                .clone()
+                .unwrap_or_else(|| format!("http_{}", o.status));
             *rejected.entry(code).or_default() += 1;
         }
     }
@@ -491,10 +507,16 @@ async fn drive(config: &Config, running: &Running, opts: &DemoOptions) -> anyhow
     // 2. No loss: every 202 is persisted exactly once.
     let stored: HashMap<OrderId, &storage::Order> =
         orders.iter().map(|o| (o.new.order_id, o)).collect();
-    let missing: Vec<_> = accepted.keys().filter(|id| !stored.contains_key(id)).collect();
+    let missing: Vec<_> = accepted
+        .keys()
+        .filter(|id| !stored.contains_key(id))
+        .collect();
     let no_loss = missing.is_empty() && stored.len() == orders.len();
     if !no_loss {
-        failures.push(format!("{} acknowledged orders are not in the store", missing.len()));
+        failures.push(format!(
+            "{} acknowledged orders are not in the store",
+            missing.len()
+        ));
     }
     inv.insert("no_loss".into(), no_loss);
     // 3. Per-user limit.
@@ -520,7 +542,9 @@ async fn drive(config: &Config, running: &Running, opts: &DemoOptions) -> anyhow
         failures.push("two orders share a user and an Idempotency-Key".into());
     }
     inv.insert("idempotency".into(), idempotent);
-    // 5. Conservation: paid + pending + released + remaining == stock.
+    // 5. Conservation. Every unit of stock is paid for, pending, or left (released units
+    // went back to what is left and may have sold again); every accepted unit ended paid,
+    // pending or released.
     let units_in = |f: &dyn Fn(OrderStatus) -> bool| -> u64 {
         orders
             .iter()
@@ -535,13 +559,14 @@ async fn drive(config: &Config, running: &Running, opts: &DemoOptions) -> anyhow
         .filter(|o| o.released_at.is_some())
         .map(|o| u64::from(o.new.quantity))
         .sum();
+    let stored_units: u64 = orders.iter().map(|o| u64::from(o.new.quantity)).sum();
     let conservation = settled
-        && (paid_units + pending_units + released_units) as i64 + stats.stock_left
-            == stats.stock as i64;
+        && (paid_units + pending_units) as i64 + stats.stock_left == stats.stock as i64
+        && paid_units + pending_units + released_units == stored_units;
     if !conservation {
         failures.push(format!(
-            "paid {paid_units} + pending {pending_units} + released {released_units} + left {} != stock {}",
-            stats.stock_left, stats.stock
+            "stock {}: paid {paid_units} + pending {pending_units} + left {}; accepted {stored_units} units: paid + pending + released {released_units}",
+            stats.stock, stats.stock_left
         ));
     }
     inv.insert("conservation".into(), conservation);
@@ -564,7 +589,10 @@ async fn drive(config: &Config, running: &Running, opts: &DemoOptions) -> anyhow
     // 7. Bad input gets a clear error and changes nothing.
     inv.insert("bad_input_rejected".into(), bad_ok);
     // Every accepted order reached a final status and its buyer was notified.
-    let all_settled = settled && orders.iter().all(|o| o.status.is_final() && o.notified_at.is_some());
+    let all_settled = settled
+        && orders
+            .iter()
+            .all(|o| o.status.is_final() && o.notified_at.is_some());
     if !all_settled {
         failures.push(format!(
             "not every order settled within {:?}",

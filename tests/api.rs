@@ -56,12 +56,22 @@ async fn bad_input_gets_a_problem_with_a_stable_code_and_takes_no_stock() {
         use secrecy::ExposeSecret;
         app.config.auth.jwt_secret.expose_secret().to_owned()
     };
-    let claims = |exp: u64| {
-        json!({"sub": "alice", "exp": exp, "iat": now_s(), "iss": "flashsale", "aud": "flashsale-buyers"})
-    };
-    let expired = forged(claims(now_s() - 3600), &secret, jsonwebtoken::Algorithm::HS256);
-    let wrong_sig = forged(claims(now_s() + 3600), "some-other-secret-xyz", jsonwebtoken::Algorithm::HS256);
-    let wrong_alg = forged(claims(now_s() + 3600), &secret, jsonwebtoken::Algorithm::HS512);
+    let claims = |exp: u64| json!({"sub": "alice", "exp": exp, "iat": now_s(), "iss": "flashsale", "aud": "flashsale-buyers"});
+    let expired = forged(
+        claims(now_s() - 3600),
+        &secret,
+        jsonwebtoken::Algorithm::HS256,
+    );
+    let wrong_sig = forged(
+        claims(now_s() + 3600),
+        "some-other-secret-xyz",
+        jsonwebtoken::Algorithm::HS256,
+    );
+    let wrong_alg = forged(
+        claims(now_s() + 3600),
+        &secret,
+        jsonwebtoken::Algorithm::HS512,
+    );
     let wrong_aud = forged(
         json!({"sub": "alice", "exp": now_s() + 3600, "iss": "flashsale", "aud": "someone-else"}),
         &secret,
@@ -75,7 +85,8 @@ async fn bad_input_gets_a_problem_with_a_stable_code_and_takes_no_stock() {
         const T: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
         let mut out = String::new();
         for chunk in raw.chunks(3) {
-            let n = chunk.iter().fold(0u32, |a, b| (a << 8) | u32::from(*b)) << (8 * (3 - chunk.len()));
+            let n =
+                chunk.iter().fold(0u32, |a, b| (a << 8) | u32::from(*b)) << (8 * (3 - chunk.len()));
             for i in 0..=chunk.len() {
                 let _ = write!(out, "{}", T[((n >> (18 - 6 * i)) & 63) as usize] as char);
             }
@@ -88,27 +99,189 @@ async fn bad_input_gets_a_problem_with_a_stable_code_and_takes_no_stock() {
         b64(&claims(now_s() + 3600))
     );
 
+    let long_key = "k".repeat(200);
     let before = app.stock_left(&sale).await;
-    let cases: Vec<(&str, Option<&str>, Option<&str>, &str, String, u16, &str)> = vec![
-        ("malformed json", Some(&token), Some("k1"), "application/json", "{\"quantity\": 1,".into(), 400, "malformed_json"),
-        ("unknown field", Some(&token), Some("k2"), "application/json", r#"{"quantity":1,"payment_token":"t","coupon":"x"}"#.into(), 422, "invalid_body"),
-        ("missing field", Some(&token), Some("k3"), "application/json", r#"{"quantity":1}"#.into(), 422, "invalid_body"),
-        ("quantity 0", Some(&token), Some("k4"), "application/json", r#"{"quantity":0,"payment_token":"t"}"#.into(), 422, "invalid_quantity"),
-        ("quantity negative", Some(&token), Some("k5"), "application/json", r#"{"quantity":-3,"payment_token":"t"}"#.into(), 422, "invalid_quantity"),
-        ("quantity over max", Some(&token), Some("k6"), "application/json", r#"{"quantity":3,"payment_token":"t"}"#.into(), 422, "invalid_quantity"),
-        ("quantity huge", Some(&token), Some("k6b"), "application/json", r#"{"quantity":99999999999,"payment_token":"t"}"#.into(), 422, "invalid_quantity"),
-        ("empty payment token", Some(&token), Some("k7"), "application/json", r#"{"quantity":1,"payment_token":""}"#.into(), 422, "invalid_payment_token"),
-        ("missing token", None, Some("k8"), "application/json", good.clone(), 401, "missing_token"),
-        ("expired token", Some(&expired), Some("k9"), "application/json", good.clone(), 401, "token_expired"),
-        ("wrongly signed", Some(&wrong_sig), Some("k10"), "application/json", good.clone(), 401, "invalid_token"),
-        ("algorithm not allowed", Some(&wrong_alg), Some("k11"), "application/json", good.clone(), 401, "invalid_token"),
-        ("alg none", Some(&alg_none), Some("k12"), "application/json", good.clone(), 401, "invalid_token"),
-        ("wrong audience", Some(&wrong_aud), Some("k13"), "application/json", good.clone(), 401, "invalid_token"),
-        ("garbage token", Some("not.a.jwt"), Some("k14"), "application/json", good.clone(), 401, "invalid_token"),
-        ("missing idempotency key", Some(&token), None, "application/json", good.clone(), 400, "missing_idempotency_key"),
-        ("oversized idempotency key", Some(&token), Some(&"k".repeat(200)), "application/json", good.clone(), 400, "invalid_idempotency_key"),
-        ("oversized body", Some(&token), Some("k15"), "application/json", format!(r#"{{"quantity":1,"payment_token":"{}"}}"#, "x".repeat(5000)), 413, "body_too_large"),
-        ("not json content type", Some(&token), Some("k16"), "text/plain", good.clone(), 415, "unsupported_media_type"),
+    type Case<'a> = (
+        &'a str,
+        Option<&'a str>,
+        Option<&'a str>,
+        &'a str,
+        String,
+        u16,
+        &'a str,
+    );
+    let cases: Vec<Case<'_>> = vec![
+        (
+            "malformed json",
+            Some(&token),
+            Some("k1"),
+            "application/json",
+            "{\"quantity\": 1,".into(),
+            400,
+            "malformed_json",
+        ),
+        (
+            "unknown field",
+            Some(&token),
+            Some("k2"),
+            "application/json",
+            r#"{"quantity":1,"payment_token":"t","coupon":"x"}"#.into(),
+            422,
+            "invalid_body",
+        ),
+        (
+            "missing field",
+            Some(&token),
+            Some("k3"),
+            "application/json",
+            r#"{"quantity":1}"#.into(),
+            422,
+            "invalid_body",
+        ),
+        (
+            "quantity 0",
+            Some(&token),
+            Some("k4"),
+            "application/json",
+            r#"{"quantity":0,"payment_token":"t"}"#.into(),
+            422,
+            "invalid_quantity",
+        ),
+        (
+            "quantity negative",
+            Some(&token),
+            Some("k5"),
+            "application/json",
+            r#"{"quantity":-3,"payment_token":"t"}"#.into(),
+            422,
+            "invalid_quantity",
+        ),
+        (
+            "quantity over max",
+            Some(&token),
+            Some("k6"),
+            "application/json",
+            r#"{"quantity":3,"payment_token":"t"}"#.into(),
+            422,
+            "invalid_quantity",
+        ),
+        (
+            "quantity huge",
+            Some(&token),
+            Some("k6b"),
+            "application/json",
+            r#"{"quantity":99999999999,"payment_token":"t"}"#.into(),
+            422,
+            "invalid_quantity",
+        ),
+        (
+            "empty payment token",
+            Some(&token),
+            Some("k7"),
+            "application/json",
+            r#"{"quantity":1,"payment_token":""}"#.into(),
+            422,
+            "invalid_payment_token",
+        ),
+        (
+            "missing token",
+            None,
+            Some("k8"),
+            "application/json",
+            good.clone(),
+            401,
+            "missing_token",
+        ),
+        (
+            "expired token",
+            Some(&expired),
+            Some("k9"),
+            "application/json",
+            good.clone(),
+            401,
+            "token_expired",
+        ),
+        (
+            "wrongly signed",
+            Some(&wrong_sig),
+            Some("k10"),
+            "application/json",
+            good.clone(),
+            401,
+            "invalid_token",
+        ),
+        (
+            "algorithm not allowed",
+            Some(&wrong_alg),
+            Some("k11"),
+            "application/json",
+            good.clone(),
+            401,
+            "invalid_token",
+        ),
+        (
+            "alg none",
+            Some(&alg_none),
+            Some("k12"),
+            "application/json",
+            good.clone(),
+            401,
+            "invalid_token",
+        ),
+        (
+            "wrong audience",
+            Some(&wrong_aud),
+            Some("k13"),
+            "application/json",
+            good.clone(),
+            401,
+            "invalid_token",
+        ),
+        (
+            "garbage token",
+            Some("not.a.jwt"),
+            Some("k14"),
+            "application/json",
+            good.clone(),
+            401,
+            "invalid_token",
+        ),
+        (
+            "missing idempotency key",
+            Some(&token),
+            None,
+            "application/json",
+            good.clone(),
+            400,
+            "missing_idempotency_key",
+        ),
+        (
+            "oversized idempotency key",
+            Some(&token),
+            Some(&long_key),
+            "application/json",
+            good.clone(),
+            400,
+            "invalid_idempotency_key",
+        ),
+        (
+            "oversized body",
+            Some(&token),
+            Some("k15"),
+            "application/json",
+            format!(r#"{{"quantity":1,"payment_token":"{}"}}"#, "x".repeat(5000)),
+            413,
+            "body_too_large",
+        ),
+        (
+            "not json content type",
+            Some(&token),
+            Some("k16"),
+            "text/plain",
+            good.clone(),
+            415,
+            "unsupported_media_type",
+        ),
     ];
     for (what, tok, key, ct, body, status, code) in cases {
         let a = post_raw(&app, &sale, tok, key, ct, body).await;
@@ -120,8 +293,15 @@ async fn bad_input_gets_a_problem_with_a_stable_code_and_takes_no_stock() {
             "{what}"
         );
         assert_eq!(a.body["status"].as_u64(), Some(u64::from(status)), "{what}");
-        assert!(a.body["title"].is_string() && a.body["type"].is_string(), "{what}");
-        assert_eq!(app.stock_left(&sale).await, before, "{what} must take no stock");
+        assert!(
+            a.body["title"].is_string() && a.body["type"].is_string(),
+            "{what}"
+        );
+        assert_eq!(
+            app.stock_left(&sale).await,
+            before,
+            "{what} must take no stock"
+        );
     }
     let unknown = app.order("no-such-sale", &token, "k20", 1).await;
     assert_eq!((unknown.status, unknown.code()), (404, "unknown_sale"));
@@ -141,9 +321,14 @@ async fn admission_outcomes_and_idempotency() {
     assert_eq!(first.status, 202, "{}", first.body);
     assert_eq!(first.body["status"], "accepted");
     assert_eq!(first.body["sequence"], 1);
-    let order_id = first.body["order_id"].as_str().expect("order id").to_owned();
+    let order_id = first.body["order_id"]
+        .as_str()
+        .expect("order id")
+        .to_owned();
     assert_eq!(
-        uuid::Uuid::parse_str(&order_id).expect("uuid").get_version_num(),
+        uuid::Uuid::parse_str(&order_id)
+            .expect("uuid")
+            .get_version_num(),
         7
     );
 
@@ -154,7 +339,10 @@ async fn admission_outcomes_and_idempotency() {
     assert_eq!(app.stock_left(&sale).await, 1);
     // Same key, different body: refused.
     let conflict = app.order(&sale, &alice, "a-1", 1).await;
-    assert_eq!((conflict.status, conflict.code()), (422, "idempotency_conflict"));
+    assert_eq!(
+        (conflict.status, conflict.code()),
+        (422, "idempotency_conflict")
+    );
     // The same key from another user is another order.
     let other = app.order(&sale, &bob, "a-1", 1).await;
     assert_eq!(other.status, 202, "{}", other.body);
@@ -185,7 +373,17 @@ async fn admission_outcomes_and_idempotency() {
     let get = |token: String| {
         let client = app.client.clone();
         let url = format!("{}/v1/orders/{order_id}", app.url);
-        async move { TestApp::answer(client.get(url).bearer_auth(token).send().await.expect("send")).await }
+        async move {
+            TestApp::answer(
+                client
+                    .get(url)
+                    .bearer_auth(token)
+                    .send()
+                    .await
+                    .expect("send"),
+            )
+            .await
+        }
     };
     let mine = get(alice.clone()).await;
     assert_eq!(mine.status, 200, "{}", mine.body);
@@ -206,7 +404,10 @@ async fn admission_outcomes_and_idempotency() {
         .iter()
         .filter_map(|h| h["status"].as_str())
         .collect();
-    assert_eq!(history, ["accepted", "persisted", "payment_pending", "paid"]);
+    assert_eq!(
+        history,
+        ["accepted", "persisted", "payment_pending", "paid"]
+    );
     app.stop().await;
 }
 
@@ -286,10 +487,17 @@ async fn operator_routes_are_guarded_and_validated() {
         json!({"sku": "s", "stock": 5, "price_cents": 100, "currency": "EUR", "starts_at": "2030-01-02T00:00:00Z", "ends_at": "2030-01-01T00:00:00Z"}),
     ] {
         let a = app.create_sale(bad.clone()).await;
-        assert_eq!((a.status, a.code()), (422, "invalid_sale"), "{bad}: {}", a.body);
+        assert_eq!(
+            (a.status, a.code()),
+            (422, "invalid_sale"),
+            "{bad}: {}",
+            a.body
+        );
     }
     let extra = app
-        .create_sale(json!({"sku": "s", "stock": 5, "price_cents": 100, "currency": "EUR", "colour": "red"}))
+        .create_sale(
+            json!({"sku": "s", "stock": 5, "price_cents": 100, "currency": "EUR", "colour": "red"}),
+        )
         .await;
     assert_eq!((extra.status, extra.code()), (422, "invalid_body"));
 
@@ -348,7 +556,10 @@ async fn health_readiness_metrics_and_unknown_routes() {
             .expect("send"),
     )
     .await;
-    assert_eq!((wrong_method.status, wrong_method.code()), (405, "method_not_allowed"));
+    assert_eq!(
+        (wrong_method.status, wrong_method.code()),
+        (405, "method_not_allowed")
+    );
     app.stop().await;
 }
 
@@ -363,7 +574,10 @@ async fn openapi_document_matches_the_server() {
     // Every error code the server can answer is documented.
     let text = doc.to_string();
     for (code, status, _) in ingest::problem::ALL_CODES {
-        assert!(text.contains(&format!("\"{code}\"")), "code {code} ({status}) is not in the OpenAPI document");
+        assert!(
+            text.contains(&format!("\"{code}\"")),
+            "code {code} ({status}) is not in the OpenAPI document"
+        );
     }
     // Every documented operation is routed by the server (answers something other than
     // not_found / method_not_allowed).

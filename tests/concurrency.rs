@@ -27,7 +27,8 @@ async fn concurrent_buyers_never_oversell() {
         }))
         .await;
     assert_eq!(a.status, 201, "{}", a.body);
-    let tokens: Arc<Vec<String>> = Arc::new((0..USERS).map(|u| app.token(&format!("u{u}"))).collect());
+    let tokens: Arc<Vec<String>> =
+        Arc::new((0..USERS).map(|u| app.token(&format!("u{u}"))).collect());
     let next = Arc::new(AtomicUsize::new(0));
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..CLIENTS {
@@ -65,7 +66,10 @@ async fn concurrent_buyers_never_oversell() {
     for (u, _) in &accepted {
         *per_user.entry(*u).or_default() += 1;
     }
-    assert!(per_user.values().all(|n| *n <= LIMIT), "a user went over the limit");
+    assert!(
+        per_user.values().all(|n| *n <= LIMIT),
+        "a user went over the limit"
+    );
     let stats = app.stats("rush").await;
     assert_eq!(stats["accepted_units"], STOCK);
     assert_eq!(stats["stock_left"], 0);
@@ -90,7 +94,9 @@ async fn concurrent_buyers_never_oversell() {
         .await
         .expect("orders");
     assert_eq!(stored.len(), ids.len());
-    assert!(stored.iter().all(|o| ids.contains(&o.new.order_id.to_string())));
+    assert!(stored
+        .iter()
+        .all(|o| ids.contains(&o.new.order_id.to_string())));
     match Arc::try_unwrap(app) {
         Ok(app) => app.stop().await,
         Err(_) => panic!("app still shared"),

@@ -12,6 +12,16 @@ use std::time::{Duration, Instant};
 
 const BIN: &str = env!("CARGO_BIN_EXE_flashsale");
 
+/// A child process killed when the test ends, pass or fail.
+struct Guard(Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Starts the binary and returns it with the URL it printed.
 fn spawn(args: &[&str], env: &[(&str, String)]) -> (Child, String) {
     let mut cmd = Command::new(BIN);
@@ -37,7 +47,13 @@ fn spawn(args: &[&str], env: &[(&str, String)]) -> (Child, String) {
 
 fn serve(data: &Path, provider: &str) -> (Child, String) {
     spawn(
-        &["serve", "--listen", "127.0.0.1:0", "--data-dir", &data.display().to_string()],
+        &[
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            &data.display().to_string(),
+        ],
         &[
             ("FLASHSALE_PROVIDERS__PAYMENT_URL", provider.to_owned()),
             ("FLASHSALE_PROVIDERS__NOTIFICATION_URL", provider.to_owned()),
@@ -52,7 +68,10 @@ fn token(user: &str) -> String {
         .output()
         .expect("token");
     assert!(out.status.success());
-    String::from_utf8(out.stdout).expect("utf8").trim().to_owned()
+    String::from_utf8(out.stdout)
+        .expect("utf8")
+        .trim()
+        .to_owned()
 }
 
 async fn until<F, Fut>(what: &str, deadline: Duration, mut cond: F)
@@ -70,8 +89,10 @@ where
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_orders_survive_kill_9() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (mut provider, provider_url) = spawn(&["mock-provider", "--listen", "127.0.0.1:0"], &[]);
-    let (mut server, url) = serve(dir.path(), &provider_url);
+    let (provider, provider_url) = spawn(&["mock-provider", "--listen", "127.0.0.1:0"], &[]);
+    let _provider = Guard(provider);
+    let (server, url) = serve(dir.path(), &provider_url);
+    let mut server = Guard(server);
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
         .build()
@@ -80,16 +101,20 @@ async fn acknowledged_orders_survive_kill_9() {
     let created = client
         .post(format!("{url}/v1/sales"))
         .bearer_auth(operator)
-        .json(&json!({"id": "durable", "sku": "s", "stock": 100000, "price_cents": 100,
+        .json(
+            &json!({"id": "durable", "sku": "s", "stock": 100000, "price_cents": 100,
                       "currency": "EUR", "per_user_limit": 1000, "max_quantity_per_order": 1,
-                      "user_rate": {"per_second": 100000, "burst": 100000}}))
+                      "user_rate": {"per_second": 100000, "burst": 100000}}),
+        )
         .send()
         .await
         .expect("create");
     assert_eq!(created.status().as_u16(), 201);
 
     let users: Arc<Vec<String>> = Arc::new((0..8).map(|u| token(&format!("d{u}"))).collect());
-    let acked = Arc::new(parking_lot::Mutex::new(Vec::<(usize, String, String)>::new()));
+    let acked = Arc::new(parking_lot::Mutex::new(
+        Vec::<(usize, String, String)>::new(),
+    ));
     let stop = Arc::new(AtomicBool::new(false));
     let next = Arc::new(AtomicUsize::new(0));
     let mut tasks = tokio::task::JoinSet::new();
@@ -131,22 +156,32 @@ async fn acknowledged_orders_survive_kill_9() {
     })
     .await;
     // SIGKILL mid-burst: no chance to flush or drain.
-    server.kill().expect("kill -9");
-    server.wait().expect("reap");
+    server.0.kill().expect("kill -9");
+    server.0.wait().expect("reap");
     stop.store(true, Ordering::Relaxed);
     while tasks.join_next().await.is_some() {}
     let acked = acked.lock().clone();
     assert!(acked.len() >= 500);
 
-    let (mut server, url) = serve(dir.path(), &provider_url);
+    let (server, url) = serve(dir.path(), &provider_url);
+    let mut server = Guard(server);
     // Every acknowledged order is there and settles.
     for (u, key, id) in &acked {
         let (client, url, tok) = (client.clone(), url.clone(), users[*u].clone());
         until(&format!("order {id} paid"), Duration::from_secs(60), || {
             let (client, url, tok) = (client.clone(), url.clone(), tok.clone());
             async move {
-                match client.get(format!("{url}/v1/orders/{id}")).bearer_auth(&tok).send().await {
-                    Ok(r) => r.json::<Value>().await.map(|v| v["status"] == "paid").unwrap_or(false),
+                match client
+                    .get(format!("{url}/v1/orders/{id}"))
+                    .bearer_auth(&tok)
+                    .send()
+                    .await
+                {
+                    Ok(r) => r
+                        .json::<Value>()
+                        .await
+                        .map(|v| v["status"] == "paid")
+                        .unwrap_or(false),
                     Err(_) => false,
                 }
             }
@@ -186,7 +221,12 @@ async fn acknowledged_orders_survive_kill_9() {
         let client = client.clone();
         let url = url.clone();
         async move {
-            let s: Value = match client.get(format!("{url}/v1/sales/durable/stats")).bearer_auth(operator).send().await {
+            let s: Value = match client
+                .get(format!("{url}/v1/sales/durable/stats"))
+                .bearer_auth(operator)
+                .send()
+                .await
+            {
                 Ok(r) => r.json().await.unwrap_or_default(),
                 Err(_) => return false,
             };
@@ -210,9 +250,9 @@ async fn acknowledged_orders_survive_kill_9() {
     for (_, _, id) in &acked {
         assert_eq!(audit["orders"][id]["successful_charges"], 1, "order {id}");
     }
-    let _ = Command::new("kill").args(["-TERM", &server.id().to_string()]).status();
-    let status = server.wait().expect("wait");
+    let _ = Command::new("kill")
+        .args(["-TERM", &server.0.id().to_string()])
+        .status();
+    let status = server.0.wait().expect("wait");
     assert!(status.success(), "graceful shutdown exits 0: {status:?}");
-    provider.kill().expect("kill provider");
-    let _ = provider.wait();
 }

@@ -16,8 +16,8 @@ use dashmap::DashMap;
 use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
-use serde::{Deserialize, Serialize};
 use sequencer::{OrderLog, OrderRecord, RECORD_VERSION};
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -446,7 +446,9 @@ impl Ingest {
             }
             (&Method::POST, ["v1", "sales", id, "stock"]) => self.add_stock(id, req).await,
             (&Method::GET, ["v1", "orders", id]) => self.get_order(id, req.headers()).await,
-            (&Method::GET, ["healthz"]) => Ok(json(StatusCode::OK, &serde_json::json!({"status": "ok"}))),
+            (&Method::GET, ["healthz"]) => {
+                Ok(json(StatusCode::OK, &serde_json::json!({"status": "ok"})))
+            }
             (&Method::GET, ["readyz"]) => self.ready().await,
             (&Method::GET, ["metrics"]) => Ok(text(
                 StatusCode::OK,
@@ -681,8 +683,14 @@ impl Ingest {
         let units = u32::try_from(body.quantity)
             .ok()
             .filter(|q| (1..=100_000_000).contains(q))
-            .ok_or_else(|| ApiError::invalid_quantity("quantity must be between 1 and 100000000"))?;
-        let sale = self.store.add_stock(&id, units).await.map_err(store_error)?;
+            .ok_or_else(|| {
+                ApiError::invalid_quantity("quantity must be between 1 and 100000000")
+            })?;
+        let sale = self
+            .store
+            .add_stock(&id, units)
+            .await
+            .map_err(store_error)?;
         self.admission
             .add_stock(&id, units)
             .await

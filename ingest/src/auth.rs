@@ -49,7 +49,9 @@ pub struct Claims {
 #[derive(Debug, thiserror::Error)]
 pub enum AuthConfigError {
     /// An algorithm that is not HMAC.
-    #[error("auth.algorithms: only HS256, HS384 and HS512 can be used with a shared secret, got {0:?}")]
+    #[error(
+        "auth.algorithms: only HS256, HS384 and HS512 can be used with a shared secret, got {0:?}"
+    )]
     UnsupportedAlgorithm(Algorithm),
     /// No algorithm at all.
     #[error("auth.algorithms must name at least one algorithm")]
@@ -127,9 +129,7 @@ impl Auth {
             .map_err(|e| match e.kind() {
                 ErrorKind::ExpiredSignature => ApiError::token_expired("the token has expired"),
                 ErrorKind::InvalidSignature => ApiError::invalid_token("bad signature"),
-                ErrorKind::InvalidAlgorithm => {
-                    ApiError::invalid_token("algorithm not allowed")
-                }
+                ErrorKind::InvalidAlgorithm => ApiError::invalid_token("algorithm not allowed"),
                 ErrorKind::InvalidIssuer => ApiError::invalid_token("wrong issuer"),
                 ErrorKind::InvalidAudience => ApiError::invalid_token("wrong audience"),
                 ErrorKind::MissingRequiredClaim(_) => {
@@ -169,7 +169,11 @@ pub fn issue_token(
         iss: config.issuer.clone(),
         aud: config.audience.clone(),
     };
-    let alg = config.algorithms.first().copied().unwrap_or(Algorithm::HS256);
+    let alg = config
+        .algorithms
+        .first()
+        .copied()
+        .unwrap_or(Algorithm::HS256);
     jsonwebtoken::encode(
         &Header::new(alg),
         &claims,

@@ -60,11 +60,7 @@ impl Default for Metrics {
         let responses = Family::<ResponseLabel, Counter>::default();
         let open_connections = Gauge::default();
         registry.register(ORDERS_TOTAL, "Order attempts by outcome", orders.clone());
-        registry.register(
-            ORDER_LATENCY,
-            "Order route latency",
-            order_latency.clone(),
-        );
+        registry.register(ORDER_LATENCY, "Order route latency", order_latency.clone());
         registry.register(HTTP_RESPONSES, "HTTP responses", responses.clone());
         registry.register(
             OPEN_CONNECTIONS,

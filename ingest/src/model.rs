@@ -501,7 +501,12 @@ mod tests {
 
     #[derive(Debug, Clone)]
     enum Op {
-        Admit { user: u8, qty: u32, key: u8, body: u8 },
+        Admit {
+            user: u8,
+            qty: u32,
+            key: u8,
+            body: u8,
+        },
         Confirm(usize),
         Release(usize),
         Abort(usize),

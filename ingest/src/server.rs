@@ -156,7 +156,10 @@ pub async fn serve(
     })
     .await;
     if drained.is_err() {
-        tracing::warn!(left = conns.len(), "grace period over; aborting connections");
+        tracing::warn!(
+            left = conns.len(),
+            "grace period over; aborting connections"
+        );
         conns.abort_all();
         while conns.join_next().await.is_some() {}
     }

@@ -242,9 +242,13 @@ fn writer(
             buf.extend_from_slice(&crc32fast::hash(&p.payload).to_le_bytes());
             buf.extend_from_slice(&p.payload);
         }
-        let written = file
-            .write_all(&buf)
-            .and_then(|()| if options.fsync { file.sync_data() } else { Ok(()) });
+        let written = file.write_all(&buf).and_then(|()| {
+            if options.fsync {
+                file.sync_data()
+            } else {
+                Ok(())
+            }
+        });
         if let Err(e) = written {
             // The tail may be torn; stop taking records so none is acknowledged after a gap.
             let why = format!("order log write failed: {e}");
@@ -306,8 +310,7 @@ impl LogConsumer for FileLogConsumer {
     async fn poll(&mut self, max: usize, wait: Duration) -> Result<Vec<LogEntry>> {
         let next = self.next;
         if *self.committed.borrow_and_update() <= next {
-            let waited =
-                tokio::time::timeout(wait, self.committed.wait_for(|c| *c > next)).await;
+            let waited = tokio::time::timeout(wait, self.committed.wait_for(|c| *c > next)).await;
             if waited.is_err() {
                 return Ok(Vec::new());
             }

@@ -136,8 +136,17 @@ mod tests {
         let mut v = serde_json::to_value(sample(1)).expect("json");
         v["v"] = 2.into();
         let bytes = serde_json::to_vec(&v).expect("json");
-        assert!(matches!(decode(&bytes), Err(RecordError::UnsupportedVersion(2))));
-        assert!(matches!(decode(b"{not json"), Err(RecordError::Malformed(_))));
-        assert!(matches!(decode(br#"{"v":1}"#), Err(RecordError::Malformed(_))));
+        assert!(matches!(
+            decode(&bytes),
+            Err(RecordError::UnsupportedVersion(2))
+        ));
+        assert!(matches!(
+            decode(b"{not json"),
+            Err(RecordError::Malformed(_))
+        ));
+        assert!(matches!(
+            decode(br#"{"v":1}"#),
+            Err(RecordError::Malformed(_))
+        ));
     }
 }

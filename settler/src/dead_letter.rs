@@ -179,12 +179,8 @@ mod tests {
                 },
                 payload: bytes::Bytes::copy_from_slice(payload),
             };
-            let error = sequencer::decode(&entry.payload)
-                .err()
-                .expect("must not decode");
-            sink.send(&entry, &error)
-                .await
-                .expect("send");
+            let error = sequencer::decode(&entry.payload).expect_err("must not decode");
+            sink.send(&entry, &error).await.expect("send");
         }
         assert_eq!(sink.count(), 2);
         let text = std::fs::read_to_string(sink.path()).expect("read");

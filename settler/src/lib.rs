@@ -7,14 +7,18 @@
 //! [`mock`] a real HTTP mock of both for tests and the embedded demo, and [`dead_letter`]
 //! the place records go that cannot be decoded.
 
+#![warn(missing_docs)]
+
 pub mod dead_letter;
 pub mod mock;
 pub mod provider;
 pub mod settle;
 
 pub use dead_letter::{DeadLetter, FileDeadLetter, LogDeadLetter};
-pub use provider::{ChargeOutcome, NotificationClient, NotificationKind, PaymentClient, ProviderError};
-pub use settle::{ReleaseError, Settler, SettlerConfig, SettlerStats, StatsHandle, StockRelease};
+pub use provider::{
+    ChargeOutcome, NotificationClient, NotificationKind, PaymentClient, ProviderError,
+};
+pub use settle::{Settler, SettlerConfig, SettlerStats, StatsSnapshot, StockRelease};
 
 /// Errors of the settler.
 #[derive(Debug, thiserror::Error)]
@@ -22,18 +26,13 @@ pub enum Error {
     /// The order store failed.
     #[error(transparent)]
     Store(#[from] storage::Error),
-    /// The order log failed.
-    #[error(transparent)]
-    Log(#[from] sequencer::Error),
     /// A provider could not be reached or refused a request.
     #[error(transparent)]
     Provider(#[from] ProviderError),
-    /// The dead-letter sink could not take a record.
-    #[error("dead-letter sink: {0}")]
-    DeadLetter(#[source] std::io::Error),
-    /// Returning stock to the admission backend failed.
-    #[error(transparent)]
-    Release(#[from] ReleaseError),
+    /// Returning stock to the admission backend failed (what [`StockRelease`]
+    /// implementations return).
+    #[error("stock release failed: {0}")]
+    Release(String),
     /// A settler task panicked or was cancelled unexpectedly.
     #[error("settler task failed: {0}")]
     Task(#[from] tokio::task::JoinError),

@@ -26,6 +26,7 @@ use parking_lot::Mutex;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -178,7 +179,8 @@ impl Inner {
             self.rng.random_range(0..=jitter)
         };
         let delay = self.config.latency + Duration::from_micros(extra);
-        let fail = self.config.error_rate > 0.0 && self.rng.random::<f64>() < self.config.error_rate;
+        let fail =
+            self.config.error_rate > 0.0 && self.rng.random::<f64>() < self.config.error_rate;
         if fail {
             self.audit.totals.errors += 1;
         }
@@ -196,58 +198,82 @@ struct State {
 
 type Reply = Response<Full<Bytes>>;
 
-fn json_reply<T: Serialize>(status: StatusCode, body: &T) -> Reply {
-    match serde_json::to_vec(body) {
-        Ok(bytes) => {
-            let mut r = Response::new(Full::new(Bytes::from(bytes)));
-            *r.status_mut() = status;
-            r.headers_mut().insert(
-                header::CONTENT_TYPE,
-                header::HeaderValue::from_static("application/json"),
-            );
-            r
-        }
-        Err(_) => problem(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
-            "response did not encode",
-        ),
+/// A refused request, answered as RFC 9457 problem+json with a stable `code`.
+#[derive(Debug)]
+struct Problem {
+    status: StatusCode,
+    code: &'static str,
+    detail: Cow<'static, str>,
+}
+
+fn problem(
+    status: StatusCode,
+    code: &'static str,
+    detail: impl Into<Cow<'static, str>>,
+) -> Problem {
+    Problem {
+        status,
+        code,
+        detail: detail.into(),
     }
 }
 
-fn problem(status: StatusCode, code: &'static str, detail: &str) -> Reply {
-    let body = serde_json::json!({
-        "type": "about:blank",
-        "title": status.canonical_reason().unwrap_or("error"),
-        "status": status.as_u16(),
-        "code": code,
-        "detail": detail,
-    });
-    let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
+impl Problem {
+    fn into_reply(self) -> Reply {
+        let body = serde_json::json!({
+            "type": "about:blank",
+            "title": self.status.canonical_reason().unwrap_or("error"),
+            "status": self.status.as_u16(),
+            "code": self.code,
+            "detail": self.detail,
+        });
+        reply(
+            self.status,
+            "application/problem+json",
+            body.to_string().into_bytes(),
+        )
+    }
+}
+
+fn reply(status: StatusCode, content_type: &'static str, body: Vec<u8>) -> Reply {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
     *r.status_mut() = status;
     r.headers_mut().insert(
         header::CONTENT_TYPE,
-        header::HeaderValue::from_static("application/problem+json"),
+        header::HeaderValue::from_static(content_type),
     );
     r
 }
 
-fn idempotency_key(req: &Request<Incoming>) -> Result<String, Reply> {
-    let key = req
-        .headers()
-        .get(IDEMPOTENCY_KEY)
-        .and_then(|v| v.to_str().ok())
-        .filter(|k| !k.is_empty() && k.len() <= MAX_KEY && k.bytes().all(|b| b.is_ascii_graphic()));
-    key.map(str::to_owned).ok_or_else(|| {
+type Handled = Result<Reply, Problem>;
+
+fn json_reply<T: Serialize>(status: StatusCode, body: &T) -> Handled {
+    let bytes = serde_json::to_vec(body).map_err(|_| {
         problem(
-            StatusCode::BAD_REQUEST,
-            "missing_idempotency_key",
-            "an Idempotency-Key header of 1 to 255 visible ASCII characters is required",
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "response did not encode",
         )
-    })
+    })?;
+    Ok(reply(status, "application/json", bytes))
 }
 
-async fn read_body(req: Request<Incoming>) -> Result<Bytes, Reply> {
+fn idempotency_key(req: &Request<Incoming>) -> Result<String, Problem> {
+    req.headers()
+        .get(IDEMPOTENCY_KEY)
+        .and_then(|v| v.to_str().ok())
+        .filter(|k| !k.is_empty() && k.len() <= MAX_KEY && k.bytes().all(|b| b.is_ascii_graphic()))
+        .map(str::to_owned)
+        .ok_or_else(|| {
+            problem(
+                StatusCode::BAD_REQUEST,
+                "missing_idempotency_key",
+                "an Idempotency-Key header of 1 to 255 visible ASCII characters is required",
+            )
+        })
+}
+
+async fn read_body(req: Request<Incoming>) -> Result<Bytes, Problem> {
     match Limited::new(req.into_body(), MAX_BODY).collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(_) => Err(problem(
@@ -258,8 +284,12 @@ async fn read_body(req: Request<Incoming>) -> Result<Bytes, Reply> {
     }
 }
 
-fn invalid_body(detail: &str) -> Reply {
+fn invalid_body(detail: impl Into<Cow<'static, str>>) -> Problem {
     problem(StatusCode::BAD_REQUEST, "invalid_body", detail)
+}
+
+fn parse_json<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, Problem> {
+    serde_json::from_slice(body).map_err(|e| invalid_body(e.to_string()))
 }
 
 async fn pause(delay: Duration) {
@@ -268,7 +298,7 @@ async fn pause(delay: Duration) {
     }
 }
 
-fn injected_error() -> Reply {
+fn injected_error() -> Problem {
     problem(
         StatusCode::INTERNAL_SERVER_ERROR,
         "injected_error",
@@ -276,29 +306,20 @@ fn injected_error() -> Reply {
     )
 }
 
-async fn charge(state: &State, req: Request<Incoming>) -> Reply {
-    let key = match idempotency_key(&req) {
-        Ok(k) => k,
-        Err(r) => return r,
-    };
-    let body = match read_body(req).await {
-        Ok(b) => b,
-        Err(r) => return r,
-    };
-    let request: ChargeRequest<'_> = match serde_json::from_slice(&body) {
-        Ok(r) => r,
-        Err(e) => return invalid_body(&e.to_string()),
-    };
+async fn charge(state: &State, req: Request<Incoming>) -> Handled {
+    let key = idempotency_key(&req)?;
+    let body = read_body(req).await?;
+    let request: ChargeRequest<'_> = parse_json(&body)?;
     if request.order_id.is_empty()
         || request.payment_token.is_empty()
         || request.amount_minor < 0
         || request.currency.len() != 3
         || !request.currency.bytes().all(|b| b.is_ascii_uppercase())
     {
-        return invalid_body(
+        return Err(invalid_body(
             "order_id and payment_token must be non-empty, amount_minor not negative, \
              currency a three-letter code",
-        );
+        ));
     }
     let (delay, outcome) = {
         let mut inner = state.inner.lock();
@@ -312,13 +333,14 @@ async fn charge(state: &State, req: Request<Incoming>) -> Reply {
     // The charge is recorded before the delay: a client that times out has been charged
     // anyway, which is what the status lookup is for.
     pause(delay).await;
-    match outcome {
-        Ok(charge) => json_reply(StatusCode::OK, &charge),
-        Err(reply) => reply,
-    }
+    json_reply(StatusCode::OK, &outcome?)
 }
 
-fn record_charge(inner: &mut Inner, key: String, request: &ChargeRequest<'_>) -> Result<Charge, Reply> {
+fn record_charge(
+    inner: &mut Inner,
+    key: String,
+    request: &ChargeRequest<'_>,
+) -> Result<Charge, Problem> {
     if let Some(stored) = inner.charges.get(&key) {
         if stored.charge.order_id != request.order_id || stored.amount_minor != request.amount_minor
         {
@@ -333,7 +355,8 @@ fn record_charge(inner: &mut Inner, key: String, request: &ChargeRequest<'_>) ->
         return Ok(charge);
     }
     let declined = request.payment_token.starts_with("tok_decline")
-        || (inner.config.decline_rate > 0.0 && inner.rng.random::<f64>() < inner.config.decline_rate);
+        || (inner.config.decline_rate > 0.0
+            && inner.rng.random::<f64>() < inner.config.decline_rate);
     let charge = Charge {
         charge_id: format!("ch_{}", uuid::Uuid::now_v7().simple()),
         order_id: request.order_id.clone().into_owned(),
@@ -370,31 +393,22 @@ fn record_charge(inner: &mut Inner, key: String, request: &ChargeRequest<'_>) ->
     Ok(charge)
 }
 
-fn lookup(state: &State, key: &str) -> Reply {
+fn lookup(state: &State, key: &str) -> Handled {
     let inner = state.inner.lock();
     match inner.charges.get(key) {
         Some(stored) => json_reply(StatusCode::OK, &stored.charge),
-        None => problem(
+        None => Err(problem(
             StatusCode::NOT_FOUND,
             "unknown_charge",
             "no charge with this Idempotency-Key",
-        ),
+        )),
     }
 }
 
-async fn refund(state: &State, req: Request<Incoming>) -> Reply {
-    let key = match idempotency_key(&req) {
-        Ok(k) => k,
-        Err(r) => return r,
-    };
-    let body = match read_body(req).await {
-        Ok(b) => b,
-        Err(r) => return r,
-    };
-    let request: RefundRequest<'_> = match serde_json::from_slice(&body) {
-        Ok(r) => r,
-        Err(e) => return invalid_body(&e.to_string()),
-    };
+async fn refund(state: &State, req: Request<Incoming>) -> Handled {
+    let key = idempotency_key(&req)?;
+    let body = read_body(req).await?;
+    let request: RefundRequest<'_> = parse_json(&body)?;
     let mut inner = state.inner.lock();
     if let Some(done) = inner.refunds.get(&key) {
         return json_reply(StatusCode::OK, done);
@@ -403,23 +417,28 @@ async fn refund(state: &State, req: Request<Incoming>) -> Reply {
         .charge_ids
         .get(request.charge_id.as_ref())
         .and_then(|k| inner.charges.get(k))
-        .map(|c| c.charge.clone());
-    let Some(charge) = charge.filter(|c| c.order_id == request.order_id) else {
-        return problem(
-            StatusCode::NOT_FOUND,
-            "unknown_charge",
-            "no charge with this id for this order",
-        );
-    };
+        .map(|c| c.charge.clone())
+        .filter(|c| c.order_id == request.order_id)
+        .ok_or_else(|| {
+            problem(
+                StatusCode::NOT_FOUND,
+                "unknown_charge",
+                "no charge with this id for this order",
+            )
+        })?;
     if charge.status != ChargeStatus::Succeeded {
-        return problem(StatusCode::CONFLICT, "not_refundable", "the charge was declined");
+        return Err(problem(
+            StatusCode::CONFLICT,
+            "not_refundable",
+            "the charge was declined",
+        ));
     }
     if !inner.refunded_charges.insert(charge.charge_id.clone()) {
-        return problem(
+        return Err(problem(
             StatusCode::CONFLICT,
             "already_refunded",
             "the charge was refunded under another Idempotency-Key",
-        );
+        ));
     }
     let refund = Refund {
         refund_id: format!("re_{}", uuid::Uuid::now_v7().simple()),
@@ -432,27 +451,18 @@ async fn refund(state: &State, req: Request<Incoming>) -> Reply {
     json_reply(StatusCode::OK, &refund)
 }
 
-async fn notification(state: &State, req: Request<Incoming>) -> Reply {
-    let key = match idempotency_key(&req) {
-        Ok(k) => k,
-        Err(r) => return r,
-    };
-    let body = match read_body(req).await {
-        Ok(b) => b,
-        Err(r) => return r,
-    };
-    let request: NotificationRequest<'_> = match serde_json::from_slice(&body) {
-        Ok(r) => r,
-        Err(e) => return invalid_body(&e.to_string()),
-    };
+async fn notification(state: &State, req: Request<Incoming>) -> Handled {
+    let key = idempotency_key(&req)?;
+    let body = read_body(req).await?;
+    let request: NotificationRequest<'_> = parse_json(&body)?;
     if request.order_id.is_empty() || request.user_id.is_empty() {
-        return invalid_body("order_id and user_id must be non-empty");
+        return Err(invalid_body("order_id and user_id must be non-empty"));
     }
     let (delay, duplicate) = {
         let mut inner = state.inner.lock();
         let (delay, fail) = inner.inject();
         if fail {
-            (delay, None)
+            (delay, Err(injected_error()))
         } else {
             let fresh = inner.notifications.insert(key);
             let audit = inner.order(&request.order_id);
@@ -464,31 +474,20 @@ async fn notification(state: &State, req: Request<Incoming>) -> Reply {
             if fresh {
                 inner.audit.totals.notifications += 1;
             }
-            (delay, Some(!fresh))
+            (delay, Ok(!fresh))
         }
     };
     pause(delay).await;
-    match duplicate {
-        Some(duplicate) => json_reply(
-            StatusCode::ACCEPTED,
-            &serde_json::json!({"status": "accepted", "duplicate": duplicate}),
-        ),
-        None => injected_error(),
-    }
+    json_reply(
+        StatusCode::ACCEPTED,
+        &serde_json::json!({"status": "accepted", "duplicate": duplicate?}),
+    )
 }
 
-async fn set_config(state: &State, req: Request<Incoming>) -> Reply {
-    let body = match read_body(req).await {
-        Ok(b) => b,
-        Err(r) => return r,
-    };
-    let config: MockConfig = match serde_json::from_slice(&body) {
-        Ok(c) => c,
-        Err(e) => return invalid_body(&e.to_string()),
-    };
-    if let Err(why) = config.validate() {
-        return invalid_body(why);
-    }
+async fn set_config(state: &State, req: Request<Incoming>) -> Handled {
+    let body = read_body(req).await?;
+    let config: MockConfig = parse_json(&body)?;
+    config.validate().map_err(invalid_body)?;
     let mut inner = state.inner.lock();
     if let Some(seed) = config.seed {
         inner.rng = StdRng::seed_from_u64(seed);
@@ -501,30 +500,33 @@ async fn route(state: Arc<State>, req: Request<Incoming>) -> Reply {
     let path = req.uri().path().to_owned();
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     let method = req.method().clone();
-    match (&method, segments.as_slice()) {
-        (&Method::GET, ["healthz"]) => json_reply(StatusCode::OK, &serde_json::json!({"status": "ok"})),
+    let handled = match (&method, segments.as_slice()) {
+        (&Method::GET, ["healthz"]) => {
+            json_reply(StatusCode::OK, &serde_json::json!({"status": "ok"}))
+        }
         (&Method::POST, ["v1", "charges"]) => charge(&state, req).await,
         (&Method::GET, ["v1", "charges", key]) => lookup(&state, key),
         (&Method::POST, ["v1", "refunds"]) => refund(&state, req).await,
         (&Method::POST, ["v1", "notifications"]) => notification(&state, req).await,
-        (&Method::GET, ["v1", "audit"]) => {
-            let inner = state.inner.lock();
-            json_reply(StatusCode::OK, &inner.audit)
-        }
+        (&Method::GET, ["v1", "audit"]) => json_reply(StatusCode::OK, &state.inner.lock().audit),
         (&Method::GET, ["v1", "audit", order_id]) => {
             let inner = state.inner.lock();
             match inner.audit.orders.get(*order_id) {
                 Some(a) => json_reply(StatusCode::OK, a),
-                None => problem(StatusCode::NOT_FOUND, "unknown_order", "the mock saw no such order"),
+                None => Err(problem(
+                    StatusCode::NOT_FOUND,
+                    "unknown_order",
+                    "the mock saw no such order",
+                )),
             }
         }
         (&Method::GET, ["v1", "admin", "config"]) => {
-            let inner = state.inner.lock();
-            json_reply(StatusCode::OK, &inner.config)
+            json_reply(StatusCode::OK, &state.inner.lock().config)
         }
         (&Method::POST | &Method::PUT, ["v1", "admin", "config"]) => set_config(&state, req).await,
-        _ => problem(StatusCode::NOT_FOUND, "not_found", "no such route"),
-    }
+        _ => Err(problem(StatusCode::NOT_FOUND, "not_found", "no such route")),
+    };
+    handled.unwrap_or_else(Problem::into_reply)
 }
 
 /// Serves the mock on `listener` until `shutdown` is cancelled, then lets requests under
@@ -609,7 +611,9 @@ pub struct MockProvider {
 
 impl std::fmt::Debug for MockProvider {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("MockProvider").field("addr", &self.addr).finish()
+        f.debug_struct("MockProvider")
+            .field("addr", &self.addr)
+            .finish()
     }
 }
 
@@ -636,11 +640,14 @@ impl MockProvider {
     }
 
     /// Stops serving and waits until the requests under way are answered.
-    pub async fn stop(mut self) -> std::io::Result<()> {
+    pub async fn stop(mut self) {
         self.shutdown.cancel();
-        match self.task.take() {
-            Some(task) => task.await.map_err(std::io::Error::other)?,
-            None => Ok(()),
+        if let Some(task) = self.task.take() {
+            match task.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!(error = %e, "mock provider ended with an error"),
+                Err(e) => tracing::error!(error = %e, "mock provider task failed"),
+            }
         }
     }
 }
@@ -692,8 +699,8 @@ mod tests {
 
     #[test]
     fn config_reads_humantime_and_checks_rates() {
-        let c: MockConfig = serde_json::from_str(r#"{"latency":"5ms","error_rate":0.5}"#)
-            .expect("config");
+        let c: MockConfig =
+            serde_json::from_str(r#"{"latency":"5ms","error_rate":0.5}"#).expect("config");
         assert_eq!(c.latency, Duration::from_millis(5));
         assert_eq!(c.error_rate, 0.5);
         assert!(c.validate().is_ok());

@@ -276,12 +276,20 @@ pub(crate) async fn exchange(
         .content_length()
         .is_some_and(|n| n > MAX_RESPONSE_BYTES as u64)
     {
-        return Err(ProviderError::InvalidResponse("response body too large".into()));
+        return Err(ProviderError::InvalidResponse(
+            "response body too large".into(),
+        ));
     }
     let mut body = Vec::new();
-    while let Some(chunk) = response.chunk().await.map_err(ProviderError::from_reqwest)? {
+    while let Some(chunk) = response
+        .chunk()
+        .await
+        .map_err(ProviderError::from_reqwest)?
+    {
         if body.len() + chunk.len() > MAX_RESPONSE_BYTES {
-            return Err(ProviderError::InvalidResponse("response body too large".into()));
+            return Err(ProviderError::InvalidResponse(
+                "response body too large".into(),
+            ));
         }
         body.extend_from_slice(&chunk);
     }
@@ -333,7 +341,11 @@ pub struct PaymentClient {
 impl PaymentClient {
     /// A client of the provider at `base_url` (`http://host:port`), with `timeout` per
     /// request attempt and `retry` for failed attempts.
-    pub fn new(base_url: &str, timeout: Duration, retry: RetryPolicy) -> Result<Self, ProviderError> {
+    pub fn new(
+        base_url: &str,
+        timeout: Duration,
+        retry: RetryPolicy,
+    ) -> Result<Self, ProviderError> {
         let base_url = self::base_url(base_url)?;
         Ok(PaymentClient {
             http: http_client(timeout)?,
@@ -430,7 +442,11 @@ impl PaymentClient {
     /// Refunds a charge (a late success for an order that was already released), at most
     /// once: the idempotency key is `"{order_id}:refund"`.
     #[tracing::instrument(level = "debug", skip(self))]
-    pub async fn refund(&self, order_id: OrderId, charge_id: &str) -> Result<Refund, ProviderError> {
+    pub async fn refund(
+        &self,
+        order_id: OrderId,
+        charge_id: &str,
+    ) -> Result<Refund, ProviderError> {
         let order = order_id.to_string();
         let key = format!("{order}:refund");
         let request = RefundRequest {
@@ -469,7 +485,11 @@ pub struct NotificationClient {
 impl NotificationClient {
     /// A client of the provider at `base_url` (`http://host:port`), with `timeout` per
     /// request attempt and `retry` for failed attempts.
-    pub fn new(base_url: &str, timeout: Duration, retry: RetryPolicy) -> Result<Self, ProviderError> {
+    pub fn new(
+        base_url: &str,
+        timeout: Duration,
+        retry: RetryPolicy,
+    ) -> Result<Self, ProviderError> {
         let base_url = self::base_url(base_url)?;
         Ok(NotificationClient {
             http: http_client(timeout)?,
@@ -567,7 +587,10 @@ mod tests {
             NotificationKind::for_status(OrderStatus::Paid),
             Some(NotificationKind::OrderPaid)
         );
-        assert_eq!(NotificationKind::for_status(OrderStatus::PaymentPending), None);
+        assert_eq!(
+            NotificationKind::for_status(OrderStatus::PaymentPending),
+            None
+        );
         let json = serde_json::to_string(&NotificationKind::OrderExpired).ok();
         assert_eq!(json.as_deref(), Some("\"order_expired\""));
     }

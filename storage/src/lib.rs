@@ -87,8 +87,7 @@ pub trait OrderStore: Send + Sync + 'static {
     /// An order with its history.
     async fn get_order(&self, id: OrderId) -> Result<Option<Order>>;
     /// Orders in any of `statuses`, oldest first, at most `limit`.
-    async fn orders_in_status(&self, statuses: &[OrderStatus], limit: usize)
-        -> Result<Vec<Order>>;
+    async fn orders_in_status(&self, statuses: &[OrderStatus], limit: usize) -> Result<Vec<Order>>;
     /// Final orders whose release (if they release stock) or notification is still owed.
     async fn unfinished_followups(&self, limit: usize) -> Result<Vec<Order>>;
     /// Every order of a sale (for reconciliation and reports).

@@ -345,8 +345,7 @@ impl Sale {
         if self.per_user_limit == 0 || self.per_user_limit > 1000 {
             return bad("per_user_limit", "must be between 1 and 1000");
         }
-        if self.max_quantity_per_order == 0 || self.max_quantity_per_order > self.per_user_limit
-        {
+        if self.max_quantity_per_order == 0 || self.max_quantity_per_order > self.per_user_limit {
             return bad(
                 "max_quantity_per_order",
                 "must be between 1 and per_user_limit",

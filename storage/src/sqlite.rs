@@ -5,8 +5,7 @@
 //! single writer anyway, and batches keep the number of transactions small.
 
 use crate::{
-    model::*, Checkpoint, Error, Order, OrderStore, Result, Sale, SaleId, SaleTotals,
-    StatusCount,
+    model::*, Checkpoint, Error, Order, OrderStore, Result, Sale, SaleId, SaleTotals, StatusCount,
 };
 use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension, Row};
@@ -31,7 +30,9 @@ pub struct SqliteStore {
 
 impl std::fmt::Debug for SqliteStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SqliteStore").field("path", &self.path).finish()
+        f.debug_struct("SqliteStore")
+            .field("path", &self.path)
+            .finish()
     }
 }
 
@@ -117,16 +118,18 @@ fn order_from_row(row: &Row<'_>) -> Result<Order> {
         status: get_s(9)?.parse().map_err(corrupt)?,
         history: Vec::new(),
         charge_id: row.get(11).map_err(corrupt)?,
-        released_at: row.get::<_, Option<i64>>(12).map_err(corrupt)?.map(Timestamp),
-        notified_at: row.get::<_, Option<i64>>(13).map_err(corrupt)?.map(Timestamp),
+        released_at: row
+            .get::<_, Option<i64>>(12)
+            .map_err(corrupt)?
+            .map(Timestamp),
+        notified_at: row
+            .get::<_, Option<i64>>(13)
+            .map_err(corrupt)?
+            .map(Timestamp),
     })
 }
 
-fn query_orders(
-    conn: &Connection,
-    sql: &str,
-    params: impl rusqlite::Params,
-) -> Result<Vec<Order>> {
+fn query_orders(conn: &Connection, sql: &str, params: impl rusqlite::Params) -> Result<Vec<Order>> {
     let mut stmt = conn.prepare_cached(sql).map_err(unavailable)?;
     let mut rows = stmt.query(params).map_err(unavailable)?;
     let mut out = Vec::new();
@@ -403,11 +406,7 @@ impl OrderStore for SqliteStore {
         .await
     }
 
-    async fn orders_in_status(
-        &self,
-        statuses: &[OrderStatus],
-        limit: usize,
-    ) -> Result<Vec<Order>> {
+    async fn orders_in_status(&self, statuses: &[OrderStatus], limit: usize) -> Result<Vec<Order>> {
         let sql = format!(
             "SELECT {ORDER_COLUMNS} FROM orders WHERE status IN ({}) \
              ORDER BY accepted_at LIMIT ?1",
@@ -430,7 +429,8 @@ impl OrderStore for SqliteStore {
 
     async fn orders_of_sale(&self, sale: &SaleId) -> Result<Vec<Order>> {
         let sale = sale.clone();
-        let sql = format!("SELECT {ORDER_COLUMNS} FROM orders WHERE sale_id = ?1 ORDER BY sequence");
+        let sql =
+            format!("SELECT {ORDER_COLUMNS} FROM orders WHERE sale_id = ?1 ORDER BY sequence");
         self.with(move |c| query_orders(c, &sql, params![sale.as_str()]))
             .await
     }
@@ -449,7 +449,11 @@ impl OrderStore for SqliteStore {
                 .map_err(unavailable)?;
             let mut rows = stmt.query(params![sale.as_str()]).map_err(unavailable)?;
             while let Some(r) = rows.next().map_err(unavailable)? {
-                let status: OrderStatus = r.get::<_, String>(0).map_err(corrupt)?.parse().map_err(corrupt)?;
+                let status: OrderStatus = r
+                    .get::<_, String>(0)
+                    .map_err(corrupt)?
+                    .parse()
+                    .map_err(corrupt)?;
                 let orders = r.get::<_, i64>(1).map_err(corrupt)? as u64;
                 let units = r.get::<_, i64>(2).map_err(corrupt)? as u64;
                 totals.released_orders += r.get::<_, i64>(3).map_err(corrupt)? as u64;
@@ -468,11 +472,8 @@ impl OrderStore for SqliteStore {
     }
 
     async fn ping(&self) -> Result<()> {
-        self.with(|c| {
-            c.query_row("SELECT 1", [], |_| Ok(()))
-                .map_err(unavailable)
-        })
-        .await
+        self.with(|c| c.query_row("SELECT 1", [], |_| Ok(())).map_err(unavailable))
+            .await
     }
 }
 
@@ -529,23 +530,41 @@ mod tests {
             partition: 0,
             next_offset: 3,
         };
-        assert_eq!(store.persist_batch(&orders, Some(&cp)).await.expect("persist"), 3);
+        assert_eq!(
+            store
+                .persist_batch(&orders, Some(&cp))
+                .await
+                .expect("persist"),
+            3
+        );
         assert_eq!(store.persist_batch(&orders, None).await.expect("replay"), 0);
         assert_eq!(store.checkpoint("settler", 0).await.expect("cp"), Some(3));
 
         let id = orders[0].order_id;
         use OrderStatus::*;
-        assert!(store.transition(id, Persisted, PaymentPending, None).await.expect("t1"));
-        assert!(!store.transition(id, Persisted, PaymentPending, None).await.expect("t2"));
+        assert!(store
+            .transition(id, Persisted, PaymentPending, None)
+            .await
+            .expect("t1"));
+        assert!(!store
+            .transition(id, Persisted, PaymentPending, None)
+            .await
+            .expect("t2"));
         assert!(store.transition(id, Accepted, Paid, None).await.is_err());
-        assert!(store.transition(id, PaymentPending, PaymentFailed, None).await.expect("t3"));
+        assert!(store
+            .transition(id, PaymentPending, PaymentFailed, None)
+            .await
+            .expect("t3"));
         assert!(store.mark_released(id).await.expect("rel"));
         assert!(!store.mark_released(id).await.expect("rel twice"));
 
         let got = store.get_order(id).await.expect("get").expect("some");
         assert_eq!(got.status, PaymentFailed);
         let hist: Vec<_> = got.history.iter().map(|h| h.status).collect();
-        assert_eq!(hist, vec![Accepted, Persisted, PaymentPending, PaymentFailed]);
+        assert_eq!(
+            hist,
+            vec![Accepted, Persisted, PaymentPending, PaymentFailed]
+        );
 
         let totals = store.sale_totals(&sale().id).await.expect("totals");
         assert_eq!(totals.orders, 3);

@@ -35,8 +35,10 @@ impl TestApp {
 
     pub async fn start_with(tweak: impl FnOnce(&mut Config)) -> TestApp {
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut config = Config::default();
-        config.data_dir = dir.path().to_path_buf();
+        let mut config = Config {
+            data_dir: dir.path().to_path_buf(),
+            ..Config::default()
+        };
         tweak(&mut config);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
@@ -133,7 +135,9 @@ impl TestApp {
     }
 
     pub async fn stock_left(&self, sale: &str) -> i64 {
-        self.stats(sale).await["stock_left"].as_i64().expect("stock_left")
+        self.stats(sale).await["stock_left"]
+            .as_i64()
+            .expect("stock_left")
     }
 
     pub async fn stop(mut self) {

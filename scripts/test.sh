@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# The project's test command: installs what is missing, then runs every check and test.
+#
+#   scripts/test.sh
+#
+# Installs (when missing) the Debian packages the tests and builds need and the tansu
+# Kafka-protocol broker, then runs cargo fmt --check, clippy with -D warnings on all targets,
+# and the whole test suite with cargo-nextest (or cargo test when nextest is absent).
+# The build cache lives outside the clone: CARGO_TARGET_DIR defaults to
+# ~/.cache/flashsale/target.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/flashsale/target}"
+export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+mkdir -p "$CARGO_TARGET_DIR"
+
+step() { printf '\n== %s ==\n' "$*"; }
+
+step "system packages"
+packages=(cmake pkg-config libcurl4-openssl-dev libssl-dev zlib1g-dev redis-server postgresql prometheus)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "installing: ${missing[*]}"
+  SUDO=""
+  if [ "$(id -u)" -ne 0 ]; then
+    if command -v sudo >/dev/null; then SUDO="sudo"; else
+      echo "error: missing packages ${missing[*]} and not root (no sudo); install them and re-run" >&2
+      exit 1
+    fi
+  fi
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
+else
+  echo "all present"
+fi
+
+step "tansu broker"
+export PATH="$HOME/.cargo/bin:$PATH"
+if command -v tansu >/dev/null; then
+  echo "tansu: $(command -v tansu)"
+else
+  echo "building tansu (about 16 minutes on 2 cores; cached in ~/.cache/flashsale/tansu-target)"
+  cargo install tansu --locked --features dynostore,libsql \
+    --target-dir "$HOME/.cache/flashsale/tansu-target"
+fi
+
+step "cargo fmt --check"
+cargo fmt --all --check
+
+step "cargo clippy (all targets, -D warnings)"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+step "tests"
+if cargo nextest --version >/dev/null 2>&1; then
+  cargo nextest run --workspace --locked --no-fail-fast --failure-output final
+  cargo test --workspace --doc --locked
+else
+  cargo test --workspace --locked --no-fail-fast
+fi

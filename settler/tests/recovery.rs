@@ -1,0 +1,180 @@
+//! Recovery paths: a charge found at the provider after a crash, and a late success for an
+//! order that was voided meanwhile.
+
+mod common;
+
+use async_trait::async_trait;
+use common::{record, Harness};
+use settler::mock::{self, MockConfig};
+use settler::provider::{ChargeOutcome, NotificationKind, PaymentClient, RetryPolicy};
+use settler::{FileDeadLetter, Settler, StockRelease};
+use std::sync::Arc;
+use std::time::Duration;
+use storage::sqlite::SqliteStore;
+use storage::{
+    Checkpoint, NewOrder, Order, OrderId, OrderStatus, OrderStore, Sale, SaleId, SaleTotals,
+};
+use tokio_util::sync::CancellationToken;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pending_order_charged_before_a_crash_is_looked_up_not_charged_again() {
+    let h = Harness::new(MockConfig::default()).await;
+    let order = record(1, "tok_visa").to_new_order();
+    let id = order.order_id;
+    // A previous settler persisted the order, moved it to payment_pending and charged it,
+    // then died before recording the outcome.
+    h.store
+        .persist_batch(std::slice::from_ref(&order), None)
+        .await
+        .expect("persist");
+    assert!(h
+        .store
+        .transition(
+            id,
+            OrderStatus::Persisted,
+            OrderStatus::PaymentPending,
+            None
+        )
+        .await
+        .expect("pending"));
+    let pay = PaymentClient::new(
+        &h.mock.url(),
+        Duration::from_secs(2),
+        RetryPolicy::default(),
+    )
+    .expect("client");
+    let ChargeOutcome::Succeeded { charge_id } = pay.charge(&order).await.expect("charge") else {
+        panic!("expected a successful charge");
+    };
+
+    let running = h.start(h.config()).await;
+    h.wait_settled(1).await;
+    running.stop().await;
+
+    let stored = h.store.get_order(id).await.expect("get").expect("order");
+    assert_eq!(stored.status, OrderStatus::Paid);
+    assert_eq!(stored.charge_id.as_deref(), Some(charge_id.as_str()));
+    let a = mock::fetch_order_audit(&h.mock.url(), &id.to_string())
+        .await
+        .expect("audit")
+        .expect("seen");
+    assert_eq!(a.charge_attempts, 1, "found by lookup, not charged again");
+    assert_eq!(a.successful_charges, 1);
+    assert_eq!(a.notifications, vec![NotificationKind::OrderPaid]);
+}
+
+/// A store in which every order expires (as if by an expiry sweeper) just before the
+/// settler records its successful charge.
+struct ExpiresBeforePaid(Arc<SqliteStore>);
+
+#[async_trait]
+impl OrderStore for ExpiresBeforePaid {
+    async fn create_sale(&self, sale: &Sale) -> storage::Result<()> {
+        self.0.create_sale(sale).await
+    }
+    async fn get_sale(&self, id: &SaleId) -> storage::Result<Option<Sale>> {
+        self.0.get_sale(id).await
+    }
+    async fn list_sales(&self) -> storage::Result<Vec<Sale>> {
+        self.0.list_sales().await
+    }
+    async fn add_stock(&self, id: &SaleId, units: u32) -> storage::Result<Sale> {
+        self.0.add_stock(id, units).await
+    }
+    async fn persist_batch(
+        &self,
+        orders: &[NewOrder],
+        checkpoint: Option<&Checkpoint>,
+    ) -> storage::Result<usize> {
+        self.0.persist_batch(orders, checkpoint).await
+    }
+    async fn checkpoint(&self, consumer: &str, partition: u32) -> storage::Result<Option<u64>> {
+        self.0.checkpoint(consumer, partition).await
+    }
+    async fn transition(
+        &self,
+        id: OrderId,
+        from: OrderStatus,
+        to: OrderStatus,
+        charge_id: Option<&str>,
+    ) -> storage::Result<bool> {
+        if (from, to) == (OrderStatus::PaymentPending, OrderStatus::Paid) {
+            self.0
+                .transition(id, OrderStatus::PaymentPending, OrderStatus::Expired, None)
+                .await?;
+        }
+        self.0.transition(id, from, to, charge_id).await
+    }
+    async fn mark_released(&self, id: OrderId) -> storage::Result<bool> {
+        self.0.mark_released(id).await
+    }
+    async fn mark_notified(&self, id: OrderId) -> storage::Result<bool> {
+        self.0.mark_notified(id).await
+    }
+    async fn get_order(&self, id: OrderId) -> storage::Result<Option<Order>> {
+        self.0.get_order(id).await
+    }
+    async fn orders_in_status(
+        &self,
+        statuses: &[OrderStatus],
+        limit: usize,
+    ) -> storage::Result<Vec<Order>> {
+        self.0.orders_in_status(statuses, limit).await
+    }
+    async fn unfinished_followups(&self, limit: usize) -> storage::Result<Vec<Order>> {
+        self.0.unfinished_followups(limit).await
+    }
+    async fn orders_of_sale(&self, sale: &SaleId) -> storage::Result<Vec<Order>> {
+        self.0.orders_of_sale(sale).await
+    }
+    async fn sale_totals(&self, sale: &SaleId) -> storage::Result<SaleTotals> {
+        self.0.sale_totals(sale).await
+    }
+    async fn ping(&self) -> storage::Result<()> {
+        self.0.ping().await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_success_for_an_expired_order_is_refunded_and_its_stock_released() {
+    let h = Harness::new(MockConfig::default()).await;
+    let records = h
+        .append(vec![record(1, "tok_visa"), record(2, "tok_visa")])
+        .await;
+    let settler = Settler::new(
+        Arc::new(ExpiresBeforePaid(Arc::clone(&h.store))),
+        Box::new(h.log.consumer(0)),
+        Arc::clone(&h.release) as Arc<dyn StockRelease>,
+        Arc::new(FileDeadLetter::open(h.dir.path().join("dl")).expect("dead letter")),
+        h.config(),
+    )
+    .expect("settler");
+    let stats = settler.stats();
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(settler.run(shutdown.clone()));
+    h.wait_settled(records.len()).await;
+    shutdown.cancel();
+    task.await.expect("join").expect("run");
+
+    let snapshot = stats.snapshot();
+    assert_eq!(snapshot.refunded, 2);
+    assert_eq!(snapshot.paid, 0);
+    assert_eq!(snapshot.released, 2);
+    let releases = h.release.calls();
+    let audit = mock::fetch_audit(&h.mock.url()).await.expect("audit");
+    for r in &records {
+        let order = h
+            .store
+            .get_order(r.order_id)
+            .await
+            .expect("get")
+            .expect("order");
+        assert_eq!(order.status, OrderStatus::Expired);
+        assert!(order.released_at.is_some());
+        assert_eq!(releases.get(&r.order_id), Some(&1));
+        let a = &audit.orders[&r.order_id.to_string()];
+        assert_eq!(a.successful_charges, 1);
+        assert_eq!(a.refunds, 1);
+        assert_eq!(a.notifications, vec![NotificationKind::OrderExpired]);
+    }
+}

@@ -1,0 +1,83 @@
+//! `flashsale demo --json` runs a whole (small) sale through the binary, exits 0 with every
+//! invariant true, and carries the documented keys.
+
+use serde_json::Value;
+use std::process::Command;
+
+#[test]
+fn demo_json_reports_every_key_and_passes() {
+    let out = Command::new(env!("CARGO_BIN_EXE_flashsale"))
+        .args([
+            "demo",
+            "--json",
+            "--stock",
+            "300",
+            "--users",
+            "500",
+            "--requests",
+            "2000",
+            "--concurrency",
+            "32",
+            "--decline-rate",
+            "0.2",
+        ])
+        .env_remove("FLASHSALE_CONFIG")
+        .output()
+        .expect("run demo");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "demo failed ({:?}):\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: Value = serde_json::from_str(&stdout).expect("one JSON object");
+    for key in [
+        "requests",
+        "accepted",
+        "rejected",
+        "persisted",
+        "paid",
+        "payment_failed",
+        "released",
+        "stock_left",
+        "latency_ms",
+        "throughput_per_s",
+        "invariants",
+    ] {
+        assert!(r.get(key).is_some(), "missing key {key}: {r}");
+    }
+    assert!(r["latency_ms"]["p50"].is_number() && r["latency_ms"]["p99"].is_number());
+    assert!(r["rejected"].is_object());
+    let inv = r["invariants"].as_object().expect("invariants");
+    for name in [
+        "no_oversell",
+        "no_loss",
+        "per_user_limit",
+        "idempotency",
+        "conservation",
+        "one_charge_per_order",
+        "bad_input_rejected",
+    ] {
+        assert_eq!(
+            inv.get(name),
+            Some(&Value::Bool(true)),
+            "invariant {name}: {r}"
+        );
+    }
+    assert_eq!(r["requests"], 2000);
+    // Demand exceeds stock: every unit is sold or released, none twice.
+    assert_eq!(r["persisted"], r["accepted"]);
+    assert_eq!(
+        r["paid"].as_u64().unwrap_or(0) + r["payment_failed"].as_u64().unwrap_or(0),
+        r["persisted"].as_u64().unwrap_or(u64::MAX)
+    );
+    assert!(
+        r["payment_failed"].as_u64().unwrap_or(0) > 0,
+        "declines happen at rate 0.2"
+    );
+    assert!(
+        r["rejected"]["malformed_json"].as_u64().unwrap_or(0) > 0,
+        "bad requests were sent"
+    );
+}
