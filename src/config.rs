@@ -66,7 +66,8 @@ pub struct ServerSection {
     /// Deadline for a request's headers.
     #[serde(with = "humantime_serde")]
     pub header_read_timeout: Duration,
-    /// Idle keep-alive connections are closed after this.
+    /// Idle keep-alive connections are closed after this (in effect the smaller of this and
+    /// `header_read_timeout`, which also bounds the wait for the next request).
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
     /// Grace period of a graceful shutdown.
@@ -82,7 +83,7 @@ impl Default for ServerSection {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             max_connections: 10_000,
             header_read_timeout: Duration::from_secs(5),
-            idle_timeout: Duration::from_secs(60),
+            idle_timeout: Duration::from_secs(5),
             shutdown_grace: Duration::from_secs(10),
             order_body_limit: 4096,
         }

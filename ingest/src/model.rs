@@ -323,8 +323,10 @@ impl SaleState {
         true
     }
 
-    /// Undoes an acceptance whose record never reached the log: releases it and forgets
-    /// its idempotency answer so the buyer's retry is decided afresh.
+    /// Undoes an acceptance whose record never reached the log: as if it had never been
+    /// accepted (stock, the user's units and the accepted counters go back; the sequence
+    /// number stays used) and its idempotency answer is forgotten, so the buyer's retry is
+    /// decided afresh. Once per order id, like [`SaleState::release`].
     pub fn abort(&mut self, order: &OrderRef) -> bool {
         let key = (order.user.clone(), order.key.clone());
         if self
@@ -334,7 +336,18 @@ impl SaleState {
         {
             self.idem.remove(&key);
         }
-        self.release(order)
+        if !self.released.insert(order.order_id) {
+            return false;
+        }
+        self.stock_left += i64::from(order.quantity);
+        if let Some(u) = self.units.get_mut(&order.user) {
+            *u = u.saturating_sub(order.quantity);
+        }
+        self.accepted_orders = self.accepted_orders.saturating_sub(1);
+        self.accepted_units = self
+            .accepted_units
+            .saturating_sub(u64::from(order.quantity));
+        true
     }
 
     /// Rebuilds the effect of an order that is durable in the log (recovery after restart).
@@ -492,6 +505,11 @@ mod tests {
         assert!(matches!(s.admit(&a, SEC), Decision::Accepted(_)));
         assert!(s.abort(&oref(&a)));
         assert_eq!(s.stock_left, 1);
+        let c = s.counters();
+        assert_eq!(
+            (c.accepted_orders, c.accepted_units, c.released_units),
+            (0, 0, 0)
+        );
         let retry = AdmitRequest {
             order_id: OrderId::new(),
             ..a.clone()

@@ -23,9 +23,12 @@ use tokio_util::sync::CancellationToken;
 pub struct ServerConfig {
     /// Most connections open at once; further clients wait in the kernel's backlog.
     pub max_connections: usize,
-    /// Deadline to receive a request's headers.
+    /// Deadline to receive a request's head. hyper starts this timer whenever it waits for
+    /// a request head, so it also bounds the wait for the next request on a keep-alive
+    /// connection.
     pub header_read_timeout: Duration,
-    /// A keep-alive connection with no request for this long is closed.
+    /// A keep-alive connection with no request for this long is closed; in effect the
+    /// smaller of this and `header_read_timeout`.
     pub idle_timeout: Duration,
     /// How long shutdown waits for in-flight requests.
     pub shutdown_grace: Duration,
@@ -36,7 +39,7 @@ impl Default for ServerConfig {
         ServerConfig {
             max_connections: 10_000,
             header_read_timeout: Duration::from_secs(5),
-            idle_timeout: Duration::from_secs(60),
+            idle_timeout: Duration::from_secs(5),
             shutdown_grace: Duration::from_secs(10),
         }
     }

@@ -1,0 +1,198 @@
+//! Connection-level behaviour over raw sockets: header-read and idle timeouts, the
+//! connection cap, graceful shutdown, and a log that cannot take more orders (503, no stock
+//! taken).
+
+mod common;
+
+use common::{eventually, TestApp};
+use serde_json::json;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Reads until the peer closes; returns what it sent and how long that took.
+async fn read_until_closed(stream: &mut TcpStream, deadline: Duration) -> (Vec<u8>, Duration) {
+    let started = Instant::now();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match tokio::time::timeout(deadline, stream.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return (out, started.elapsed()),
+            Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
+            Err(_) => panic!("the server did not close the connection within {deadline:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn slow_headers_are_cut_off() {
+    let app = TestApp::start_with(|c| {
+        c.server.header_read_timeout = Duration::from_millis(300);
+        c.server.idle_timeout = Duration::from_secs(30);
+    })
+    .await;
+    // Half a request head, then silence: closed after the header-read timeout.
+    let mut slow = TcpStream::connect(app.running().addr)
+        .await
+        .expect("connect");
+    slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .expect("write");
+    let (_, took) = read_until_closed(&mut slow, Duration::from_secs(10)).await;
+    assert!(
+        took >= Duration::from_millis(250),
+        "closed too early: {took:?}"
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn idle_keep_alive_connections_are_closed() {
+    let app = TestApp::start_with(|c| {
+        c.server.header_read_timeout = Duration::from_secs(30);
+        c.server.idle_timeout = Duration::from_millis(400);
+    })
+    .await;
+    // One request, then idle: answered, then closed after the idle timeout.
+    let mut idle = TcpStream::connect(app.running().addr)
+        .await
+        .expect("connect");
+    idle.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .expect("write");
+    let (got, took) = read_until_closed(&mut idle, Duration::from_secs(10)).await;
+    assert!(String::from_utf8_lossy(&got).starts_with("HTTP/1.1 200"));
+    assert!(
+        took >= Duration::from_millis(350),
+        "closed too early: {took:?}"
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn the_connection_cap_holds_further_clients_back() {
+    let app = TestApp::start_with(|c| {
+        c.server.max_connections = 2;
+        c.server.idle_timeout = Duration::from_secs(30);
+    })
+    .await;
+    let addr = app.running().addr;
+    let request = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n";
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut s = TcpStream::connect(addr).await.expect("connect");
+        s.write_all(request).await.expect("write");
+        let mut buf = [0u8; 1024];
+        let n = s.read(&mut buf).await.expect("read");
+        assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+        held.push(s);
+    }
+    // A third client connects (the kernel's backlog) but is not served while two are open.
+    let mut third = TcpStream::connect(addr).await.expect("connect");
+    third.write_all(request).await.expect("write");
+    let mut buf = [0u8; 1024];
+    let waited = tokio::time::timeout(Duration::from_millis(500), third.read(&mut buf)).await;
+    assert!(
+        waited.is_err(),
+        "a third connection was served past the cap of 2"
+    );
+    // Closing one lets it in.
+    drop(held.pop());
+    let n = tokio::time::timeout(Duration::from_secs(10), third.read(&mut buf))
+        .await
+        .expect("served once a slot is free")
+        .expect("read");
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn graceful_shutdown_finishes_requests_in_flight() {
+    let mut app = TestApp::start().await;
+    let sale = app.sale("drain", 100, 10).await;
+    let token = app.token("d");
+    // Keep many orders in flight, then stop: each finishes with a full answer.
+    let mut inflight = tokio::task::JoinSet::new();
+    for i in 0..50 {
+        let client = app.client.clone();
+        let url = format!("{}/v1/sales/{sale}/orders", app.url);
+        let token = token.clone();
+        inflight.spawn(async move {
+            client
+                .post(url)
+                .bearer_auth(token)
+                .header("idempotency-key", format!("g{i}"))
+                .json(&json!({"quantity": 1, "payment_token": "tok_visa"}))
+                .send()
+                .await
+                .map(|r| r.status().as_u16())
+        });
+    }
+    let running = app.running.take().expect("running");
+    let store = Arc::clone(&running.store);
+    running.stop().await.expect("graceful stop");
+    let mut accepted = 0;
+    while let Some(r) = inflight.join_next().await {
+        // A request either got its whole answer or was never read (connection refused).
+        if let Ok(Ok(status)) = r {
+            assert!(matches!(status, 202 | 403), "status {status}");
+            accepted += u64::from(status == 202);
+        }
+    }
+    let totals = store
+        .sale_totals(&storage::SaleId::parse("drain").expect("id"))
+        .await
+        .expect("totals");
+    assert!(
+        totals.orders >= accepted,
+        "every 202 before shutdown is stored"
+    );
+}
+
+#[tokio::test]
+async fn a_log_that_cannot_take_the_order_gives_503_and_takes_no_stock() {
+    // A log queue of one: under a burst most appends are refused at once.
+    let app = Arc::new(
+        TestApp::start_with(|c| {
+            c.log.queue_capacity = 1;
+        })
+        .await,
+    );
+    let sale = app.sale("full-log", 10_000, 1).await;
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..400 {
+        let app = Arc::clone(&app);
+        let sale = sale.clone();
+        tasks.spawn(async move {
+            let a = app.order(&sale, &app.token(&format!("u{i}")), "k", 1).await;
+            if a.status == 503 {
+                assert_eq!(a.code(), "unavailable");
+                assert!(a.headers.contains_key("retry-after"));
+            }
+            a.status
+        });
+    }
+    let mut accepted = 0i64;
+    let mut unavailable = 0;
+    while let Some(s) = tasks.join_next().await {
+        match s.expect("task") {
+            202 => accepted += 1,
+            503 => unavailable += 1,
+            other => panic!("unexpected status {other}"),
+        }
+    }
+    assert!(unavailable > 0, "the burst must overflow a queue of one");
+    assert!(accepted > 0);
+    // Nothing leaked: exactly the acknowledged units are gone, and they all persist.
+    assert_eq!(app.stock_left(&sale).await, 10_000 - accepted);
+    eventually("persisted == accepted", Duration::from_secs(30), || {
+        let app = Arc::clone(&app);
+        let sale = sale.clone();
+        async move { app.stats(&sale).await["persisted"] == accepted }
+    })
+    .await;
+    // The admission counters count only what was acknowledged.
+    let stats = app.stats(&sale).await;
+    assert_eq!(stats["accepted"].as_i64(), Some(accepted));
+}
