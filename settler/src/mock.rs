@@ -665,10 +665,20 @@ fn admin_client() -> Result<reqwest::Client, ProviderError> {
         .map_err(ProviderError::Client)
 }
 
-/// Everything the mock at `base_url` saw (`GET /v1/audit`).
+/// Everything the mock at `base_url` saw (`GET /v1/audit`). The audit grows with every
+/// order, so unlike provider answers it is read without the 64 KiB cap.
 pub async fn fetch_audit(base_url: &str) -> Result<Audit, ProviderError> {
     let url = format!("{}/v1/audit", base_url.trim_end_matches('/'));
-    let (status, body) = provider::exchange(admin_client()?.get(url)).await?;
+    let response = admin_client()?
+        .get(url)
+        .send()
+        .await
+        .map_err(ProviderError::from_reqwest)?;
+    let status = response.status();
+    let body = response
+        .bytes()
+        .await
+        .map_err(ProviderError::from_reqwest)?;
     provider::decode_json(&provider::expect_success(status, body)?)
 }
 

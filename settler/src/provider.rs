@@ -64,7 +64,7 @@ impl ProviderError {
         )
     }
 
-    fn from_reqwest(e: reqwest::Error) -> Self {
+    pub(crate) fn from_reqwest(e: reqwest::Error) -> Self {
         if e.is_timeout() {
             ProviderError::Timeout
         } else if e.is_builder() {
