@@ -232,6 +232,7 @@ impl App {
             ApiConfig {
                 order_body_limit: config.server.order_body_limit,
                 decision_timeout: config.admission.decision_timeout,
+                body_read_timeout: config.server.body_read_timeout,
                 ..ApiConfig::default()
             },
         ));

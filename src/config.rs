@@ -66,6 +66,9 @@ pub struct ServerSection {
     /// Deadline for a request's headers.
     #[serde(with = "humantime_serde")]
     pub header_read_timeout: Duration,
+    /// Deadline to receive a request body once its head arrived (408 past it).
+    #[serde(with = "humantime_serde")]
+    pub body_read_timeout: Duration,
     /// Idle keep-alive connections are closed after this (in effect the smaller of this and
     /// `header_read_timeout`, which also bounds the wait for the next request).
     #[serde(with = "humantime_serde")]
@@ -83,6 +86,7 @@ impl Default for ServerSection {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             max_connections: 10_000,
             header_read_timeout: Duration::from_secs(5),
+            body_read_timeout: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(5),
             shutdown_grace: Duration::from_secs(10),
             order_body_limit: 4096,

@@ -464,7 +464,9 @@ async fn operator_routes_are_guarded_and_validated() {
         .send()
         .await
         .expect("send");
-    assert_eq!(TestApp::answer(no_token).await.code(), "missing_token");
+    let no_token = TestApp::answer(no_token).await;
+    assert_eq!(no_token.code(), "missing_token");
+    assert_eq!(no_token.headers["www-authenticate"], "Bearer");
     let buyer = app
         .client
         .post(format!("{}/v1/sales", app.url))

@@ -196,3 +196,34 @@ async fn a_log_that_cannot_take_the_order_gives_503_and_takes_no_stock() {
     let stats = app.stats(&sale).await;
     assert_eq!(stats["accepted"].as_i64(), Some(accepted));
 }
+
+#[tokio::test]
+async fn a_body_that_trickles_gets_408_and_frees_the_slot() {
+    let app = TestApp::start_with(|c| {
+        c.server.body_read_timeout = Duration::from_millis(300);
+        c.server.max_connections = 1;
+    })
+    .await;
+    let sale = app.sale("slow-body", 10, 1).await;
+    let token = app.token("slowpoke");
+    let mut s = TcpStream::connect(app.running().addr)
+        .await
+        .expect("connect");
+    let head = format!(
+        "POST /v1/sales/{sale}/orders HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\
+         Idempotency-Key: k\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"quan"
+    );
+    s.write_all(head.as_bytes()).await.expect("write");
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf))
+        .await
+        .expect("answered within the deadline")
+        .expect("read");
+    let text = String::from_utf8_lossy(&buf[..n]);
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    assert!(text.contains("request_timeout"), "{text}");
+    drop(s);
+    // The one connection slot is free again, and nothing was taken.
+    assert_eq!(app.stock_left(&sale).await, 10);
+    app.stop().await;
+}

@@ -35,6 +35,9 @@ pub struct ApiConfig {
     pub admin_body_limit: usize,
     /// Deadline of one admission decision; past it the buyer gets 503.
     pub decision_timeout: Duration,
+    /// Deadline to receive a request body once its head arrived; past it the client gets
+    /// 408 and the connection's slot is freed.
+    pub body_read_timeout: Duration,
     /// How long a sale's definition is cached.
     pub sale_cache_ttl: Duration,
 }
@@ -45,6 +48,7 @@ impl Default for ApiConfig {
             order_body_limit: 4096,
             admin_body_limit: 64 * 1024,
             decision_timeout: Duration::from_millis(250),
+            body_read_timeout: Duration::from_secs(5),
             sale_cache_ttl: Duration::from_secs(2),
         }
     }
@@ -235,6 +239,7 @@ fn store_error(e: storage::Error) -> ApiError {
     match e {
         storage::Error::SaleExists(_) => ApiError::sale_exists("a sale with this id exists"),
         storage::Error::UnknownSale(_) => ApiError::unknown_sale("no such sale"),
+        storage::Error::Invalid(e) => ApiError::invalid_quantity(e.to_string()),
         other => {
             tracing::warn!(error = %other, "store error");
             ApiError::unavailable("order store unavailable").retry_after(1)
@@ -267,7 +272,11 @@ fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
     }
 }
 
-async fn read_body(req: Request<Incoming>, limit: usize) -> Result<Bytes, ApiError> {
+async fn read_body(
+    req: Request<Incoming>,
+    limit: usize,
+    deadline: Duration,
+) -> Result<Bytes, ApiError> {
     let too_large = || ApiError::body_too_large(format!("the body must be at most {limit} bytes"));
     if let Some(len) = req
         .headers()
@@ -279,10 +288,13 @@ async fn read_body(req: Request<Incoming>, limit: usize) -> Result<Bytes, ApiErr
             return Err(too_large());
         }
     }
-    match Limited::new(req.into_body(), limit).collect().await {
-        Ok(c) => Ok(c.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
-        Err(_) => Err(ApiError::malformed_json("the body could not be read")),
+    match tokio::time::timeout(deadline, Limited::new(req.into_body(), limit).collect()).await {
+        Err(_) => Err(ApiError::request_timeout(format!(
+            "the body must arrive within {deadline:?}"
+        ))),
+        Ok(Ok(c)) => Ok(c.to_bytes()),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
+        Ok(Err(_)) => Err(ApiError::malformed_json("the body could not be read")),
     }
 }
 
@@ -455,17 +467,18 @@ impl Ingest {
                 self.metrics.render(),
                 "application/openmetrics-text; version=1.0.0; charset=utf-8",
             )),
+            (_, ["v1", "sales", _, "orders" | "stock"] | ["v1", "sales"]) => Err(
+                ApiError::method_not_allowed(format!("{method} is not allowed here")).allow("POST"),
+            ),
             (
                 _,
-                ["v1", "sales", _, "orders"]
-                | ["v1", "sales"]
-                | ["v1", "sales", _]
-                | ["v1", "sales", _, "stats" | "stock"]
+                ["v1", "sales", _]
+                | ["v1", "sales", _, "stats"]
                 | ["v1", "orders", _]
                 | ["healthz" | "readyz" | "metrics"],
-            ) => Err(ApiError::method_not_allowed(format!(
-                "{method} is not allowed here"
-            ))),
+            ) => Err(
+                ApiError::method_not_allowed(format!("{method} is not allowed here")).allow("GET"),
+            ),
             _ => Err(ApiError::not_found("no such route")),
         }
     }
@@ -493,7 +506,12 @@ impl Ingest {
         let user = self.auth.buyer(req.headers())?;
         let key = idempotency_key(req.headers())?;
         require_json(req.headers())?;
-        let body = read_body(req, self.config.order_body_limit).await?;
+        let body = read_body(
+            req,
+            self.config.order_body_limit,
+            self.config.body_read_timeout,
+        )
+        .await?;
         let body: OrderBody = serde_json::from_slice(&body).map_err(parse_error)?;
         if body.payment_token.is_empty()
             || body.payment_token.len() > 256
@@ -557,19 +575,35 @@ impl Ingest {
                     quantity,
                     key: admit.key.clone(),
                 };
-                // No deadline here: the embedded log completes or fails every append, and
-                // abandoning an append that may still land would release stock of a
-                // durable order.
-                if let Err(e) = self.log.append(&record).await {
-                    tracing::warn!(error = %e, order = %answer.order_id, "append failed; aborting admission");
-                    if let Err(e) = self.admission.abort(&sale_id, &oref).await {
-                        tracing::error!(error = %e, order = %answer.order_id, "abort failed; reconcile will repair");
+                // The append and its confirm-or-abort run in their own task: a buyer who
+                // hangs up (which drops this future) must not leave the answer
+                // unconfirmed or the stock taken. No deadline here: the embedded log
+                // completes or fails every append, and abandoning an append that may
+                // still land would release the stock of a durable order.
+                let (log, admission) = (Arc::clone(&self.log), Arc::clone(&self.admission));
+                let task_sale = sale_id.clone();
+                let durable = tokio::spawn(async move {
+                    match log.append(&record).await {
+                        Ok(_) => {
+                            if let Err(e) = admission.confirm(&task_sale, &oref).await {
+                                tracing::warn!(error = %e, order = %oref.order_id, "confirm failed; retries answer in-progress");
+                            }
+                            true
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, order = %oref.order_id, "append failed; aborting admission");
+                            if let Err(e) = admission.abort(&task_sale, &oref).await {
+                                tracing::error!(error = %e, order = %oref.order_id, "abort failed; stock stays taken until recovery");
+                            }
+                            false
+                        }
                     }
+                })
+                .await
+                .unwrap_or(false);
+                if !durable {
                     self.count("log_unavailable");
                     return Err(ApiError::unavailable("order log unavailable").retry_after(1));
-                }
-                if let Err(e) = self.admission.confirm(&sale_id, &oref).await {
-                    tracing::warn!(error = %e, order = %answer.order_id, "confirm failed; retries answer in-progress until reconcile");
                 }
                 self.recent.insert(
                     answer.order_id,
@@ -637,7 +671,12 @@ impl Ingest {
     async fn create_sale(&self, req: Request<Incoming>) -> Result<Resp, ApiError> {
         self.auth.operator(req.headers())?;
         require_json(req.headers())?;
-        let body = read_body(req, self.config.admin_body_limit).await?;
+        let body = read_body(
+            req,
+            self.config.admin_body_limit,
+            self.config.body_read_timeout,
+        )
+        .await?;
         let body: CreateSale = serde_json::from_slice(&body).map_err(parse_error)?;
         let sale = body.into_sale(Timestamp::now())?;
         // The catalog is the durable record of the sale; admission counters follow it.
@@ -678,7 +717,12 @@ impl Ingest {
         self.auth.operator(req.headers())?;
         require_json(req.headers())?;
         let id = SaleId::parse(id).map_err(|_| ApiError::unknown_sale("no such sale"))?;
-        let body = read_body(req, self.config.admin_body_limit).await?;
+        let body = read_body(
+            req,
+            self.config.admin_body_limit,
+            self.config.body_read_timeout,
+        )
+        .await?;
         let body: AddStock = serde_json::from_slice(&body).map_err(parse_error)?;
         let units = u32::try_from(body.quantity)
             .ok()
@@ -686,15 +730,26 @@ impl Ingest {
             .ok_or_else(|| {
                 ApiError::invalid_quantity("quantity must be between 1 and 100000000")
             })?;
-        let sale = self
-            .store
-            .add_stock(&id, units)
-            .await
-            .map_err(store_error)?;
-        self.admission
-            .add_stock(&id, units)
-            .await
-            .map_err(admission_error)?;
+        // Catalog first (durable), then the counters, in a task of their own so a client
+        // that hangs up cannot leave the two apart.
+        let (store, admission, task_id) = (
+            Arc::clone(&self.store),
+            Arc::clone(&self.admission),
+            id.clone(),
+        );
+        let sale = tokio::spawn(async move {
+            let sale = store
+                .add_stock(&task_id, units)
+                .await
+                .map_err(store_error)?;
+            admission
+                .add_stock(&task_id, units)
+                .await
+                .map_err(admission_error)?;
+            Ok::<_, ApiError>(sale)
+        })
+        .await
+        .map_err(|_| ApiError::internal("adding stock failed"))??;
         self.sales.invalidate(&id);
         let left = self
             .admission

@@ -20,6 +20,8 @@ pub struct ApiError {
     pub detail: Cow<'static, str>,
     /// Seconds to wait before retrying (sent as `Retry-After`).
     pub retry_after: Option<u32>,
+    /// Methods the resource allows (sent as `Allow` with 405).
+    pub allow: Option<&'static str>,
 }
 
 macro_rules! codes {
@@ -28,7 +30,7 @@ macro_rules! codes {
             $(
                 #[doc = concat!("`", $code, "`: ", $title)]
                 pub fn $fn(detail: impl Into<Cow<'static, str>>) -> Self {
-                    ApiError { status: StatusCode::$status, code: $code, detail: detail.into(), retry_after: None }
+                    ApiError { status: StatusCode::$status, code: $code, detail: detail.into(), retry_after: None, allow: None }
                 }
             )*
         }
@@ -58,6 +60,7 @@ codes! {
     sold_out => CONFLICT, "sold_out", "The sale is sold out";
     sale_exists => CONFLICT, "sale_exists", "A sale with this id exists";
     request_in_progress => CONFLICT, "request_in_progress", "A request with this Idempotency-Key is still in progress";
+    request_timeout => REQUEST_TIMEOUT, "request_timeout", "The request body did not arrive in time";
     body_too_large => PAYLOAD_TOO_LARGE, "body_too_large", "The request body is too large";
     unsupported_media_type => UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type", "The body must be application/json";
     invalid_body => UNPROCESSABLE_ENTITY, "invalid_body", "The body does not match the schema";
@@ -74,6 +77,12 @@ impl ApiError {
     /// Adds a `Retry-After` in seconds.
     pub fn retry_after(mut self, seconds: u32) -> Self {
         self.retry_after = Some(seconds);
+        self
+    }
+
+    /// Adds the `Allow` header of a 405.
+    pub fn allow(mut self, methods: &'static str) -> Self {
+        self.allow = Some(methods);
         self
     }
 
@@ -105,6 +114,14 @@ impl ApiError {
         if let Some(s) = self.retry_after {
             resp.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(s));
+        }
+        if let Some(methods) = self.allow {
+            resp.headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static(methods));
+        }
+        if self.status == StatusCode::UNAUTHORIZED {
+            resp.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         resp
     }

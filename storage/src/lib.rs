@@ -28,6 +28,9 @@ pub enum Error {
     /// A move the status machine refuses.
     #[error(transparent)]
     IllegalTransition(#[from] IllegalTransition),
+    /// A value the model refuses (nothing was changed).
+    #[error(transparent)]
+    Invalid(#[from] InvalidValue),
 }
 
 /// Result alias of this crate.
@@ -57,7 +60,8 @@ pub trait OrderStore: Send + Sync + 'static {
     async fn get_sale(&self, id: &SaleId) -> Result<Option<Sale>>;
     /// Every sale in the catalog.
     async fn list_sales(&self) -> Result<Vec<Sale>>;
-    /// Adds `units` to a sale's stock and returns the sale after the change.
+    /// Adds `units` to a sale's stock and returns the sale after the change; refuses
+    /// ([`Error::Invalid`]) a total above [`MAX_STOCK`], changing nothing.
     async fn add_stock(&self, id: &SaleId, units: u32) -> Result<Sale>;
 
     /// Persists a batch of accepted orders (status `persisted`), skipping ids already held,

@@ -301,6 +301,9 @@ impl Default for UserRate {
     }
 }
 
+/// Most units a sale may ever hold, additions included.
+pub const MAX_STOCK: u32 = 100_000_000;
+
 /// A sale: a fixed stock of one item on sale in a time window.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Sale {
@@ -333,7 +336,7 @@ impl Sale {
         if self.sku.is_empty() || self.sku.len() > 64 {
             return bad("sku", "must be 1 to 64 characters");
         }
-        if self.stock == 0 || self.stock > 100_000_000 {
+        if self.stock == 0 || self.stock > MAX_STOCK {
             return bad("stock", "must be between 1 and 100000000");
         }
         if self.price.minor < 0 {

@@ -207,12 +207,28 @@ impl OrderStore for SqliteStore {
             let tx = c.transaction().map_err(unavailable)?;
             let n = tx
                 .execute(
-                    "UPDATE sales SET stock = stock + ?2 WHERE id = ?1",
-                    params![id.as_str(), units],
+                    "UPDATE sales SET stock = stock + ?2 WHERE id = ?1 AND stock + ?2 <= ?3",
+                    params![id.as_str(), units, MAX_STOCK],
                 )
                 .map_err(unavailable)?;
             if n == 0 {
-                return Err(Error::UnknownSale(id));
+                let exists = tx
+                    .query_row(
+                        "SELECT 1 FROM sales WHERE id = ?1",
+                        params![id.as_str()],
+                        |_| Ok(()),
+                    )
+                    .optional()
+                    .map_err(unavailable)?
+                    .is_some();
+                return Err(if exists {
+                    Error::Invalid(InvalidValue {
+                        field: "quantity",
+                        reason: "the sale's stock would exceed 100000000 units",
+                    })
+                } else {
+                    Error::UnknownSale(id)
+                });
             }
             let (b, s): (String, i64) = tx
                 .query_row(
@@ -572,5 +588,24 @@ mod tests {
         assert_eq!(totals.released_units, 1);
         let s = store.add_stock(&sale().id, 5).await.expect("add");
         assert_eq!(s.stock, 15);
+        assert!(matches!(
+            store.add_stock(&sale().id, MAX_STOCK).await,
+            Err(Error::Invalid(_))
+        ));
+        assert_eq!(
+            store
+                .get_sale(&sale().id)
+                .await
+                .expect("get")
+                .expect("some")
+                .stock,
+            15
+        );
+        assert!(matches!(
+            store
+                .add_stock(&SaleId::parse("nope").expect("id"), 1)
+                .await,
+            Err(Error::UnknownSale(_))
+        ));
     }
 }
