@@ -243,6 +243,16 @@ impl App {
                 .checkpoint(&config.settler.consumer, 0)
                 .await?
                 .unwrap_or(0);
+            // The store says it has read further than the log holds: the log lost
+            // acknowledged records. Starting would skip new orders; refuse instead.
+            if from > log.len() {
+                bail!(
+                    "the store's checkpoint ({from}) is past the end of the order log ({} records) \
+                     in {}: the log lost records; restore it before starting",
+                    log.len(),
+                    config.data_dir.display()
+                );
+            }
             let settler_config = settler::SettlerConfig {
                 batch_size: config.settler.batch_size,
                 poll_wait: config.settler.poll_wait,

@@ -227,3 +227,38 @@ async fn a_body_that_trickles_gets_408_and_frees_the_slot() {
     assert_eq!(app.stock_left(&sale).await, 10);
     app.stop().await;
 }
+
+#[tokio::test]
+async fn a_log_that_lost_records_refuses_to_start() {
+    let mut app = TestApp::start().await;
+    let sale = app.sale("lossy", 10, 5).await;
+    for i in 0..3 {
+        assert_eq!(
+            app.order(&sale, &app.token("u"), &format!("k{i}"), 1)
+                .await
+                .status,
+            202
+        );
+    }
+    eventually("persisted", Duration::from_secs(30), || {
+        let stats = app.stats(&sale);
+        async move { stats.await["persisted"] == 3 }
+    })
+    .await;
+    let config = app.config.clone();
+    app.running
+        .take()
+        .expect("running")
+        .stop()
+        .await
+        .expect("stop");
+    // Lose the log file: the store's checkpoint is now past its end.
+    std::fs::remove_file(config.data_dir.join("log").join("orders-0.log")).expect("remove");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let err = flashsale::app::App::start(&config, listener)
+        .await
+        .expect_err("must refuse to start");
+    assert!(format!("{err:#}").contains("checkpoint"), "{err:#}");
+}

@@ -16,6 +16,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{oneshot, watch};
@@ -55,6 +56,8 @@ struct Pending {
 struct Shared {
     /// File position of every committed frame, by offset.
     index: RwLock<Vec<u64>>,
+    /// Set when a failed write could not be undone: the log takes no more records.
+    failed: AtomicBool,
     reader: File,
     committed: watch::Sender<u64>,
 }
@@ -71,6 +74,31 @@ impl std::fmt::Debug for FileLog {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("FileLog").field("path", &self.path).finish()
     }
+}
+
+/// Longest tail a crash can leave: one group commit of `max_batch` frames is written with
+/// one `write`, so a torn tail is far shorter than this.
+const MAX_TORN_TAIL: u64 = 64 << 20;
+
+/// Whether any intact frame starts after `from` (so the damage at `from` is not a tail).
+fn valid_frame_after(file: &mut File, from: u64, len: u64) -> std::io::Result<bool> {
+    let mut tail = Vec::with_capacity((len - from) as usize);
+    file.seek(SeekFrom::Start(from))?;
+    file.read_to_end(&mut tail)?;
+    for p in 1..tail.len().saturating_sub(FRAME_HEADER - 1) {
+        let h = &tail[p..p + FRAME_HEADER];
+        let n = u32::from_le_bytes([h[0], h[1], h[2], h[3]]) as usize;
+        let crc = u32::from_le_bytes([h[4], h[5], h[6], h[7]]);
+        let body = p + FRAME_HEADER;
+        if n > 0
+            && n <= MAX_RECORD
+            && body + n <= tail.len()
+            && crc32fast::hash(&tail[body..body + n]) == crc
+        {
+            return Ok(true);
+        }
+    }
+    Ok(false)
 }
 
 /// Scans frames from the start; returns their positions and the end of the last good one.
@@ -120,7 +148,18 @@ impl FileLog {
             ))
         })?;
         let (index, end) = scan(&mut file)?;
-        if end < file.metadata()?.len() {
+        let len = file.metadata()?.len();
+        if end < len {
+            // Only a torn tail (the last group commit, cut short by a crash, never
+            // acknowledged) may be cut. A bad frame followed by good ones is damage to
+            // acknowledged orders: refuse to start rather than drop them.
+            if len - end > MAX_TORN_TAIL || valid_frame_after(&mut file, end, len)? {
+                return Err(Error::Corrupt(format!(
+                    "{} is damaged at byte {end} of {len} with records after the damage; \
+                     refusing to cut acknowledged orders (restore the file or move it aside)",
+                    path.display()
+                )));
+            }
             tracing::warn!(path = %path.display(), at = end, "cutting torn tail of the order log");
             file.set_len(end)?;
             file.sync_all()?;
@@ -130,6 +169,7 @@ impl FileLog {
         let (committed, _) = watch::channel(index.len() as u64);
         let shared = Arc::new(Shared {
             index: RwLock::new(index),
+            failed: AtomicBool::new(false),
             reader,
             committed,
         });
@@ -250,13 +290,27 @@ fn writer(
             }
         });
         if let Err(e) = written {
-            // The tail may be torn; stop taking records so none is acknowledged after a gap.
+            // None of the batch is acknowledged, so none of it may stay: cut the file back
+            // to the last acknowledged frame. If even that fails, stop taking records so
+            // that nothing is ever acknowledged after frames that were refused.
             let why = format!("order log write failed: {e}");
-            tracing::error!(error = %e, "order log write failed; log closed for appends");
             for p in batch.drain(..) {
                 let _ = p.reply.send(Err(Error::Unavailable(why.clone())));
             }
-            failed = Some(why);
+            let cut = file
+                .set_len(end)
+                .and_then(|()| file.sync_all())
+                .and_then(|()| file.seek(SeekFrom::Start(end)).map(drop));
+            match cut {
+                Ok(()) => {
+                    tracing::error!(error = %e, "order log write failed; batch refused and cut off")
+                }
+                Err(cut_err) => {
+                    tracing::error!(error = %e, cut_error = %cut_err, "order log write failed and could not be cut back; log closed for appends");
+                    shared.failed.store(true, Ordering::Relaxed);
+                    failed = Some(why);
+                }
+            }
             continue;
         }
         end += buf.len() as u64;
@@ -282,6 +336,11 @@ impl OrderLog for FileLog {
     }
 
     async fn ping(&self) -> Result<()> {
+        if self.shared.failed.load(Ordering::Relaxed) {
+            return Err(Error::Unavailable(
+                "order log closed after a write it could not undo".into(),
+            ));
+        }
         if self.tx.is_full() {
             return Err(Error::Unavailable("order log queue is full".into()));
         }
@@ -397,5 +456,51 @@ mod tests {
         let pos = log.append(&sample(10)).await.expect("append");
         assert_eq!(pos.offset, 10);
         assert_eq!(log.read_from(0, 100).expect("read").len(), 11);
+    }
+
+    #[tokio::test]
+    async fn damage_before_intact_records_refuses_to_open() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let log = FileLog::open(dir.path(), FileLogOptions::default()).expect("open");
+            for i in 0..10 {
+                log.append(&sample(i)).await.expect("append");
+            }
+        }
+        // Flip a byte inside the third record's payload.
+        let path = dir.path().join(FILE_NAME);
+        let mut bytes = std::fs::read(&path).expect("read");
+        let third = {
+            let mut pos = 0usize;
+            for _ in 0..2 {
+                let n = u32::from_le_bytes([
+                    bytes[pos],
+                    bytes[pos + 1],
+                    bytes[pos + 2],
+                    bytes[pos + 3],
+                ]);
+                pos += FRAME_HEADER + n as usize;
+            }
+            pos
+        };
+        bytes[third + FRAME_HEADER + 5] ^= 0xff;
+        std::fs::write(&path, &bytes).expect("write");
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let err = loop {
+            match FileLog::open(dir.path(), FileLogOptions::default()) {
+                Err(Error::Corrupt(e)) => break e,
+                Err(Error::Unavailable(_)) if std::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(10)).await
+                }
+                Err(e) => panic!("unexpected error {e}"),
+                Ok(_) => panic!("a damaged log with records after the damage must not open"),
+            }
+        };
+        assert!(err.contains("refusing"), "{err}");
+        assert_eq!(
+            std::fs::read(&path).expect("read").len(),
+            bytes.len(),
+            "nothing was cut"
+        );
     }
 }

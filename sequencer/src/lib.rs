@@ -24,6 +24,9 @@ pub enum Error {
     /// An I/O error of the embedded log.
     #[error("log i/o: {0}")]
     Io(#[from] std::io::Error),
+    /// The embedded log file is damaged in a way that would lose acknowledged records.
+    #[error("order log corrupt: {0}")]
+    Corrupt(String),
     /// A record could not be encoded.
     #[error(transparent)]
     Record(#[from] RecordError),
