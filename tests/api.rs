@@ -478,7 +478,13 @@ async fn operator_routes_are_guarded_and_validated() {
     let buyer = TestApp::answer(buyer).await;
     assert_eq!((buyer.status, buyer.code()), (401, "invalid_token"));
 
+    // An order for a sale that does not exist yet is refused; once the sale is created,
+    // the refusal is not remembered.
+    let early = app.order("op", &app.token("early"), "e1", 1).await;
+    assert_eq!((early.status, early.code()), (404, "unknown_sale"));
     assert_eq!(app.create_sale(body.clone()).await.status, 201);
+    let now = app.order("op", &app.token("early"), "e1", 1).await;
+    assert_eq!(now.status, 202, "{}", now.body);
     let dup = app.create_sale(body).await;
     assert_eq!((dup.status, dup.code()), (409, "sale_exists"));
     for bad in [
@@ -512,7 +518,7 @@ async fn operator_routes_are_guarded_and_validated() {
     )
     .await;
     assert_eq!(got.status, 200);
-    assert_eq!(got.body["stock_left"], 5);
+    assert_eq!(got.body["stock_left"], 4);
     assert_eq!(got.body["currency"], "EUR");
     let stats_as_buyer = TestApp::answer(
         app.client

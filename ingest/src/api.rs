@@ -74,7 +74,8 @@ pub struct Ingest {
     store: Arc<dyn OrderStore>,
     auth: Auth,
     config: ApiConfig,
-    sales: moka::sync::Cache<SaleId, Arc<Sale>>,
+    /// Sale definitions, unknown ids included (`None`), loaded once per key at a time.
+    sales: moka::future::Cache<SaleId, Option<Arc<Sale>>>,
     recent: moka::sync::Cache<OrderId, RecentOrder>,
     rates: DashMap<SaleId, RateWindow>,
     /// The instance's metrics.
@@ -404,7 +405,7 @@ impl Ingest {
             log,
             store,
             auth,
-            sales: moka::sync::Cache::builder()
+            sales: moka::future::Cache::builder()
                 .max_capacity(10_000)
                 .time_to_live(config.sale_cache_ttl)
                 .build(),
@@ -484,15 +485,19 @@ impl Ingest {
     }
 
     async fn sale(&self, id: &SaleId) -> Result<Option<Arc<Sale>>, ApiError> {
-        if let Some(s) = self.sales.get(id) {
-            return Ok(Some(s));
-        }
-        let Some(sale) = self.store.get_sale(id).await.map_err(store_error)? else {
-            return Ok(None);
-        };
-        let sale = Arc::new(sale);
-        self.sales.insert(id.clone(), Arc::clone(&sale));
-        Ok(Some(sale))
+        // Single flight: when the entry expires under load, one request reads the store and
+        // the others wait for it. Unknown ids are cached too, so they cost no store call.
+        let store = Arc::clone(&self.store);
+        let key = id.clone();
+        self.sales
+            .try_get_with(id.clone(), async move {
+                store.get_sale(&key).await.map(|s| s.map(Arc::new))
+            })
+            .await
+            .map_err(|e| match Arc::try_unwrap(e) {
+                Ok(e) => store_error(e),
+                Err(shared) => store_error(storage::Error::Unavailable(shared.to_string())),
+            })
     }
 
     fn count(&self, outcome: &'static str) {
@@ -680,11 +685,23 @@ impl Ingest {
         let body: CreateSale = serde_json::from_slice(&body).map_err(parse_error)?;
         let sale = body.into_sale(Timestamp::now())?;
         // The catalog is the durable record of the sale; admission counters follow it.
-        self.store.create_sale(&sale).await.map_err(store_error)?;
-        match self.admission.create_sale(&sale).await {
-            Ok(()) | Err(admission::Error::SaleExists(_)) => {}
-            Err(e) => return Err(admission_error(e)),
-        }
+        // Catalog first (durable), then the counters, in a task of their own so a client
+        // that hangs up cannot leave the two apart.
+        let (store, admission, task_sale) = (
+            Arc::clone(&self.store),
+            Arc::clone(&self.admission),
+            sale.clone(),
+        );
+        tokio::spawn(async move {
+            store.create_sale(&task_sale).await.map_err(store_error)?;
+            match admission.create_sale(&task_sale).await {
+                Ok(()) | Err(admission::Error::SaleExists(_)) => Ok(()),
+                Err(e) => Err(admission_error(e)),
+            }
+        })
+        .await
+        .map_err(|_| ApiError::internal("creating the sale failed"))??;
+        self.sales.invalidate(&sale.id).await;
         let mut resp = json(
             StatusCode::CREATED,
             &sale_view(&sale, Some(i64::from(sale.stock))),
@@ -750,7 +767,7 @@ impl Ingest {
         })
         .await
         .map_err(|_| ApiError::internal("adding stock failed"))??;
-        self.sales.invalidate(&id);
+        self.sales.invalidate(&id).await;
         let left = self
             .admission
             .counters(&id)

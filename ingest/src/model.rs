@@ -137,14 +137,28 @@ pub fn take_token(
     now_us: i64,
 ) -> (Bucket, Result<(), u32>) {
     let cap = i64::from(burst) * TOKEN;
-    let rate = i64::from(rate_per_second);
+    let rate = i64::from(rate_per_second.max(1));
     let mut b = bucket.unwrap_or(Bucket {
         tokens: cap,
         at_us: now_us,
     });
     let elapsed = (now_us - b.at_us).max(0);
-    b.tokens = (b.tokens + elapsed * rate / 1000).min(cap);
-    b.at_us = b.at_us.max(now_us);
+    // Time to fill an empty bucket; past it the bucket is full whatever the history, and
+    // below it `elapsed * rate` cannot overflow (cap <= 1e9 milli-tokens, rate <= 1e6).
+    let fill_us = cap * 1000 / rate + 1;
+    if elapsed >= fill_us {
+        b.tokens = cap;
+        b.at_us = now_us;
+    } else {
+        // Credit whole milli-tokens and advance the clock only by the time they are
+        // worth, so frequent callers keep the fraction instead of losing it.
+        let added = elapsed * rate / 1000;
+        b.tokens = (b.tokens + added).min(cap);
+        b.at_us += added * 1000 / rate;
+        if b.tokens == cap {
+            b.at_us = now_us;
+        }
+    }
     if b.tokens >= TOKEN {
         b.tokens -= TOKEN;
         (b, Ok(()))
@@ -496,6 +510,25 @@ mod tests {
             "{admitted_first_second}"
         );
         assert_eq!(retry_after, Some(1));
+    }
+
+    #[test]
+    fn frequent_callers_still_refill() {
+        // One request every 100 us against 5/s: each call earns half a milli-token, which
+        // must accumulate rather than be rounded away.
+        let mut bucket = None;
+        let mut admitted = 0;
+        for i in 0..30_000i64 {
+            let (b, took) = take_token(bucket, 5, 1, i * 100);
+            bucket = Some(b);
+            admitted += i32::from(took.is_ok());
+        }
+        // Three seconds at 5/s plus the initial token.
+        assert!((15..=17).contains(&admitted), "{admitted}");
+        // A long silence fills the bucket without overflow.
+        let (b, took) = take_token(bucket, 1_000_000, 1_000_000, i64::MAX / 2);
+        assert!(took.is_ok());
+        assert_eq!(b.tokens, 1_000_000 * TOKEN - TOKEN);
     }
 
     #[test]
