@@ -56,8 +56,9 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 
 step "tests"
 if cargo nextest --version >/dev/null 2>&1; then
+  # Doc tests first (nextest does not run them), so that the run closes on nextest's summary.
+  cargo test --workspace --doc --locked --quiet
   cargo nextest run --workspace --locked --no-fail-fast --failure-output final
-  cargo test --workspace --doc --locked
 else
   cargo test --workspace --locked --no-fail-fast
 fi

@@ -174,17 +174,20 @@ impl App {
     /// Builds every part from `config` and serves the API on `listener`.
     pub async fn start(config: &Config, listener: TcpListener) -> anyhow::Result<Running> {
         let auth = Auth::new(&config.auth.to_auth_config()?).context("auth")?;
-
-        if config.store.url != EMBEDDED {
-            return Err(unsupported("store.url", &config.store.url));
+        for (key, url) in [
+            ("admission.url", &config.admission.url),
+            ("log.url", &config.log.url),
+            ("store.url", &config.store.url),
+        ] {
+            if url != EMBEDDED {
+                return Err(unsupported(key, url));
+            }
         }
+
         let store = SqliteStore::open(config.data_dir.join("flashsale.db"))
             .with_context(|| format!("opening the store in {}", config.data_dir.display()))?;
         let store: Arc<dyn OrderStore> = Arc::new(store);
 
-        if config.log.url != EMBEDDED {
-            return Err(unsupported("log.url", &config.log.url));
-        }
         let log = FileLog::open(
             config.data_dir.join("log"),
             FileLogOptions {
@@ -195,9 +198,6 @@ impl App {
         )
         .with_context(|| format!("opening the order log in {}", config.data_dir.display()))?;
 
-        if config.admission.url != EMBEDDED {
-            return Err(unsupported("admission.url", &config.admission.url));
-        }
         let embedded = EmbeddedAdmission::new();
         recover_admission(&embedded, store.as_ref(), &log).await?;
         let admission: Arc<dyn Admission> = Arc::new(embedded);
