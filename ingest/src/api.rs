@@ -299,6 +299,17 @@ async fn read_body(
     }
 }
 
+/// Checks the content type, reads at most `limit` bytes within `deadline`, and parses.
+async fn json_body<T: serde::de::DeserializeOwned>(
+    req: Request<Incoming>,
+    limit: usize,
+    deadline: Duration,
+) -> Result<T, ApiError> {
+    require_json(req.headers())?;
+    let body = read_body(req, limit, deadline).await?;
+    serde_json::from_slice(&body).map_err(parse_error)
+}
+
 fn idempotency_key(headers: &HeaderMap) -> Result<String, ApiError> {
     let v = headers
         .get("idempotency-key")
@@ -510,14 +521,12 @@ impl Ingest {
     async fn post_order(&self, sale_id: &str, req: Request<Incoming>) -> Result<Resp, ApiError> {
         let user = self.auth.buyer(req.headers())?;
         let key = idempotency_key(req.headers())?;
-        require_json(req.headers())?;
-        let body = read_body(
+        let body: OrderBody = json_body(
             req,
             self.config.order_body_limit,
             self.config.body_read_timeout,
         )
         .await?;
-        let body: OrderBody = serde_json::from_slice(&body).map_err(parse_error)?;
         if body.payment_token.is_empty()
             || body.payment_token.len() > 256
             || !body.payment_token.bytes().all(|b| b.is_ascii_graphic())
@@ -675,16 +684,13 @@ impl Ingest {
 
     async fn create_sale(&self, req: Request<Incoming>) -> Result<Resp, ApiError> {
         self.auth.operator(req.headers())?;
-        require_json(req.headers())?;
-        let body = read_body(
+        let body: CreateSale = json_body(
             req,
             self.config.admin_body_limit,
             self.config.body_read_timeout,
         )
         .await?;
-        let body: CreateSale = serde_json::from_slice(&body).map_err(parse_error)?;
         let sale = body.into_sale(Timestamp::now())?;
-        // The catalog is the durable record of the sale; admission counters follow it.
         // Catalog first (durable), then the counters, in a task of their own so a client
         // that hangs up cannot leave the two apart.
         let (store, admission, task_sale) = (
@@ -732,15 +738,13 @@ impl Ingest {
 
     async fn add_stock(&self, id: &str, req: Request<Incoming>) -> Result<Resp, ApiError> {
         self.auth.operator(req.headers())?;
-        require_json(req.headers())?;
         let id = SaleId::parse(id).map_err(|_| ApiError::unknown_sale("no such sale"))?;
-        let body = read_body(
+        let body: AddStock = json_body(
             req,
             self.config.admin_body_limit,
             self.config.body_read_timeout,
         )
         .await?;
-        let body: AddStock = serde_json::from_slice(&body).map_err(parse_error)?;
         let units = u32::try_from(body.quantity)
             .ok()
             .filter(|q| (1..=100_000_000).contains(q))
