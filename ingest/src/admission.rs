@@ -90,6 +90,19 @@ impl EmbeddedAdmission {
         Ok(())
     }
 
+    /// Decides one attempt at `now_us` (the model tests drive the clock).
+    pub fn admit_at(&self, sale: &SaleId, req: &AdmitRequest, now_us: i64) -> Decision {
+        match self.sale(sale) {
+            Ok(state) => state.lock().admit(req, now_us),
+            Err(_) => Decision::Rejected(crate::model::Rejection::UnknownSale),
+        }
+    }
+
+    /// Units a user holds in a sale.
+    pub fn units_of(&self, sale: &SaleId, user: &storage::UserId) -> u32 {
+        self.sale(sale).map_or(0, |s| s.lock().units_of(user))
+    }
+
     /// Recovery: replays a release the store holds.
     pub fn restore_release(&self, sale: &SaleId, order: &OrderRef) -> Result<()> {
         self.sale(sale)?.lock().release(order);
@@ -115,12 +128,7 @@ impl Admission for EmbeddedAdmission {
     }
 
     async fn admit(&self, sale: &SaleId, req: &AdmitRequest) -> Result<Decision> {
-        let Ok(state) = self.sale(sale) else {
-            return Ok(Decision::Rejected(crate::model::Rejection::UnknownSale));
-        };
-        let now = Timestamp::now().micros();
-        let decision = state.lock().admit(req, now);
-        Ok(decision)
+        Ok(self.admit_at(sale, req, Timestamp::now().micros()))
     }
 
     async fn confirm(&self, sale: &SaleId, order: &OrderRef) -> Result<()> {

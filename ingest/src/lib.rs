@@ -1,7 +1,8 @@
 //! flashsale ingest: the HTTP front end that admits orders.
 //!
 //! [`server::serve`] runs the hyper server on a bound listener; [`api`] holds the routes;
-//! [`admission`] the `Admission` trait and its embedded backend; [`model`] the decision
+//! [`admission`] the `Admission` trait and its embedded backend; [`redis_admission`] the
+//! Redis backend (Lua scripts in `src/lua/`); [`model`] the decision
 //! rules every backend agrees with; [`auth`] buyer JWTs and the operator token;
 //! [`problem`] the error answers and their stable codes.
 
@@ -11,4 +12,5 @@ pub mod auth;
 pub mod metrics;
 pub mod model;
 pub mod problem;
+pub mod redis_admission;
 pub mod server;

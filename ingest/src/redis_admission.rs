@@ -1,0 +1,349 @@
+//! The Redis admission backend: one `EVALSHA` decides each order.
+//!
+//! The Lua scripts in `src/lua/` implement the rules of [`crate::model`] (the model tests
+//! run both on the same inputs and compare). Every key of a sale carries the hash tag
+//! `{sale_id}`, so one sale lives on one Redis Cluster slot and its scripts stay atomic.
+//! Scripts are cached by SHA and reloaded on `NOSCRIPT` (the `redis` crate's `Script`).
+//!
+//! A sale whose keys are missing (never written, or lost with a Redis restart) is never
+//! read as full stock: the scripts answer "missing", which ingest turns into 503 until the
+//! counters are rebuilt from the order store.
+
+use crate::admission::{Admission, Error, Result};
+use crate::model::{AdmitRequest, Answer, Counters, Decision, OrderRef, Rejection};
+use async_trait::async_trait;
+use redis::aio::ConnectionManager;
+use redis::{Script, Value};
+use std::time::Duration;
+use storage::{OrderId, Sale, SaleId, UserId};
+
+/// How long a sale's keys outlive its end (idempotency answers must outlive retries).
+const KEEP_AFTER_END_MS: i64 = 7 * 24 * 3600 * 1000;
+
+struct Scripts {
+    admit: Script,
+    create: Script,
+    release: Script,
+    confirm: Script,
+    add_stock: Script,
+}
+
+/// [`Admission`] on Redis.
+#[derive(Clone)]
+pub struct RedisAdmission {
+    conn: ConnectionManager,
+    scripts: std::sync::Arc<Scripts>,
+    prefix: String,
+}
+
+impl std::fmt::Debug for RedisAdmission {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisAdmission")
+            .field("prefix", &self.prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+fn unavailable(e: impl std::fmt::Display) -> Error {
+    Error::Unavailable(e.to_string())
+}
+
+/// The keys of one sale, all with the hash tag `{sale_id}`.
+struct Keys {
+    sale: String,
+    units: String,
+    buckets: String,
+    idem: String,
+    rejected: String,
+    released: String,
+}
+
+fn as_string(v: &Value) -> Option<String> {
+    match v {
+        Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
+        Value::SimpleString(s) => Some(s.clone()),
+        Value::Int(i) => Some(i.to_string()),
+        _ => None,
+    }
+}
+
+fn as_i64(v: &Value) -> Option<i64> {
+    match v {
+        Value::Int(i) => Some(*i),
+        other => as_string(other).and_then(|s| s.parse().ok()),
+    }
+}
+
+impl RedisAdmission {
+    /// Connects to `url` (`redis://host:port/db`); keys start with `prefix` (e.g. `fs:`).
+    /// Each command gets `response_timeout`; the connection reconnects by itself.
+    pub async fn connect(url: &str, prefix: &str, response_timeout: Duration) -> Result<Self> {
+        let client = redis::Client::open(url).map_err(unavailable)?;
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_response_timeout(Some(response_timeout))
+            .set_connection_timeout(Some(response_timeout.max(Duration::from_millis(500))))
+            .set_number_of_retries(1);
+        let conn = ConnectionManager::new_with_config(client, config)
+            .await
+            .map_err(unavailable)?;
+        Ok(RedisAdmission {
+            conn,
+            scripts: std::sync::Arc::new(Scripts {
+                admit: Script::new(include_str!("lua/admit.lua")),
+                create: Script::new(include_str!("lua/create.lua")),
+                release: Script::new(include_str!("lua/release.lua")),
+                confirm: Script::new(include_str!("lua/confirm.lua")),
+                add_stock: Script::new(include_str!("lua/add_stock.lua")),
+            }),
+            prefix: prefix.to_owned(),
+        })
+    }
+
+    fn keys(&self, sale: &SaleId) -> Keys {
+        let base = format!("{}{{{}}}", self.prefix, sale.as_str());
+        Keys {
+            sale: format!("{base}:sale"),
+            units: format!("{base}:units"),
+            buckets: format!("{base}:buckets"),
+            idem: format!("{base}:idem"),
+            rejected: format!("{base}:rejected"),
+            released: format!("{base}:released"),
+        }
+    }
+
+    /// Decides one attempt and also returns the instant (Redis clock, microseconds) it was
+    /// decided at, so the model tests can replay the same decision.
+    pub async fn admit_at(&self, sale: &SaleId, req: &AdmitRequest) -> Result<(Decision, i64)> {
+        let k = self.keys(sale);
+        let mut conn = self.conn.clone();
+        let reply: Vec<Value> = self
+            .scripts
+            .admit
+            .key(&k.sale)
+            .key(&k.units)
+            .key(&k.buckets)
+            .key(&k.idem)
+            .key(&k.rejected)
+            .arg(req.user.as_str())
+            .arg(req.quantity)
+            .arg(&req.key)
+            .arg(&req.fingerprint)
+            .arg(req.order_id.to_string())
+            .invoke_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        let bad = || Error::Unavailable("unexpected admission script reply".into());
+        let kind = reply.first().and_then(as_string).ok_or_else(bad)?;
+        let now = reply.last().and_then(as_i64).ok_or_else(bad)?;
+        let answer = |r: &[Value]| -> Result<Answer> {
+            let order_id: OrderId = r
+                .get(1)
+                .and_then(as_string)
+                .and_then(|s| s.parse().ok())
+                .ok_or_else(bad)?;
+            Ok(Answer {
+                order_id,
+                sequence: r.get(2).and_then(as_i64).ok_or_else(bad)? as u64,
+                quantity: r.get(3).and_then(as_i64).ok_or_else(bad)? as u32,
+            })
+        };
+        let decision = match kind.as_str() {
+            "accepted" => Decision::Accepted(answer(&reply)?),
+            "replayed" => Decision::Replayed(answer(&reply)?),
+            "in_progress" => Decision::InProgress,
+            "missing" => {
+                return Err(Error::Unavailable(format!(
+                    "the counters of sale {sale} are missing from Redis; run `flashsale reconcile --sale {sale}`"
+                )))
+            }
+            "rejected" => {
+                let code = reply.get(1).and_then(as_string).ok_or_else(bad)?;
+                Decision::Rejected(match code.as_str() {
+                    "idempotency_conflict" => Rejection::IdempotencyConflict,
+                    "sale_not_active" => Rejection::NotActive,
+                    "rate_limited" => Rejection::RateLimited {
+                        retry_after_s: reply.get(2).and_then(as_i64).ok_or_else(bad)? as u32,
+                    },
+                    "limit_exceeded" => Rejection::LimitExceeded,
+                    "sold_out" => Rejection::SoldOut,
+                    _ => return Err(bad()),
+                })
+            }
+            _ => return Err(bad()),
+        };
+        Ok((decision, now))
+    }
+
+    async fn release_mode(&self, sale: &SaleId, order: &OrderRef, mode: &str) -> Result<bool> {
+        let k = self.keys(sale);
+        let mut conn = self.conn.clone();
+        let n: i64 = self
+            .scripts
+            .release
+            .key(&k.sale)
+            .key(&k.units)
+            .key(&k.released)
+            .key(&k.idem)
+            .arg(order.order_id.to_string())
+            .arg(order.user.as_str())
+            .arg(order.quantity)
+            .arg(mode)
+            .arg(&order.key)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        match n {
+            -1 => Err(Error::Unavailable(format!(
+                "the counters of sale {sale} are missing from Redis"
+            ))),
+            n => Ok(n == 1),
+        }
+    }
+
+    /// Units a user holds in a sale.
+    pub async fn units_of(&self, sale: &SaleId, user: &UserId) -> Result<u32> {
+        let mut conn = self.conn.clone();
+        let v: Option<i64> = redis::cmd("HGET")
+            .arg(self.keys(sale).units)
+            .arg(user.as_str())
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(v.unwrap_or(0).max(0) as u32)
+    }
+
+    /// Test hook: moves the sale's clock forward by `us` microseconds (the scripts add this
+    /// skew to Redis `TIME`). Production never sets it.
+    pub async fn advance_clock(&self, sale: &SaleId, us: i64) -> Result<()> {
+        let mut conn = self.conn.clone();
+        let _: i64 = redis::cmd("HINCRBY")
+            .arg(self.keys(sale).sale)
+            .arg("skew")
+            .arg(us)
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Admission for RedisAdmission {
+    async fn create_sale(&self, sale: &Sale) -> Result<()> {
+        let k = self.keys(&sale.id);
+        let mut conn = self.conn.clone();
+        let created: i64 = self
+            .scripts
+            .create
+            .key(&k.sale)
+            .key(&k.units)
+            .key(&k.buckets)
+            .key(&k.idem)
+            .key(&k.rejected)
+            .key(&k.released)
+            .arg(sale.stock)
+            .arg(sale.per_user_limit)
+            .arg(sale.user_rate.per_second)
+            .arg(sale.user_rate.burst)
+            .arg(sale.starts_at.micros())
+            .arg(sale.ends_at.micros())
+            .arg(sale.ends_at.millis().saturating_add(KEEP_AFTER_END_MS))
+            .invoke_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        if created == 1 {
+            Ok(())
+        } else {
+            Err(Error::SaleExists(sale.id.clone()))
+        }
+    }
+
+    async fn add_stock(&self, sale: &SaleId, units: u32) -> Result<()> {
+        let mut conn = self.conn.clone();
+        let n: i64 = self
+            .scripts
+            .add_stock
+            .key(self.keys(sale).sale)
+            .arg(units)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        if n == 1 {
+            Ok(())
+        } else {
+            Err(Error::Unavailable(format!(
+                "the counters of sale {sale} are missing from Redis"
+            )))
+        }
+    }
+
+    async fn admit(&self, sale: &SaleId, req: &AdmitRequest) -> Result<Decision> {
+        self.admit_at(sale, req).await.map(|(d, _)| d)
+    }
+
+    async fn confirm(&self, sale: &SaleId, order: &OrderRef) -> Result<()> {
+        let mut conn = self.conn.clone();
+        let _: i64 = self
+            .scripts
+            .confirm
+            .key(self.keys(sale).idem)
+            .arg(order.user.as_str())
+            .arg(&order.key)
+            .arg(order.order_id.to_string())
+            .invoke_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn abort(&self, sale: &SaleId, order: &OrderRef) -> Result<()> {
+        self.release_mode(sale, order, "abort").await.map(drop)
+    }
+
+    async fn release(&self, sale: &SaleId, order: &OrderRef) -> Result<bool> {
+        self.release_mode(sale, order, "release").await
+    }
+
+    async fn counters(&self, sale: &SaleId) -> Result<Option<Counters>> {
+        let k = self.keys(sale);
+        let mut conn = self.conn.clone();
+        let (fields, rejected): (
+            std::collections::HashMap<String, i64>,
+            std::collections::HashMap<String, i64>,
+        ) = redis::pipe()
+            .cmd("HGETALL")
+            .arg(&k.sale)
+            .cmd("HGETALL")
+            .arg(&k.rejected)
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        if fields.get("ready") != Some(&1) {
+            return Ok(None);
+        }
+        let get = |f: &str| fields.get(f).copied().unwrap_or(0);
+        let mut rejected: Vec<(String, u64)> = rejected
+            .into_iter()
+            .filter(|(code, n)| code != "\n" && *n > 0)
+            .map(|(code, n)| (code, n as u64))
+            .collect();
+        rejected.sort();
+        Ok(Some(Counters {
+            stock: get("stock") as u64,
+            stock_left: get("left"),
+            accepted_orders: get("acc_o") as u64,
+            accepted_units: get("acc_u") as u64,
+            released_units: get("rel_u") as u64,
+            rejected,
+        }))
+    }
+
+    async fn ping(&self) -> Result<()> {
+        let mut conn = self.conn.clone();
+        let _: String = redis::cmd("PING")
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+}

@@ -1,0 +1,228 @@
+//! Model test: random sequences of admit (user, quantity, key, body), confirm, release,
+//! abort, stock additions and clock steps run against the I/O-free model, the embedded
+//! backend and the Redis backend (a real redis-server); all three must give the same
+//! outcomes and end in the same state.
+
+use ingest::admission::{Admission, EmbeddedAdmission};
+use ingest::model::{AdmitRequest, OrderRef, SaleRules, SaleState};
+use ingest::redis_admission::RedisAdmission;
+use proptest::prelude::*;
+use std::time::Duration;
+use storage::{Currency, Money, OrderId, Sale, SaleId, Timestamp, UserId, UserRate};
+
+#[derive(Debug, Clone)]
+enum Op {
+    Admit {
+        user: u8,
+        qty: u32,
+        key: u8,
+        body: u8,
+    },
+    Confirm(usize),
+    Release(usize),
+    Abort(usize),
+    Tick(u32),
+    AddStock(u8),
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        8 => (0u8..5, 1u32..4, 0u8..5, 0u8..2).prop_map(|(user, qty, key, body)| Op::Admit { user, qty, key, body }),
+        4 => (0usize..40).prop_map(Op::Confirm),
+        2 => (0usize..40).prop_map(Op::Release),
+        1 => (0usize..40).prop_map(Op::Abort),
+        2 => (0u32..700_000).prop_map(Op::Tick),
+        1 => (1u8..4).prop_map(Op::AddStock),
+    ]
+}
+
+fn user(u: u8) -> UserId {
+    UserId::parse(format!("user-{u}")).expect("user")
+}
+
+fn sale(id: &SaleId, stock: u32, limit: u32, rate: u32, burst: u32) -> Sale {
+    let now = Timestamp::now();
+    Sale {
+        id: id.clone(),
+        sku: "sku".into(),
+        stock,
+        price: Money {
+            minor: 100,
+            currency: Currency::parse("EUR").expect("eur"),
+        },
+        starts_at: now.plus_millis(-1000),
+        ends_at: now.plus_millis(4000),
+        per_user_limit: limit,
+        max_quantity_per_order: limit,
+        user_rate: UserRate {
+            per_second: rate,
+            burst,
+        },
+        created_at: now,
+    }
+}
+
+fn oref(r: &AdmitRequest) -> OrderRef {
+    OrderRef {
+        order_id: r.order_id,
+        user: r.user.clone(),
+        quantity: r.quantity,
+        key: r.key.clone(),
+    }
+}
+
+#[test]
+fn model_embedded_and_redis_agree() {
+    let server = testkit::RedisServer::start();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let redis = rt
+        .block_on(RedisAdmission::connect(
+            &server.url(),
+            "fs:",
+            Duration::from_secs(2),
+        ))
+        .expect("connect");
+    let case = std::sync::atomic::AtomicU32::new(0);
+    let config = ProptestConfig {
+        cases: 64,
+        ..ProptestConfig::default()
+    };
+    proptest!(config, |(stock in 1u32..12, limit in 1u32..5, rate in 1u32..4, burst in 1u32..6,
+                        ops in prop::collection::vec(op(), 1..60))| {
+        let n = case.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let sale_id = SaleId::parse(format!("model-{n}")).expect("id");
+        let s = sale(&sale_id, stock, limit, rate, burst);
+        let mut model = SaleState::new(SaleRules::of(&s));
+        let embedded = EmbeddedAdmission::new();
+        rt.block_on(async {
+            embedded.create_sale(&s).await.expect("embedded create");
+            redis.create_sale(&s).await.expect("redis create");
+        });
+        let mut accepted: Vec<AdmitRequest> = Vec::new();
+        for op in ops {
+            match op {
+                Op::Admit { user: u, qty, key, body } => {
+                    let req = AdmitRequest {
+                        user: user(u),
+                        quantity: qty.min(limit),
+                        key: format!("k{key}"),
+                        fingerprint: format!("f{body}"),
+                        order_id: OrderId::new(),
+                    };
+                    let (from_redis, now) = rt.block_on(redis.admit_at(&sale_id, &req)).expect("redis admit");
+                    let from_model = model.admit(&req, now);
+                    let from_embedded = embedded.admit_at(&sale_id, &req, now);
+                    prop_assert_eq!(from_redis, from_model, "redis vs model at {}", now);
+                    prop_assert_eq!(from_embedded, from_model);
+                    if matches!(from_model, ingest::model::Decision::Accepted(_)) {
+                        accepted.push(req);
+                    }
+                }
+                Op::Confirm(i) => if let Some(r) = accepted.get(i) {
+                    model.confirm(&oref(r));
+                    rt.block_on(async {
+                        embedded.confirm(&sale_id, &oref(r)).await.expect("embedded");
+                        redis.confirm(&sale_id, &oref(r)).await.expect("redis");
+                    });
+                },
+                Op::Release(i) => if let Some(r) = accepted.get(i) {
+                    let m = model.release(&oref(r));
+                    let (e, rr) = rt.block_on(async {
+                        (embedded.release(&sale_id, &oref(r)).await.expect("embedded"),
+                         redis.release(&sale_id, &oref(r)).await.expect("redis"))
+                    });
+                    prop_assert_eq!(e, m);
+                    prop_assert_eq!(rr, m);
+                },
+                Op::Abort(i) => if let Some(r) = accepted.get(i) {
+                    model.abort(&oref(r));
+                    rt.block_on(async {
+                        embedded.abort(&sale_id, &oref(r)).await.expect("embedded");
+                        redis.abort(&sale_id, &oref(r)).await.expect("redis");
+                    });
+                },
+                Op::Tick(us) => {
+                    rt.block_on(redis.advance_clock(&sale_id, i64::from(us))).expect("tick");
+                }
+                Op::AddStock(n) => {
+                    model.add_stock(u64::from(n));
+                    rt.block_on(async {
+                        embedded.add_stock(&sale_id, u32::from(n)).await.expect("embedded");
+                        redis.add_stock(&sale_id, u32::from(n)).await.expect("redis");
+                    });
+                }
+            }
+        }
+        let (e, r) = rt.block_on(async {
+            (embedded.counters(&sale_id).await.expect("embedded").expect("known"),
+             redis.counters(&sale_id).await.expect("redis").expect("known"))
+        });
+        prop_assert_eq!(&e, &model.counters());
+        prop_assert_eq!(&r, &model.counters());
+        for u in 0..5 {
+            let m = model.units_of(&user(u));
+            prop_assert_eq!(embedded.units_of(&sale_id, &user(u)), m);
+            prop_assert_eq!(rt.block_on(redis.units_of(&sale_id, &user(u))).expect("units"), m);
+        }
+    });
+}
+
+#[tokio::test]
+async fn a_missing_sale_is_unavailable_never_full_stock() {
+    let server = testkit::RedisServer::start();
+    let redis = RedisAdmission::connect(&server.url(), "fs:", Duration::from_secs(2))
+        .await
+        .expect("connect");
+    let id = SaleId::parse("ghost").expect("id");
+    let req = AdmitRequest {
+        user: user(1),
+        quantity: 1,
+        key: "k".into(),
+        fingerprint: "f".into(),
+        order_id: OrderId::new(),
+    };
+    assert!(matches!(
+        redis.admit(&id, &req).await,
+        Err(ingest::admission::Error::Unavailable(_))
+    ));
+    // A half-written sale (one field, no `ready` mark) is missing too.
+    let client = redis::Client::open(server.url()).expect("client");
+    let mut c = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("conn");
+    let _: () = redis::cmd("HSET")
+        .arg("fs:{ghost}:sale")
+        .arg("left")
+        .arg(100)
+        .query_async(&mut c)
+        .await
+        .expect("hset");
+    assert!(matches!(
+        redis.admit(&id, &req).await,
+        Err(ingest::admission::Error::Unavailable(_))
+    ));
+    assert_eq!(redis.counters(&id).await.expect("counters"), None);
+    // Every key of a sale carries its hash tag.
+    let s = sale(&SaleId::parse("tagged").expect("id"), 5, 1, 5, 5);
+    redis.create_sale(&s).await.expect("create");
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("*tagged*")
+        .query_async(&mut c)
+        .await
+        .expect("keys");
+    assert_eq!(keys.len(), 6, "{keys:?}");
+    assert!(
+        keys.iter().all(|k| k.starts_with("fs:{tagged}:")),
+        "{keys:?}"
+    );
+    let ttl: i64 = redis::cmd("PTTL")
+        .arg("fs:{tagged}:idem")
+        .query_async(&mut c)
+        .await
+        .expect("ttl");
+    assert!(ttl > 4000, "idempotency answers outlive the sale: {ttl}");
+}
