@@ -11,6 +11,7 @@ use ingest::admission::{Admission, EmbeddedAdmission};
 use ingest::api::{ApiConfig, Ingest};
 use ingest::auth::Auth;
 use ingest::model::OrderRef;
+use ingest::redis_admission::RedisAdmission;
 use ingest::server::{self, ServerConfig};
 use sequencer::embedded::{FileLog, FileLogOptions};
 use sequencer::OrderLog;
@@ -99,10 +100,12 @@ impl Running {
 }
 
 fn unsupported(key: &str, url: &str) -> anyhow::Error {
-    anyhow::anyhow!(
-        "{key} = {url:?}: only \"embedded\" is available in this build; the distributed \
-         backend of this part is not implemented yet"
-    )
+    let available = if key == "admission.url" {
+        "\"embedded\" or redis://host:port/db"
+    } else {
+        "only \"embedded\" (the distributed backend of this part is not implemented yet)"
+    };
+    anyhow::anyhow!("{key} = {url:?}: not supported; use {available}")
 }
 
 /// Rebuilds the embedded admission counters after a restart: sales from the catalog,
@@ -174,8 +177,11 @@ impl App {
     /// Builds every part from `config` and serves the API on `listener`.
     pub async fn start(config: &Config, listener: TcpListener) -> anyhow::Result<Running> {
         let auth = Auth::new(&config.auth.to_auth_config()?).context("auth")?;
+        let redis_admission = config.admission.url.starts_with("redis://");
+        if !redis_admission && config.admission.url != EMBEDDED {
+            return Err(unsupported("admission.url", &config.admission.url));
+        }
         for (key, url) in [
-            ("admission.url", &config.admission.url),
             ("log.url", &config.log.url),
             ("store.url", &config.store.url),
         ] {
@@ -198,9 +204,23 @@ impl App {
         )
         .with_context(|| format!("opening the order log in {}", config.data_dir.display()))?;
 
-        let embedded = EmbeddedAdmission::new();
-        recover_admission(&embedded, store.as_ref(), &log).await?;
-        let admission: Arc<dyn Admission> = Arc::new(embedded);
+        let admission: Arc<dyn Admission> = if redis_admission {
+            // Redis keeps the counters across restarts of this process; a sale whose keys
+            // Redis lost answers 503 until `flashsale reconcile` rebuilds them.
+            Arc::new(
+                RedisAdmission::connect(
+                    &config.admission.url,
+                    &config.admission.key_prefix,
+                    config.admission.decision_timeout,
+                )
+                .await
+                .with_context(|| format!("admission.url: cannot use {}", config.admission.url))?,
+            )
+        } else {
+            let embedded = EmbeddedAdmission::new();
+            recover_admission(&embedded, store.as_ref(), &log).await?;
+            Arc::new(embedded)
+        };
 
         let mut mock = None;
         let provider_url = |configured: &str| {

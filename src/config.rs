@@ -165,6 +165,9 @@ impl AuthSection {
 pub struct AdmissionSection {
     /// `embedded`, or a `redis://` URL (distributed backend).
     pub url: String,
+    /// Prefix of every Redis key (`{prefix}{sale_id}:...`), so several deployments can share
+    /// one Redis.
+    pub key_prefix: String,
     /// Deadline of one decision; past it the buyer gets 503.
     #[serde(with = "humantime_serde")]
     pub decision_timeout: Duration,
@@ -174,6 +177,7 @@ impl Default for AdmissionSection {
     fn default() -> Self {
         AdmissionSection {
             url: EMBEDDED.into(),
+            key_prefix: "fs:".into(),
             decision_timeout: Duration::from_millis(250),
         }
     }

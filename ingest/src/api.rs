@@ -559,13 +559,37 @@ impl Ingest {
             key,
             order_id: OrderId::new(),
         };
-        let decision = tokio::time::timeout(
+        let decided = tokio::time::timeout(
             self.config.decision_timeout,
             self.admission.admit(&sale_id, &admit),
         )
-        .await
-        .map_err(|_| ApiError::unavailable("admission decision timed out").retry_after(1))?
-        .map_err(admission_error)?;
+        .await;
+        let decision = match decided {
+            Ok(Ok(d)) => d,
+            outcome => {
+                // Timed out or failed after sending: the decision may have taken stock. Undo
+                // it in the background; abort gives back only what this order holds, so a
+                // decision that never ran costs nothing. If the backend stays down, the
+                // buyer's retry answers in-progress until reconcile repairs the counters.
+                self.count("admission_unavailable");
+                let (admission, task_sale) = (Arc::clone(&self.admission), sale_id.clone());
+                let oref = OrderRef {
+                    order_id: admit.order_id,
+                    user: admit.user.clone(),
+                    quantity,
+                    key: admit.key.clone(),
+                };
+                tokio::spawn(async move {
+                    if let Err(e) = admission.abort(&task_sale, &oref).await {
+                        tracing::warn!(error = %e, order = %oref.order_id, "abort of an unknown decision failed");
+                    }
+                });
+                return Err(match outcome {
+                    Ok(Err(e)) => admission_error(e),
+                    _ => ApiError::unavailable("admission decision timed out").retry_after(1),
+                });
+            }
+        };
         let answer = match decision {
             Decision::Accepted(answer) => {
                 let accepted_at = Timestamp::now();

@@ -337,19 +337,24 @@ impl SaleState {
         true
     }
 
-    /// Undoes an acceptance whose record never reached the log: as if it had never been
-    /// accepted (stock, the user's units and the accepted counters go back; the sequence
-    /// number stays used) and its idempotency answer is forgotten, so the buyer's retry is
-    /// decided afresh. Once per order id, like [`SaleState::release`].
+    /// Undoes an acceptance whose record never reached the log, or whose decision timed
+    /// out before its answer came back: as if it had never been accepted (stock, the
+    /// user's units and the accepted counters go back; the sequence number stays used) and
+    /// its idempotency answer is forgotten, so the buyer's retry is decided afresh.
+    ///
+    /// Only an order that holds the idempotency answer of its key and was never released
+    /// is undone, so an abort of a decision that never ran (or was a refusal) gives nothing
+    /// back. Returns whether this call undid it.
     pub fn abort(&mut self, order: &OrderRef) -> bool {
         let key = (order.user.clone(), order.key.clone());
-        if self
+        let holds = self
             .idem
             .get(&key)
-            .is_some_and(|e| e.answer.order_id == order.order_id)
-        {
-            self.idem.remove(&key);
+            .is_some_and(|e| e.answer.order_id == order.order_id);
+        if !holds {
+            return false;
         }
+        self.idem.remove(&key);
         if !self.released.insert(order.order_id) {
             return false;
         }
@@ -358,9 +363,7 @@ impl SaleState {
             *u = u.saturating_sub(order.quantity);
         }
         self.accepted_orders = self.accepted_orders.saturating_sub(1);
-        self.accepted_units = self
-            .accepted_units
-            .saturating_sub(u64::from(order.quantity));
+        self.accepted_units = self.accepted_units.saturating_sub(u64::from(order.quantity));
         true
     }
 
@@ -532,6 +535,22 @@ mod tests {
     }
 
     #[test]
+    fn abort_of_a_decision_that_took_nothing_gives_nothing_back() {
+        let mut s = SaleState::new(rules(1, 1));
+        let a = req(1, 1, 1, 1);
+        assert!(matches!(s.admit(&a, SEC), Decision::Accepted(_)));
+        let refused = req(2, 1, 1, 1);
+        assert_eq!(s.admit(&refused, SEC), Decision::Rejected(Rejection::SoldOut));
+        assert!(!s.abort(&oref(&refused)), "a refusal holds no answer");
+        let never_sent = req(3, 1, 1, 1);
+        assert!(!s.abort(&oref(&never_sent)));
+        assert_eq!(s.stock_left, 0, "nothing was given back");
+        assert!(s.release(&oref(&a)));
+        assert!(!s.abort(&oref(&a)), "a released order is not undone again");
+        assert_eq!(s.stock_left, 1);
+    }
+
+    #[test]
     fn abort_forgets_the_answer_so_a_retry_is_decided_again() {
         let mut s = SaleState::new(rules(1, 1));
         let a = req(1, 1, 1, 1);
@@ -584,6 +603,7 @@ mod tests {
             let mut total_stock = stock;
             let mut accepted: Vec<AdmitRequest> = Vec::new();
             let mut released: HashSet<OrderId> = HashSet::new();
+            let mut aborted: HashSet<OrderId> = HashSet::new();
             for op in ops {
                 match op {
                     Op::Admit { user, qty, key, body } => {
@@ -599,8 +619,11 @@ mod tests {
                         prop_assert_eq!(s.release(&oref(r)), first);
                     },
                     Op::Abort(i) => if let Some(r) = accepted.get(i) {
-                        let first = released.insert(r.order_id);
-                        prop_assert_eq!(s.abort(&oref(r)), first);
+                        let holds = !aborted.contains(&r.order_id);
+                        let undone = s.abort(&oref(r));
+                        prop_assert!(!undone || (holds && !released.contains(&r.order_id)));
+                        aborted.insert(r.order_id);
+                        released.insert(r.order_id);
                     },
                     Op::Tick(us) => now += i64::from(us),
                     Op::AddStock(n) => { s.add_stock(u64::from(n)); total_stock += u64::from(n); }

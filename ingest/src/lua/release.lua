@@ -2,17 +2,19 @@
 -- KEYS: sale, units, released, idem
 -- ARGV: order_id, user, quantity, mode ("release" | "abort"), key
 --   release: a settled order failed or expired; its idempotency answer stays.
---   abort:   the order never reached the log; it is undone as if never accepted and its
---            idempotency answer is forgotten so a retry is decided afresh.
+--   abort:   the order never reached the log (or its decision timed out); if it holds
+--            its key's answer, it is undone as if never accepted and the answer is
+--            forgotten so a retry is decided afresh.
 -- Reply: 1 released now, 0 released before, -1 the sale's keys are missing.
 if redis.call('HGET', KEYS[1], 'ready') ~= '1' then return -1 end
 local order_id, user, qty, mode = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
 if mode == 'abort' then
+  -- Only an order that holds its key's answer is undone: an abort of a decision that
+  -- never ran, or was a refusal, gives nothing back.
   local ikey = user .. '\n' .. ARGV[5]
   local stored = redis.call('HGET', KEYS[4], ikey)
-  if stored and string.match(stored, '^[^|]*|([^|]*)|') == order_id then
-    redis.call('HDEL', KEYS[4], ikey)
-  end
+  if not stored or string.match(stored, '^[^|]*|([^|]*)|') ~= order_id then return 0 end
+  redis.call('HDEL', KEYS[4], ikey)
 end
 if redis.call('SADD', KEYS[3], order_id) == 0 then return 0 end
 redis.call('HINCRBY', KEYS[1], 'left', qty)
