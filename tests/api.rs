@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{eventually, TestApp};
+use common::{eventually, Backend, TestApp};
 use jsonwebtoken::{EncodingKey, Header};
 use serde_json::{json, Value};
 use std::time::Duration;
@@ -46,9 +46,8 @@ fn now_s() -> u64 {
         .as_secs()
 }
 
-#[tokio::test]
-async fn bad_input_gets_a_problem_with_a_stable_code_and_takes_no_stock() {
-    let app = TestApp::start().await;
+async fn bad_input_gets_a_problem_with_a_stable_code_and_takes_no_stock(backend: Backend) {
+    let app = TestApp::start_on(backend).await;
     let sale = app.sale("bad-input", 10, 2).await;
     let token = app.token("alice");
     let good = r#"{"quantity":1,"payment_token":"tok_visa"}"#.to_owned();
@@ -310,9 +309,8 @@ async fn bad_input_gets_a_problem_with_a_stable_code_and_takes_no_stock() {
     app.stop().await;
 }
 
-#[tokio::test]
-async fn admission_outcomes_and_idempotency() {
-    let app = TestApp::start().await;
+async fn admission_outcomes_and_idempotency(backend: Backend) {
+    let app = TestApp::start_on(backend).await;
     let sale = app.sale("outcomes", 3, 2).await;
     let alice = app.token("alice");
     let bob = app.token("bob");
@@ -411,9 +409,8 @@ async fn admission_outcomes_and_idempotency() {
     app.stop().await;
 }
 
-#[tokio::test]
-async fn rate_limit_and_sale_window() {
-    let app = TestApp::start().await;
+async fn rate_limit_and_sale_window(backend: Backend) {
+    let app = TestApp::start_on(backend).await;
     let a = app
         .create_sale(json!({
             "id": "rated", "sku": "s", "stock": 1000, "price_cents": 100, "currency": "EUR",
@@ -453,9 +450,8 @@ async fn rate_limit_and_sale_window() {
     app.stop().await;
 }
 
-#[tokio::test]
-async fn operator_routes_are_guarded_and_validated() {
-    let app = TestApp::start().await;
+async fn operator_routes_are_guarded_and_validated(backend: Backend) {
+    let app = TestApp::start_on(backend).await;
     let body = json!({"id": "op", "sku": "s", "stock": 5, "price_cents": 100, "currency": "EUR"});
     let no_token = app
         .client
@@ -533,9 +529,8 @@ async fn operator_routes_are_guarded_and_validated() {
     app.stop().await;
 }
 
-#[tokio::test]
-async fn health_readiness_metrics_and_unknown_routes() {
-    let app = TestApp::start().await;
+async fn health_readiness_metrics_and_unknown_routes(backend: Backend) {
+    let app = TestApp::start_on(backend).await;
     let get = |path: &str| {
         let client = app.client.clone();
         let url = format!("{}{path}", app.url);
@@ -571,8 +566,7 @@ async fn health_readiness_metrics_and_unknown_routes() {
     app.stop().await;
 }
 
-#[tokio::test]
-async fn openapi_document_matches_the_server() {
+async fn openapi_document_matches_the_server(backend: Backend) {
     let doc: Value = serde_json::from_str(
         &std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/openapi.json"))
             .expect("docs/openapi.json"),
@@ -589,7 +583,7 @@ async fn openapi_document_matches_the_server() {
     }
     // Every documented operation is routed by the server (answers something other than
     // not_found / method_not_allowed).
-    let app = TestApp::start().await;
+    let app = TestApp::start_on(backend).await;
     app.sale("spec", 5, 1).await;
     let paths = doc["paths"].as_object().expect("paths");
     let mut checked = 0;
@@ -618,3 +612,29 @@ async fn openapi_document_matches_the_server() {
     assert!(checked >= 9, "only {checked} operations documented");
     app.stop().await;
 }
+
+/// Runs each scenario once per admission backend.
+macro_rules! on_every_backend {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            use super::*;
+            #[tokio::test]
+            async fn embedded() {
+                super::$name(Backend::Embedded).await
+            }
+            #[tokio::test]
+            async fn redis() {
+                super::$name(Backend::Redis).await
+            }
+        }
+    )*};
+}
+
+on_every_backend!(
+    bad_input_gets_a_problem_with_a_stable_code_and_takes_no_stock,
+    admission_outcomes_and_idempotency,
+    rate_limit_and_sale_window,
+    operator_routes_are_guarded_and_validated,
+    health_readiness_metrics_and_unknown_routes,
+    openapi_document_matches_the_server,
+);

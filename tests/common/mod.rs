@@ -8,8 +8,18 @@ use secrecy::ExposeSecret;
 use serde_json::{json, Value};
 use std::time::Duration;
 
+/// Which admission backend a test runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// In-process counters.
+    Embedded,
+    /// A real redis-server of the test's own.
+    Redis,
+}
+
 pub struct TestApp {
     pub running: Option<Running>,
+    pub redis: Option<testkit::RedisServer>,
     pub url: String,
     pub config: Config,
     pub client: reqwest::Client,
@@ -33,6 +43,27 @@ impl TestApp {
         Self::start_with(|_| {}).await
     }
 
+    pub async fn start_on(backend: Backend) -> TestApp {
+        Self::start_on_with(backend, |_| {}).await
+    }
+
+    pub async fn start_on_with(backend: Backend, tweak: impl FnOnce(&mut Config)) -> TestApp {
+        match backend {
+            Backend::Embedded => Self::start_with(tweak).await,
+            Backend::Redis => {
+                let redis = testkit::RedisServer::start();
+                let url = redis.url();
+                let mut app = Self::start_with(|c| {
+                    c.admission.url = url;
+                    tweak(c);
+                })
+                .await;
+                app.redis = Some(redis);
+                app
+            }
+        }
+    }
+
     pub async fn start_with(tweak: impl FnOnce(&mut Config)) -> TestApp {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut config = Config {
@@ -47,6 +78,7 @@ impl TestApp {
         let url = running.url();
         TestApp {
             running: Some(running),
+            redis: None,
             url,
             config,
             client: reqwest::Client::builder()
