@@ -363,7 +363,9 @@ impl SaleState {
             *u = u.saturating_sub(order.quantity);
         }
         self.accepted_orders = self.accepted_orders.saturating_sub(1);
-        self.accepted_units = self.accepted_units.saturating_sub(u64::from(order.quantity));
+        self.accepted_units = self
+            .accepted_units
+            .saturating_sub(u64::from(order.quantity));
         true
     }
 
@@ -540,7 +542,10 @@ mod tests {
         let a = req(1, 1, 1, 1);
         assert!(matches!(s.admit(&a, SEC), Decision::Accepted(_)));
         let refused = req(2, 1, 1, 1);
-        assert_eq!(s.admit(&refused, SEC), Decision::Rejected(Rejection::SoldOut));
+        assert_eq!(
+            s.admit(&refused, SEC),
+            Decision::Rejected(Rejection::SoldOut)
+        );
         assert!(!s.abort(&oref(&refused)), "a refusal holds no answer");
         let never_sent = req(3, 1, 1, 1);
         assert!(!s.abort(&oref(&never_sent)));

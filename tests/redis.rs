@@ -1,0 +1,179 @@
+//! Redis admission across instances and over time: two ingest instances sharing one Redis
+//! never oversell and answer every retry with its first answer; a user over the token
+//! bucket gets 429 with Retry-After.
+
+mod common;
+
+use common::{eventually, Backend, TestApp};
+use serde_json::json;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_sharing_one_redis_never_oversell() {
+    const CLIENTS: usize = 256;
+    const ATTEMPTS: usize = 20_000;
+    const STOCK: u64 = 1_000;
+    const USERS: usize = 1_500;
+    const LIMIT: u64 = 2;
+
+    let first = TestApp::start_on(Backend::Redis).await;
+    let url = first.redis.as_ref().expect("redis").url();
+    let second = TestApp::start_with(|c| c.admission.url = url).await;
+    let apps = Arc::new([first, second]);
+    // Each instance has its own embedded store (its own catalog); the counters are shared.
+    for app in apps.iter() {
+        let a = app
+            .create_sale(json!({
+                "id": "shared", "sku": "s", "stock": STOCK, "price_cents": 500, "currency": "EUR",
+                "per_user_limit": LIMIT, "max_quantity_per_order": 1,
+                "user_rate": {"per_second": 10000, "burst": 10000}
+            }))
+            .await;
+        assert_eq!(a.status, 201, "{}", a.body);
+    }
+    let tokens: Arc<Vec<String>> = Arc::new(
+        (0..USERS)
+            .map(|u| apps[0].token(&format!("u{u}")))
+            .collect(),
+    );
+    let next = Arc::new(AtomicUsize::new(0));
+    let mut tasks = tokio::task::JoinSet::new();
+    for c in 0..CLIENTS {
+        let (apps, tokens, next) = (Arc::clone(&apps), Arc::clone(&tokens), Arc::clone(&next));
+        tasks.spawn(async move {
+            let mut answers = Vec::new();
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= ATTEMPTS {
+                    break;
+                }
+                let user = i % USERS;
+                // Every tenth attempt retries an earlier key of the same user, on the other
+                // instance.
+                let key = if i % 10 == 9 && i >= USERS {
+                    format!("k{}", i - USERS)
+                } else {
+                    format!("k{i}")
+                };
+                let app = &apps[(i + c) % 2];
+                let a = app.order("shared", &tokens[user], &key, 1).await;
+                assert!(
+                    matches!(a.status, 202 | 409 | 403),
+                    "unexpected answer {} {}",
+                    a.status,
+                    a.body
+                );
+                answers.push((
+                    user,
+                    key,
+                    a.status,
+                    a.body["order_id"].as_str().map(str::to_owned),
+                ));
+            }
+            answers
+        });
+    }
+    let mut by_key: HashMap<(usize, String), Vec<String>> = HashMap::new();
+    while let Some(r) = tasks.join_next().await {
+        for (user, key, status, order) in r.expect("client") {
+            if status == 202 {
+                by_key
+                    .entry((user, key))
+                    .or_default()
+                    .push(order.expect("order id"));
+            }
+        }
+    }
+    // Retries got their first answer: one order id per (user, key).
+    for (k, ids) in &by_key {
+        assert!(
+            ids.iter().all(|id| *id == ids[0]),
+            "key {k:?} answered {ids:?}"
+        );
+    }
+    let orders: HashMap<&str, usize> = by_key
+        .iter()
+        .map(|((u, _), ids)| (ids[0].as_str(), *u))
+        .collect();
+    assert_eq!(
+        orders.len() as u64,
+        STOCK,
+        "exactly the stock is sold across both instances"
+    );
+    let mut per_user: HashMap<usize, u64> = HashMap::new();
+    for u in orders.values() {
+        *per_user.entry(*u).or_default() += 1;
+    }
+    assert!(
+        per_user.values().all(|n| *n <= LIMIT),
+        "a user went over the limit"
+    );
+    let stats = apps[0].stats("shared").await;
+    assert_eq!(stats["accepted_units"], STOCK);
+    assert_eq!(stats["stock_left"], 0);
+    // Each instance persists what it acknowledged; together, every order once.
+    eventually(
+        "both stores persisted every order",
+        Duration::from_secs(60),
+        || {
+            let apps = Arc::clone(&apps);
+            async move {
+                let a = apps[0].stats("shared").await["persisted"]
+                    .as_u64()
+                    .unwrap_or(0);
+                let b = apps[1].stats("shared").await["persisted"]
+                    .as_u64()
+                    .unwrap_or(0);
+                a + b == STOCK
+            }
+        },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_user_over_the_token_bucket_gets_429() {
+    let app = TestApp::start_on(Backend::Redis).await;
+    let a = app
+        .create_sale(json!({
+            "id": "paced", "sku": "s", "stock": 100000, "price_cents": 100, "currency": "EUR",
+            "per_user_limit": 1000, "max_quantity_per_order": 1,
+            "user_rate": {"per_second": 5, "burst": 10}
+        }))
+        .await;
+    assert_eq!(a.status, 201, "{}", a.body);
+    let token = app.token("eager");
+    // 50 requests a second for two seconds.
+    let mut ticker = tokio::time::interval(Duration::from_millis(20));
+    let started = tokio::time::Instant::now();
+    let mut admitted = 0u32;
+    let mut limited = 0u32;
+    for i in 0..100 {
+        ticker.tick().await;
+        let a = app.order("paced", &token, &format!("p{i}"), 1).await;
+        match a.status {
+            202 => admitted += 1,
+            429 => {
+                assert_eq!(a.code(), "rate_limited");
+                let retry: u64 = a.headers["retry-after"]
+                    .to_str()
+                    .expect("ascii")
+                    .parse()
+                    .expect("seconds");
+                assert!(retry >= 1);
+                limited += 1;
+            }
+            other => panic!("unexpected {other}: {}", a.body),
+        }
+    }
+    let seconds = started.elapsed().as_secs_f64().ceil() as u32;
+    assert!(admitted >= 10, "the burst is admitted: {admitted}");
+    assert!(
+        admitted <= 10 + 5 * seconds,
+        "{admitted} admitted in {seconds} s against 5/s with burst 10"
+    );
+    assert_eq!(admitted + limited, 100);
+}
