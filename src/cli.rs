@@ -148,6 +148,21 @@ pub enum Command {
         #[arg(long, default_value_t = 0.0)]
         error_rate: f64,
     },
+    /// Rebuild a sale's admission counters from the order store, compare, and repair.
+    Reconcile {
+        /// The sale (default: every sale in the store).
+        #[arg(long)]
+        sale: Option<String>,
+        /// Rewrite the counters where they differ (missing counters are always rebuilt).
+        #[arg(long)]
+        repair: bool,
+        /// Data directory of the embedded store (data_dir).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Admission backend (admission.url).
+        #[arg(long)]
+        admission: Option<String>,
+    },
     /// Apply the store's schema migrations.
     Migrate {
         /// Data directory of the embedded store (data_dir).
@@ -439,6 +454,27 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             )
             .await?;
             Ok(0)
+        }
+        Command::Reconcile {
+            sale,
+            repair,
+            data_dir,
+            admission,
+        } => {
+            let mut o = Vec::new();
+            if let Some(d) = data_dir {
+                o.push(("data_dir", Value::from(d.display().to_string())));
+            }
+            if let Some(a) = admission {
+                o.push(("admission.url", Value::from(a)));
+            }
+            let cfg = load(&cli.config, &o)?;
+            let findings = crate::reconcile::run(&cfg, sale.as_deref(), repair).await?;
+            print!("{}", crate::reconcile::render(&findings));
+            let unrepaired = findings
+                .iter()
+                .any(|f| !f.differences.is_empty() && !f.repaired);
+            Ok(if unrepaired { 1 } else { 0 })
         }
         Command::Migrate { data_dir } => {
             let mut o = Vec::new();

@@ -177,3 +177,228 @@ async fn a_user_over_the_token_bucket_gets_429() {
     );
     assert_eq!(admitted + limited, 100);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_killed_mid_burst_gives_503_and_reconcile_restores_selling() {
+    const STOCK: u64 = 100_000;
+    let mut app = TestApp::start_on(Backend::Redis).await;
+    let a = app
+        .create_sale(json!({
+            "id": "outage", "sku": "s", "stock": STOCK, "price_cents": 100, "currency": "EUR",
+            "per_user_limit": 1000, "max_quantity_per_order": 1,
+            "user_rate": {"per_second": 100000, "burst": 100000}
+        }))
+        .await;
+    assert_eq!(a.status, 201, "{}", a.body);
+    let app_ref = Arc::new(parking_lot::Mutex::new(Vec::<(
+        u16,
+        Duration,
+        Option<String>,
+        usize,
+    )>::new()));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let next = Arc::new(AtomicUsize::new(0));
+    let tokens: Arc<Vec<String>> = Arc::new((0..50).map(|u| app.token(&format!("o{u}"))).collect());
+    let client = app.client.clone();
+    let url = app.url.clone();
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..16 {
+        let (answers, stop, next, tokens, client, url) = (
+            Arc::clone(&app_ref),
+            Arc::clone(&stop),
+            Arc::clone(&next),
+            Arc::clone(&tokens),
+            client.clone(),
+            url.clone(),
+        );
+        tasks.spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let started = std::time::Instant::now();
+                let resp = client
+                    .post(format!("{url}/v1/sales/outage/orders"))
+                    .bearer_auth(&tokens[i % tokens.len()])
+                    .header("idempotency-key", format!("o{i}"))
+                    .json(&json!({"quantity": 1, "payment_token": "tok_visa"}))
+                    .send()
+                    .await
+                    .expect("the server answers even with Redis down");
+                let status = resp.status().as_u16();
+                let body: serde_json::Value = resp.json().await.unwrap_or_default();
+                let order = body["order_id"].as_str().map(str::to_owned);
+                answers.lock().push((status, started.elapsed(), order, i));
+            }
+        });
+    }
+    eventually("300 orders accepted", Duration::from_secs(30), || {
+        let n = app_ref.lock().iter().filter(|a| a.0 == 202).count();
+        async move { n >= 300 }
+    })
+    .await;
+    app.redis.as_mut().expect("redis").kill();
+    let killed_at = app_ref.lock().len();
+    eventually("answers turn into 503", Duration::from_secs(10), || {
+        let n = app_ref
+            .lock()
+            .iter()
+            .skip(killed_at)
+            .filter(|a| a.0 == 503)
+            .count();
+        async move { n >= 100 }
+    })
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    while tasks.join_next().await.is_some() {}
+    let answers = app_ref.lock().clone();
+    // After the kill, every answer is 202 (decided before it) or 503, and comes back within
+    // the decision deadline plus slack.
+    for (status, took, _, _) in answers.iter().skip(killed_at + 32) {
+        assert!(matches!(status, 202 | 503), "status {status}");
+        if *status == 503 {
+            assert!(*took < Duration::from_secs(2), "a 503 took {took:?}");
+        }
+    }
+    let acked: Vec<String> = answers
+        .iter()
+        .filter(|a| a.0 == 202)
+        .filter_map(|a| a.2.clone())
+        .collect();
+
+    // Redis comes back empty: the sale is unavailable, never full stock.
+    app.redis.as_mut().expect("redis").restart();
+    let sale = storage::SaleId::parse("outage").expect("id");
+    let store = std::sync::Arc::clone(&app.running().store);
+    eventually(
+        "every acknowledged order persisted",
+        Duration::from_secs(30),
+        || {
+            let store = std::sync::Arc::clone(&store);
+            let sale = sale.clone();
+            let n = acked.len() as u64;
+            async move {
+                store
+                    .sale_totals(&sale)
+                    .await
+                    .map(|t| t.orders >= n)
+                    .unwrap_or(false)
+            }
+        },
+    )
+    .await;
+    let token = app.token("after");
+    eventually(
+        "a missing sale answers 503",
+        Duration::from_secs(10),
+        || {
+            let a = app.order("outage", &token, "after-1", 1);
+            async move {
+                let a = a.await;
+                a.status == 503 && a.code() == "unavailable"
+            }
+        },
+    )
+    .await;
+
+    // Reconcile rebuilds the counters from the store.
+    let data = app.config.data_dir.display().to_string();
+    let redis_url = app.redis.as_ref().expect("redis").url();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_flashsale"))
+            .args([
+                "reconcile",
+                "--sale",
+                "outage",
+                "--data-dir",
+                &data,
+                "--admission",
+                &redis_url,
+            ])
+            .env_remove("FLASHSALE_CONFIG")
+            .output()
+            .expect("reconcile")
+    })
+    .await
+    .expect("join");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("repaired"), "{text}");
+
+    let orders = store.orders_of_sale(&sale).await.expect("orders");
+    let ids: std::collections::HashSet<String> =
+        orders.iter().map(|o| o.new.order_id.to_string()).collect();
+    assert!(
+        acked.iter().all(|id| ids.contains(id)),
+        "every 202 is in the store"
+    );
+    let stats = app.stats("outage").await;
+    assert_eq!(
+        stats["accepted"].as_u64(),
+        Some(orders.len() as u64),
+        "nothing over-admitted"
+    );
+    let held: u64 = orders
+        .iter()
+        .filter(|o| !o.status.releases_stock())
+        .map(|o| u64::from(o.new.quantity))
+        .sum();
+    assert_eq!(stats["stock_left"].as_u64(), Some(STOCK - held));
+    // Selling resumes, and a retry of an acknowledged order still gets its answer.
+    let resumed = app.order("outage", &token, "after-2", 1).await;
+    assert_eq!(resumed.status, 202, "{}", resumed.body);
+    let (_, _, first_id, i) = answers
+        .iter()
+        .find(|a| a.0 == 202)
+        .expect("an acknowledged order");
+    let retry = app
+        .order("outage", &tokens[i % tokens.len()], &format!("o{i}"), 1)
+        .await;
+    assert_eq!(retry.status, 202, "{}", retry.body);
+    assert_eq!(
+        retry.body["order_id"].as_str(),
+        first_id.as_deref(),
+        "the rebuilt answer"
+    );
+    // Once the settler has caught up, a second reconcile finds nothing to do.
+    let accepted = app.stats("outage").await["accepted"]
+        .as_u64()
+        .expect("accepted");
+    eventually("the new order persisted", Duration::from_secs(30), || {
+        let store = std::sync::Arc::clone(&store);
+        let sale = sale.clone();
+        async move {
+            store
+                .sale_totals(&sale)
+                .await
+                .map(|t| t.orders == accepted)
+                .unwrap_or(false)
+        }
+    })
+    .await;
+    let data = app.config.data_dir.display().to_string();
+    let redis_url = app.redis.as_ref().expect("redis").url();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_flashsale"))
+            .args([
+                "reconcile",
+                "--sale",
+                "outage",
+                "--data-dir",
+                &data,
+                "--admission",
+                &redis_url,
+            ])
+            .env_remove("FLASHSALE_CONFIG")
+            .output()
+            .expect("reconcile")
+    })
+    .await
+    .expect("join");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("consistent"), "{text}");
+    app.stop().await;
+}

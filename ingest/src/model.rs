@@ -210,6 +210,23 @@ pub struct Counters {
     pub rejected: Vec<(String, u64)>,
 }
 
+/// The content of a [`SaleState`], for writing it to another backend.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    /// The sale's rules (stock includes additions).
+    pub rules: SaleRules,
+    /// Counters.
+    pub counters: Counters,
+    /// Next sequence number.
+    pub next_sequence: u64,
+    /// Units held, by user (users holding none left out).
+    pub units: Vec<(UserId, u32)>,
+    /// Idempotency answers by (user, key).
+    pub answers: Vec<(UserId, String, IdemEntry)>,
+    /// Orders released or aborted.
+    pub released: Vec<OrderId>,
+}
+
 /// Admission state of one sale.
 #[derive(Debug, Clone)]
 pub struct SaleState {
@@ -396,6 +413,34 @@ impl SaleState {
     /// Units a user holds.
     pub fn units_of(&self, user: &UserId) -> u32 {
         self.units.get(user).copied().unwrap_or(0)
+    }
+
+    /// Everything a backend must hold to continue from this state (reconciliation writes
+    /// it to Redis).
+    pub fn snapshot(&self) -> Snapshot {
+        let mut units: Vec<(UserId, u32)> = self
+            .units
+            .iter()
+            .filter(|(_, u)| **u > 0)
+            .map(|(k, v)| (k.clone(), *v))
+            .collect();
+        units.sort();
+        let mut answers: Vec<(UserId, String, IdemEntry)> = self
+            .idem
+            .iter()
+            .map(|((u, k), e)| (u.clone(), k.clone(), e.clone()))
+            .collect();
+        answers.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
+        let mut released: Vec<OrderId> = self.released.iter().copied().collect();
+        released.sort();
+        Snapshot {
+            rules: self.rules,
+            counters: self.counters(),
+            next_sequence: self.next_sequence,
+            units,
+            answers,
+            released,
+        }
     }
 
     /// Counters for stats.

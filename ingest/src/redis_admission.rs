@@ -10,7 +10,7 @@
 //! counters are rebuilt from the order store.
 
 use crate::admission::{Admission, Error, Result};
-use crate::model::{AdmitRequest, Answer, Counters, Decision, OrderRef, Rejection};
+use crate::model::{AdmitRequest, Answer, Counters, Decision, OrderRef, Rejection, Snapshot};
 use async_trait::async_trait;
 use redis::aio::ConnectionManager;
 use redis::{Script, Value};
@@ -210,6 +210,109 @@ impl RedisAdmission {
             .await
             .map_err(unavailable)?;
         Ok(v.unwrap_or(0).max(0) as u32)
+    }
+
+    /// Units held by every user of a sale (users holding none left out), sorted.
+    pub async fn all_units(&self, sale: &SaleId) -> Result<Vec<(UserId, u32)>> {
+        let mut conn = self.conn.clone();
+        let map: std::collections::HashMap<String, i64> = redis::cmd("HGETALL")
+            .arg(self.keys(sale).units)
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        let mut out: Vec<(UserId, u32)> = map
+            .into_iter()
+            .filter(|(_, n)| *n > 0)
+            .filter_map(|(u, n)| UserId::parse(u).ok().map(|u| (u, n as u32)))
+            .collect();
+        out.sort();
+        Ok(out)
+    }
+
+    /// Replaces a sale's keys with `state` in one MULTI/EXEC (reconciliation: after Redis
+    /// lost its data, or when its counters drifted from the order store). Rejection
+    /// counters are kept when present; token buckets start full.
+    pub async fn restore(&self, sale: &Sale, state: &Snapshot) -> Result<()> {
+        let k = self.keys(&sale.id);
+        let mut conn = self.conn.clone();
+        let rejected: std::collections::HashMap<String, i64> = redis::cmd("HGETALL")
+            .arg(&k.rejected)
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        let expire_at = sale.ends_at.millis().saturating_add(KEEP_AFTER_END_MS);
+        let c = &state.counters;
+        let mut p = redis::pipe();
+        p.atomic();
+        p.cmd("DEL")
+            .arg(&k.sale)
+            .arg(&k.units)
+            .arg(&k.buckets)
+            .arg(&k.idem)
+            .arg(&k.rejected)
+            .arg(&k.released)
+            .ignore();
+        p.cmd("HSET")
+            .arg(&k.sale)
+            .arg(&[
+                ("stock", state.rules.stock.to_string()),
+                ("left", c.stock_left.to_string()),
+                ("limit", state.rules.per_user_limit.to_string()),
+                ("rate", state.rules.rate_per_second.to_string()),
+                ("burst", state.rules.burst.to_string()),
+                ("starts", state.rules.starts_at_us.to_string()),
+                ("ends", state.rules.ends_at_us.to_string()),
+                ("seq", state.next_sequence.to_string()),
+                ("acc_o", c.accepted_orders.to_string()),
+                ("acc_u", c.accepted_units.to_string()),
+                ("rel_u", c.released_units.to_string()),
+                ("skew", "0".to_owned()),
+                ("ready", "1".to_owned()),
+            ])
+            .ignore();
+        p.cmd("HSET").arg(&k.units).arg("\n").arg(0).ignore();
+        for (user, units) in &state.units {
+            p.cmd("HSET")
+                .arg(&k.units)
+                .arg(user.as_str())
+                .arg(units)
+                .ignore();
+        }
+        p.cmd("HSET").arg(&k.buckets).arg("\n").arg("0:0").ignore();
+        p.cmd("HSET").arg(&k.idem).arg("\n").arg("").ignore();
+        for (user, key, e) in &state.answers {
+            p.cmd("HSET")
+                .arg(&k.idem)
+                .arg(format!("{}\n{key}", user.as_str()))
+                .arg(format!(
+                    "{}|{}|{}|{}|{}",
+                    e.fingerprint,
+                    e.answer.order_id,
+                    e.answer.sequence,
+                    e.answer.quantity,
+                    u8::from(e.confirmed)
+                ))
+                .ignore();
+        }
+        p.cmd("HSET").arg(&k.rejected).arg("\n").arg(0).ignore();
+        for (code, n) in rejected.iter().filter(|(c, _)| c.as_str() != "\n") {
+            p.cmd("HSET").arg(&k.rejected).arg(code).arg(n).ignore();
+        }
+        p.cmd("SADD").arg(&k.released).arg("\n").ignore();
+        for id in &state.released {
+            p.cmd("SADD").arg(&k.released).arg(id.to_string()).ignore();
+        }
+        for key in [
+            &k.sale,
+            &k.units,
+            &k.buckets,
+            &k.idem,
+            &k.rejected,
+            &k.released,
+        ] {
+            p.cmd("PEXPIREAT").arg(key).arg(expire_at).ignore();
+        }
+        p.query_async::<()>(&mut conn).await.map_err(unavailable)
     }
 
     /// Test hook: moves the sale's clock forward by `us` microseconds (the scripts add this
