@@ -6,21 +6,22 @@ use std::process::Command;
 
 #[test]
 fn demo_json_reports_every_key_and_passes() {
+    demo_passes(&[]);
+}
+
+#[test]
+fn demo_on_redis_admission_passes() {
+    let redis = testkit::RedisServer::start();
+    demo_passes(&["--admission", &redis.url()]);
+}
+
+fn demo_passes(extra: &[&str]) {
     let out = Command::new(env!("CARGO_BIN_EXE_flashsale"))
         .args([
-            "demo",
-            "--json",
-            "--stock",
-            "300",
-            "--users",
-            "500",
-            "--requests",
-            "2000",
-            "--concurrency",
-            "32",
-            "--decline-rate",
-            "0.2",
+            "demo", "--json", "--stock", "300", "--users", "500", "--requests", "2000",
+            "--concurrency", "32", "--decline-rate", "0.2",
         ])
+        .args(extra)
         .env_remove("FLASHSALE_CONFIG")
         .output()
         .expect("run demo");
