@@ -18,8 +18,18 @@ fn demo_on_redis_admission_passes() {
 fn demo_passes(extra: &[&str]) {
     let out = Command::new(env!("CARGO_BIN_EXE_flashsale"))
         .args([
-            "demo", "--json", "--stock", "300", "--users", "500", "--requests", "2000",
-            "--concurrency", "32", "--decline-rate", "0.2",
+            "demo",
+            "--json",
+            "--stock",
+            "300",
+            "--users",
+            "500",
+            "--requests",
+            "2000",
+            "--concurrency",
+            "32",
+            "--decline-rate",
+            "0.2",
         ])
         .args(extra)
         .env_remove("FLASHSALE_CONFIG")
