@@ -1,5 +1,5 @@
-//! Test harness: real servers for tests, started on free loopback ports in temporary
-//! directories and killed when dropped.
+//! Test harness: real servers for tests (redis-server, the tansu Kafka-protocol broker),
+//! started on free loopback ports in temporary directories and killed when dropped.
 //!
 //! Every test that needs a server starts its own (a redis-server starts in milliseconds),
 //! so tests never share state and need no key prefixes to stay apart. When a server's
@@ -129,6 +129,103 @@ impl RedisServer {
 }
 
 impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A tansu Kafka-protocol broker of the test's own.
+#[derive(Debug)]
+pub struct TansuBroker {
+    child: Option<Child>,
+    port: u16,
+    dir: tempfile::TempDir,
+    binary: PathBuf,
+    storage: String,
+}
+
+impl TansuBroker {
+    /// Starts a broker keeping records in memory.
+    pub fn start() -> TansuBroker {
+        Self::start_with_storage("memory://tansu/")
+    }
+
+    /// Starts a broker keeping records in SQLite inside its directory, so they survive
+    /// `kill -9` and a restart.
+    pub fn start_durable() -> TansuBroker {
+        Self::start_with_storage("sqlite://broker.db")
+    }
+
+    fn start_with_storage(storage: &str) -> TansuBroker {
+        let binary = std::env::var_os("HOME")
+            .map(|h| PathBuf::from(h).join(".cargo/bin/tansu"))
+            .filter(|p| p.is_file())
+            .unwrap_or_else(|| {
+                std::env::var_os("PATH")
+                    .and_then(|p| {
+                        std::env::split_paths(&p)
+                            .map(|d| d.join("tansu"))
+                            .find(|p| p.is_file())
+                    })
+                    .unwrap_or_else(|| {
+                        panic!(
+                            "`tansu` is not installed: run {SETUP} (it runs `cargo install \
+                             tansu --locked --features dynostore,libsql`)"
+                        )
+                    })
+            });
+        let mut broker = TansuBroker {
+            child: None,
+            port: free_port(),
+            dir: tempfile::tempdir().unwrap(),
+            binary,
+            storage: storage.to_owned(),
+        };
+        broker.spawn();
+        broker
+    }
+
+    fn spawn(&mut self) {
+        let url = format!("tcp://127.0.0.1:{}", self.port);
+        // The sqlite path is taken relative to the working directory: run inside the dir.
+        let mut child = Command::new(&self.binary)
+            .arg("broker")
+            .args(["--listener-url", &url, "--advertised-listener-url", &url])
+            .args(["--storage-engine", &self.storage])
+            .current_dir(self.dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", self.binary.display()));
+        wait_for_port(
+            SocketAddr::from((Ipv4Addr::LOCALHOST, self.port)),
+            &mut child,
+            "tansu broker",
+        );
+        self.child = Some(child);
+    }
+
+    /// `127.0.0.1:PORT`, the bootstrap servers.
+    pub fn bootstrap(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Kills it with SIGKILL.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts it again on the same port and storage.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+}
+
+impl Drop for TansuBroker {
     fn drop(&mut self) {
         self.kill();
     }
