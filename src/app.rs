@@ -14,8 +14,10 @@ use ingest::model::OrderRef;
 use ingest::redis_admission::RedisAdmission;
 use ingest::server::{self, ServerConfig};
 use sequencer::embedded::{FileLog, FileLogOptions};
-use sequencer::OrderLog;
+use sequencer::kafka::{KafkaConfig, KafkaConsumer, KafkaLog};
+use sequencer::{LogConsumer, OrderLog};
 use settler::mock::{MockConfig, MockProvider};
+use settler::DeadLetter;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -56,6 +58,7 @@ pub struct Running {
     pub payment_url: String,
     /// Counters of the settler, when it runs here.
     pub settler_stats: Option<settler::SettlerStats>,
+    kafka: Option<Arc<KafkaLog>>,
     shutdown: CancellationToken,
     server: JoinHandle<std::io::Result<()>>,
     settler: Option<JoinHandle<Result<(), settler::Error>>>,
@@ -83,6 +86,10 @@ impl Running {
     pub async fn stop(self) -> anyhow::Result<()> {
         self.shutdown.cancel();
         self.server.await.context("server task")??;
+        if let Some(kafka) = self.kafka {
+            // Records handed to the producer by requests that finished are delivered.
+            let _ = tokio::task::spawn_blocking(move || kafka.flush(Duration::from_secs(10))).await;
+        }
         if let Some(s) = self.settler {
             s.await.context("settler task")??;
         }
@@ -169,31 +176,27 @@ async fn recover_admission(
     Ok(())
 }
 
-/// Entry point of the composition.
-#[derive(Debug)]
-pub struct App;
+/// The order log of this process: the embedded file or a Kafka topic.
+enum LogParts {
+    Embedded(FileLog),
+    Kafka {
+        log: Arc<KafkaLog>,
+        config: KafkaConfig,
+    },
+}
 
-impl App {
-    /// Builds every part from `config` and serves the API on `listener`.
-    pub async fn start(config: &Config, listener: TcpListener) -> anyhow::Result<Running> {
-        let auth = Auth::new(&config.auth.to_auth_config()?).context("auth")?;
-        let redis_admission = config.admission.url.starts_with("redis://");
-        if !redis_admission && config.admission.url != EMBEDDED {
-            return Err(unsupported("admission.url", &config.admission.url));
+impl LogParts {
+    async fn open(config: &Config) -> anyhow::Result<LogParts> {
+        if let Some(kafka) = config.log.kafka() {
+            let log = Arc::new(KafkaLog::new(&kafka).context("log.url")?);
+            log.check_topics()
+                .await
+                .with_context(|| format!("log.url = {:?}", config.log.url))?;
+            return Ok(LogParts::Kafka { log, config: kafka });
         }
-        for (key, url) in [
-            ("log.url", &config.log.url),
-            ("store.url", &config.store.url),
-        ] {
-            if url != EMBEDDED {
-                return Err(unsupported(key, url));
-            }
+        if config.log.url != EMBEDDED {
+            return Err(unsupported("log.url", &config.log.url));
         }
-
-        let store = SqliteStore::open(config.data_dir.join("flashsale.db"))
-            .with_context(|| format!("opening the store in {}", config.data_dir.display()))?;
-        let store: Arc<dyn OrderStore> = Arc::new(store);
-
         let log = FileLog::open(
             config.data_dir.join("log"),
             FileLogOptions {
@@ -203,50 +206,212 @@ impl App {
             },
         )
         .with_context(|| format!("opening the order log in {}", config.data_dir.display()))?;
+        Ok(LogParts::Embedded(log))
+    }
 
-        let admission: Arc<dyn Admission> = if redis_admission {
-            // Redis keeps the counters across restarts of this process; a sale whose keys
-            // Redis lost answers 503 until `flashsale reconcile` rebuilds them.
-            Arc::new(
-                RedisAdmission::connect(
-                    &config.admission.url,
-                    &config.admission.key_prefix,
-                    config.admission.decision_timeout,
-                )
-                .await
-                .with_context(|| format!("admission.url: cannot use {}", config.admission.url))?,
-            )
-        } else {
-            let embedded = EmbeddedAdmission::new();
-            recover_admission(&embedded, store.as_ref(), &log).await?;
-            Arc::new(embedded)
-        };
+    fn order_log(&self) -> Arc<dyn OrderLog> {
+        match self {
+            LogParts::Embedded(log) => Arc::new(log.clone()),
+            LogParts::Kafka { log, .. } => Arc::clone(log) as Arc<dyn OrderLog>,
+        }
+    }
 
-        let mut mock = None;
-        let provider_url = |configured: &str| {
-            (configured != EMBEDDED).then(|| configured.trim_end_matches('/').to_owned())
-        };
-        let payment_url = provider_url(&config.providers.payment_url);
-        let notification_url = provider_url(&config.providers.notification_url);
-        let needs_mock = payment_url.is_none() || notification_url.is_none();
-        if needs_mock {
-            let m = MockProvider::start(MockConfig {
+    /// The settler's reader: from the store's checkpoint (embedded) or the consumer
+    /// group's committed offsets (Kafka).
+    async fn consumer(
+        &self,
+        store: &dyn OrderStore,
+        name: &str,
+        data_dir: &std::path::Path,
+    ) -> anyhow::Result<Box<dyn LogConsumer>> {
+        match self {
+            LogParts::Embedded(log) => {
+                let from = store.checkpoint(name, 0).await?.unwrap_or(0);
+                // The store has read further than the log holds: the log lost
+                // acknowledged records. Starting would skip new orders; refuse instead.
+                if from > log.len() {
+                    bail!(
+                        "the store's checkpoint ({from}) is past the end of the order log ({} \
+                         records) in {}: the log lost records; restore it before starting",
+                        log.len(),
+                        data_dir.display()
+                    );
+                }
+                Ok(Box::new(log.consumer(from)))
+            }
+            LogParts::Kafka { config, .. } => Ok(Box::new(
+                KafkaConsumer::new(config, name).context("settler consumer")?,
+            )),
+        }
+    }
+
+    fn dead_letter(&self, data_dir: &std::path::Path) -> anyhow::Result<Arc<dyn DeadLetter>> {
+        match self {
+            LogParts::Embedded(_) => Ok(Arc::new(
+                settler::FileDeadLetter::open(data_dir.join("dead-letter"))
+                    .context("opening the dead-letter file")?,
+            )),
+            LogParts::Kafka { log, config } => Ok(Arc::new(KafkaDeadLetter {
+                log: Arc::clone(log),
+                topic: config.dlq_topic(),
+            })),
+        }
+    }
+
+    fn kafka(&self) -> Option<Arc<KafkaLog>> {
+        match self {
+            LogParts::Kafka { log, .. } => Some(Arc::clone(log)),
+            LogParts::Embedded(_) => None,
+        }
+    }
+}
+
+/// Undecodable records go to the dead-letter topic, keyed by where they were read.
+struct KafkaDeadLetter {
+    log: Arc<KafkaLog>,
+    topic: String,
+}
+
+#[async_trait]
+impl DeadLetter for KafkaDeadLetter {
+    async fn send(
+        &self,
+        entry: &sequencer::LogEntry,
+        error: &sequencer::RecordError,
+    ) -> std::io::Result<()> {
+        let key = format!("{}-{}", entry.position.partition, entry.position.offset);
+        tracing::warn!(%error, key, "record sent to the dead-letter topic");
+        self.log
+            .send(&self.topic, &key, &entry.payload)
+            .await
+            .map(drop)
+            .map_err(std::io::Error::other)
+    }
+}
+
+async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn OrderStore>> {
+    if config.store.url != EMBEDDED {
+        return Err(unsupported("store.url", &config.store.url));
+    }
+    let store = SqliteStore::open(config.data_dir.join("flashsale.db"))
+        .with_context(|| format!("opening the store in {}", config.data_dir.display()))?;
+    Ok(Arc::new(store))
+}
+
+async fn open_admission(
+    config: &Config,
+    store: &dyn OrderStore,
+    log: &LogParts,
+) -> anyhow::Result<Arc<dyn Admission>> {
+    if config.admission.url.starts_with("redis://") {
+        // Redis keeps the counters across restarts of this process; a sale whose keys
+        // Redis lost answers 503 until `flashsale reconcile` rebuilds them.
+        let redis = RedisAdmission::connect(
+            &config.admission.url,
+            &config.admission.key_prefix,
+            config.admission.decision_timeout,
+        )
+        .await
+        .with_context(|| format!("admission.url: cannot use {}", config.admission.url))?;
+        return Ok(Arc::new(redis));
+    }
+    if config.admission.url != EMBEDDED {
+        return Err(unsupported("admission.url", &config.admission.url));
+    }
+    let LogParts::Embedded(file) = log else {
+        bail!(
+            "admission.url = \"embedded\" with log.url = {:?}: embedded admission rebuilds its \
+             counters from the embedded log after a restart; use redis:// admission with a \
+             Kafka log",
+            config.log.url
+        );
+    };
+    let embedded = EmbeddedAdmission::new();
+    recover_admission(&embedded, store, file).await?;
+    Ok(Arc::new(embedded))
+}
+
+/// Provider URLs, with the built-in mock started where `embedded` is configured.
+struct Providers {
+    payment_url: String,
+    notification_url: String,
+    mock: Option<MockProvider>,
+}
+
+async fn providers(config: &Config) -> anyhow::Result<Providers> {
+    let configured = |url: &str| (url != EMBEDDED).then(|| url.trim_end_matches('/').to_owned());
+    let payment_url = configured(&config.providers.payment_url);
+    let notification_url = configured(&config.providers.notification_url);
+    let mock = if payment_url.is_none() || notification_url.is_none() {
+        Some(
+            MockProvider::start(MockConfig {
                 latency: config.providers.mock_latency,
                 decline_rate: config.providers.mock_decline_rate,
                 error_rate: config.providers.mock_error_rate,
                 ..MockConfig::default()
             })
             .await
-            .context("starting the built-in mock provider")?;
-            mock = Some(m);
+            .context("starting the built-in mock provider")?,
+        )
+    } else {
+        None
+    };
+    let mock_url = mock.as_ref().map(MockProvider::url).unwrap_or_default();
+    Ok(Providers {
+        payment_url: payment_url.unwrap_or_else(|| mock_url.clone()),
+        notification_url: notification_url.unwrap_or(mock_url),
+        mock,
+    })
+}
+
+async fn build_settler(
+    config: &Config,
+    store: &Arc<dyn OrderStore>,
+    log: &LogParts,
+    admission: &Arc<dyn Admission>,
+    providers: &Providers,
+) -> anyhow::Result<settler::Settler> {
+    let settler_config = settler::SettlerConfig {
+        batch_size: config.settler.batch_size,
+        poll_wait: config.settler.poll_wait,
+        charge_concurrency: config.settler.charge_concurrency,
+        consumer_name: config.settler.consumer.clone(),
+        payment_url: providers.payment_url.clone(),
+        notification_url: providers.notification_url.clone(),
+        provider_timeout: config.providers.timeout,
+        ..settler::SettlerConfig::default()
+    };
+    Ok(settler::Settler::new(
+        Arc::clone(store),
+        log.consumer(store.as_ref(), &config.settler.consumer, &config.data_dir)
+            .await?,
+        Arc::new(AdmissionRelease(Arc::clone(admission))),
+        log.dead_letter(&config.data_dir)?,
+        settler_config,
+    )?)
+}
+
+/// Entry point of the composition.
+#[derive(Debug)]
+pub struct App;
+
+impl App {
+    /// Builds every part from `config` and serves the API on `listener`; runs the settler
+    /// in the same process when `settler.enabled`.
+    pub async fn start(config: &Config, listener: TcpListener) -> anyhow::Result<Running> {
+        let auth = Auth::new(&config.auth.to_auth_config()?).context("auth")?;
+        let redis_admission = config.admission.url.starts_with("redis://");
+        if !redis_admission && config.admission.url != EMBEDDED {
+            return Err(unsupported("admission.url", &config.admission.url));
         }
-        let mock_url = mock.as_ref().map(MockProvider::url).unwrap_or_default();
-        let payment_url = payment_url.unwrap_or_else(|| mock_url.clone());
-        let notification_url = notification_url.unwrap_or(mock_url);
+        let store = open_store(config).await?;
+        let log = LogParts::open(config).await?;
+        let admission = open_admission(config, store.as_ref(), &log).await?;
+        let providers = providers(config).await?;
 
         let ingest = Arc::new(Ingest::new(
             Arc::clone(&admission),
-            Arc::new(log.clone()) as Arc<dyn OrderLog>,
+            log.order_log(),
             Arc::clone(&store),
             auth,
             ApiConfig {
@@ -259,42 +424,12 @@ impl App {
 
         let shutdown = CancellationToken::new();
         let (settler, settler_stats) = if config.settler.enabled {
-            let from = store
-                .checkpoint(&config.settler.consumer, 0)
-                .await?
-                .unwrap_or(0);
-            // The store says it has read further than the log holds: the log lost
-            // acknowledged records. Starting would skip new orders; refuse instead.
-            if from > log.len() {
-                bail!(
-                    "the store's checkpoint ({from}) is past the end of the order log ({} records) \
-                     in {}: the log lost records; restore it before starting",
-                    log.len(),
-                    config.data_dir.display()
-                );
-            }
-            let settler_config = settler::SettlerConfig {
-                batch_size: config.settler.batch_size,
-                poll_wait: config.settler.poll_wait,
-                charge_concurrency: config.settler.charge_concurrency,
-                consumer_name: config.settler.consumer.clone(),
-                payment_url: payment_url.clone(),
-                notification_url,
-                provider_timeout: config.providers.timeout,
-                ..settler::SettlerConfig::default()
-            };
-            let dead_letter = settler::FileDeadLetter::open(config.data_dir.join("dead-letter"))
-                .context("opening the dead-letter file")?;
-            let s = settler::Settler::new(
-                Arc::clone(&store),
-                Box::new(log.consumer(from)),
-                Arc::new(AdmissionRelease(Arc::clone(&admission))),
-                Arc::new(dead_letter),
-                settler_config,
-            )?;
+            let s = build_settler(config, &store, &log, &admission, &providers).await?;
             let stats = s.stats();
-            let token = shutdown.child_token();
-            (Some(tokio::spawn(s.run(token))), Some(stats))
+            (
+                Some(tokio::spawn(s.run(shutdown.child_token()))),
+                Some(stats),
+            )
         } else {
             (None, None)
         };
@@ -321,13 +456,35 @@ impl App {
             addr,
             store,
             ingest,
-            payment_url,
+            payment_url: providers.payment_url,
             settler_stats,
+            kafka: log.kafka(),
             shutdown,
             server,
             settler,
-            mock,
+            mock: providers.mock,
         })
+    }
+
+    /// Runs the settler alone (`flashsale settle`) until `shutdown` is cancelled. Needs a
+    /// log other processes can write: Kafka.
+    pub async fn settle(config: &Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let store = open_store(config).await?;
+        let log = LogParts::open(config).await?;
+        if matches!(log, LogParts::Embedded(_)) {
+            bail!(
+                "log.url = \"embedded\": the embedded log belongs to the `serve` process, which \
+                 runs the settler itself; `settle` needs a Kafka log (kafka://host:port)"
+            );
+        }
+        let admission = open_admission(config, store.as_ref(), &log).await?;
+        let providers = providers(config).await?;
+        let s = build_settler(config, &store, &log, &admission, &providers).await?;
+        s.run(shutdown).await?;
+        if let Some(m) = providers.mock {
+            m.stop().await;
+        }
+        Ok(())
     }
 }
 

@@ -76,7 +76,7 @@ pub enum Command {
         #[command(flatten)]
         backends: Backends,
     },
-    /// Run the settler alone (needs a distributed log).
+    /// Run the settler alone (needs a Kafka log; `serve` runs it itself otherwise).
     Settle {
         /// Backends.
         #[command(flatten)]
@@ -163,11 +163,14 @@ pub enum Command {
         #[arg(long)]
         admission: Option<String>,
     },
-    /// Apply the store's schema migrations.
+    /// Apply the store's schema migrations and create the Kafka topics.
     Migrate {
         /// Data directory of the embedded store (data_dir).
         #[arg(long)]
         data_dir: Option<PathBuf>,
+        /// Order log (log.url); with kafka://, its topics are created.
+        #[arg(long)]
+        log: Option<String>,
     },
 }
 
@@ -305,16 +308,16 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
         }
         Command::Settle { backends } => {
             let cfg = load(&cli.config, &backends.overrides())?;
-            if cfg.log.url == EMBEDDED {
-                bail!(
-                    "log.url = \"embedded\": the embedded log belongs to the `serve` process, \
-                     which runs the settler itself; `settle` needs a distributed log (kafka://)"
-                );
-            }
-            bail!(
-                "log.url = {:?}: the Kafka log is not implemented yet",
-                cfg.log.url
-            )
+            let token = tokio_util::sync::CancellationToken::new();
+            let t = token.clone();
+            tokio::spawn(async move {
+                shutdown_signal().await;
+                tracing::info!("shutdown requested; finishing orders under way");
+                t.cancel();
+            });
+            println!("flashsale settler running (log {})", cfg.log.url);
+            App::settle(&cfg, token).await?;
+            Ok(0)
         }
         Command::Demo {
             stock,
@@ -476,12 +479,28 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
                 .any(|f| !f.differences.is_empty() && !f.repaired);
             Ok(if unrepaired { 1 } else { 0 })
         }
-        Command::Migrate { data_dir } => {
+        Command::Migrate { data_dir, log } => {
             let mut o = Vec::new();
             if let Some(d) = data_dir {
                 o.push(("data_dir", Value::from(d.display().to_string())));
             }
+            if let Some(l) = log {
+                o.push(("log.url", Value::from(l)));
+            }
             let cfg = load(&cli.config, &o)?;
+            if let Some(kafka) = cfg.log.kafka() {
+                let created = sequencer::kafka::create_topics(&kafka)
+                    .await
+                    .with_context(|| format!("log.url = {:?}", cfg.log.url))?;
+                for t in kafka.topics() {
+                    let state = if created.contains(&t) {
+                        "created"
+                    } else {
+                        "exists"
+                    };
+                    println!("topic {t}: {state}");
+                }
+            }
             if cfg.store.url != EMBEDDED {
                 bail!(
                     "store.url = {:?}: only the embedded store exists in this build",

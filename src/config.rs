@@ -195,6 +195,20 @@ pub struct LogSection {
     pub max_batch: usize,
     /// Most appends waiting for the disk.
     pub queue_capacity: usize,
+    /// Kafka: prefix of every topic name.
+    pub topic_prefix: String,
+    /// Kafka: partitions of each topic `flashsale migrate` creates.
+    pub partitions: u32,
+    /// Kafka: replication factor of the topics `flashsale migrate` creates.
+    pub replication: u32,
+    /// Kafka: `linger.ms` of the producer.
+    #[serde(with = "humantime_serde")]
+    pub linger: Duration,
+    /// Kafka: `batch.size` of the producer in bytes.
+    pub batch_size: usize,
+    /// Kafka: longest wait for a delivery report before the buyer gets 503.
+    #[serde(with = "humantime_serde")]
+    pub delivery_timeout: Duration,
 }
 
 impl Default for LogSection {
@@ -204,7 +218,29 @@ impl Default for LogSection {
             fsync: true,
             max_batch: 4096,
             queue_capacity: 65_536,
+            topic_prefix: String::new(),
+            partitions: 12,
+            replication: 1,
+            linger: Duration::from_millis(1),
+            batch_size: 256 * 1024,
+            delivery_timeout: Duration::from_secs(5),
         }
+    }
+}
+
+impl LogSection {
+    /// The Kafka settings, when `url` is `kafka://host:port[,host:port]`.
+    pub fn kafka(&self) -> Option<sequencer::kafka::KafkaConfig> {
+        let bootstrap = self.url.strip_prefix("kafka://")?;
+        Some(sequencer::kafka::KafkaConfig {
+            bootstrap: bootstrap.trim_end_matches('/').to_owned(),
+            topic_prefix: self.topic_prefix.clone(),
+            partitions: self.partitions.clamp(1, 10_000) as i32,
+            replication: self.replication.clamp(1, 100) as i32,
+            linger: self.linger,
+            batch_size: self.batch_size,
+            delivery_timeout: self.delivery_timeout,
+        })
     }
 }
 

@@ -181,7 +181,10 @@ async fn a_user_over_the_token_bucket_gets_429() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_killed_mid_burst_gives_503_and_reconcile_restores_selling() {
     const STOCK: u64 = 100_000;
-    let mut app = TestApp::start_on(Backend::Redis).await;
+    let mut app = TestApp::start_on_with(Backend::Redis, |c| {
+        c.admission.decision_timeout = Duration::from_millis(250);
+    })
+    .await;
     let a = app
         .create_sale(json!({
             "id": "outage", "sku": "s", "stock": STOCK, "price_cents": 100, "currency": "EUR",

@@ -628,6 +628,13 @@ impl Ingest {
                             }
                             true
                         }
+                        Err(e @ sequencer::Error::Indeterminate(_)) => {
+                            // It may have landed: undoing the admission could sell its
+                            // units twice. The settler persists it if it landed; reconcile
+                            // settles the counters either way.
+                            tracing::warn!(error = %e, order = %oref.order_id, "append outcome unknown; admission kept");
+                            false
+                        }
                         Err(e) => {
                             tracing::warn!(error = %e, order = %oref.order_id, "append failed; aborting admission");
                             if let Err(e) = admission.abort(&task_sale, &oref).await {

@@ -203,10 +203,22 @@ impl KafkaLog {
                 partition: d.partition as u32,
                 offset: d.offset as u64,
             }),
-            Err((KafkaError::MessageProduction(code), _)) => Err(Error::Unavailable(format!(
+            // Refused before it could have been written: safe to undo the admission.
+            Err((
+                KafkaError::MessageProduction(
+                    code @ (RDKafkaErrorCode::QueueFull
+                    | RDKafkaErrorCode::MessageSizeTooLarge
+                    | RDKafkaErrorCode::UnknownTopic
+                    | RDKafkaErrorCode::UnknownTopicOrPartition
+                    | RDKafkaErrorCode::UnknownPartition
+                    | RDKafkaErrorCode::InvalidMessage),
+                ),
+                _,
+            )) => Err(Error::Unavailable(format!(
                 "the broker did not take the record: {code}"
             ))),
-            Err((e, _)) => Err(unavailable(e)),
+            // Anything else (a delivery timeout above all) may have been written.
+            Err((e, _)) => Err(Error::Indeterminate(e.to_string())),
         }
     }
 

@@ -25,6 +25,11 @@ pub enum Error {
     /// An I/O error of the embedded log.
     #[error("log i/o: {0}")]
     Io(#[from] std::io::Error),
+    /// The record may or may not have been written (a delivery timed out after sending).
+    /// It must not be treated as refused: admission is not undone, the settler persists it
+    /// if it landed, and reconcile settles the counters.
+    #[error("order log outcome unknown: {0}")]
+    Indeterminate(String),
     /// The embedded log file is damaged in a way that would lose acknowledged records.
     #[error("order log corrupt: {0}")]
     Corrupt(String),

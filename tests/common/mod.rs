@@ -70,6 +70,9 @@ impl TestApp {
             data_dir: dir.path().to_path_buf(),
             ..Config::default()
         };
+        // Tests share two cores with their servers; a decision deadline tuned for
+        // production would turn scheduling delays into 503s. Tests of the deadline set it.
+        config.admission.decision_timeout = Duration::from_secs(2);
         tweak(&mut config);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await

@@ -1,0 +1,153 @@
+//! The Kafka log end to end, against a real tansu broker and redis-server: orders answered
+//! 202 by ingest are in the orders topic exactly once, spread over every partition, and the
+//! settler consumes them back into the store.
+
+mod common;
+
+const PARTITIONS: u32 = 6;
+
+use common::{eventually, TestApp};
+use sequencer::kafka::{KafkaConfig, KafkaConsumer};
+use sequencer::LogConsumer;
+use serde_json::json;
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+fn migrate(log_url: &str, data: &std::path::Path) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_flashsale"))
+        .args([
+            "migrate",
+            "--log",
+            log_url,
+            "--data-dir",
+            &data.display().to_string(),
+        ])
+        .env_remove("FLASHSALE_CONFIG")
+        .env("FLASHSALE_LOG__PARTITIONS", PARTITIONS.to_string())
+        .output()
+        .expect("migrate");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_acknowledged_order_is_in_the_topic_once_and_settles() {
+    const ORDERS: usize = 20_000;
+    let broker = testkit::TansuBroker::start();
+    let redis = testkit::RedisServer::start();
+    let log_url = format!("kafka://{}", broker.bootstrap());
+
+    // A missing topic is a clear error at start-up, not a hang.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = flashsale::config::Config {
+        data_dir: dir.path().to_path_buf(),
+        ..Default::default()
+    };
+    config.admission.url = redis.url();
+    config.log.url = log_url.clone();
+    config.log.partitions = PARTITIONS;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let err = flashsale::app::App::start(&config, listener)
+        .await
+        .expect_err("no topics yet");
+    assert!(format!("{err:#}").contains("flashsale migrate"), "{err:#}");
+
+    let out = migrate(&log_url, dir.path());
+    assert!(out.contains("flashsale.orders.v1: created"), "{out}");
+    assert!(migrate(&log_url, dir.path()).contains("flashsale.orders.v1: exists"));
+
+    let app = Arc::new(
+        TestApp::start_with(|c| {
+            c.admission.url = redis.url();
+            c.log.url = log_url.clone();
+            c.log.partitions = PARTITIONS;
+        })
+        .await,
+    );
+    let a = app
+        .create_sale(json!({
+            "id": "kafka", "sku": "s", "stock": 1000000, "price_cents": 100, "currency": "EUR",
+            "per_user_limit": 1000, "max_quantity_per_order": 1,
+            "user_rate": {"per_second": 100000, "burst": 100000}
+        }))
+        .await;
+    assert_eq!(a.status, 201, "{}", a.body);
+    let tokens: Arc<Vec<String>> =
+        Arc::new((0..100).map(|u| app.token(&format!("k{u}"))).collect());
+    let next = Arc::new(AtomicUsize::new(0));
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..64 {
+        let (app, tokens, next) = (Arc::clone(&app), Arc::clone(&tokens), Arc::clone(&next));
+        tasks.spawn(async move {
+            let mut ids = Vec::new();
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= ORDERS {
+                    break;
+                }
+                let a = app
+                    .order("kafka", &tokens[i % tokens.len()], &format!("o{i}"), 1)
+                    .await;
+                assert_eq!(a.status, 202, "{}", a.body);
+                ids.push(a.body["order_id"].as_str().expect("id").to_owned());
+            }
+            ids
+        });
+    }
+    let mut acked: HashSet<String> = HashSet::new();
+    while let Some(r) = tasks.join_next().await {
+        acked.extend(r.expect("client"));
+    }
+    assert_eq!(acked.len(), ORDERS);
+
+    // Read the topic with a group of our own: every acknowledged order exactly once.
+    let kafka = KafkaConfig {
+        bootstrap: broker.bootstrap(),
+        ..KafkaConfig::default()
+    };
+    let mut reader = KafkaConsumer::new(&kafka, "test-reader").expect("consumer");
+    let mut seen: HashMap<String, u32> = HashMap::new();
+    let mut partitions = HashSet::new();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while seen.len() < ORDERS {
+        assert!(Instant::now() < deadline, "read {} of {ORDERS}", seen.len());
+        for e in reader
+            .poll(1000, Duration::from_millis(500))
+            .await
+            .expect("poll")
+        {
+            let r = sequencer::decode(&e.payload).expect("decodes");
+            partitions.insert(e.position.partition);
+            *seen.entry(r.order_id.to_string()).or_default() += 1;
+        }
+    }
+    assert_eq!(
+        partitions.len() as u32,
+        PARTITIONS,
+        "spread over every partition"
+    );
+    assert!(seen.values().all(|n| *n == 1), "no record twice");
+    assert_eq!(seen.keys().cloned().collect::<HashSet<_>>(), acked);
+
+    // The settler consumed them back: everything persisted and paid.
+    eventually(
+        "every order persisted and paid",
+        Duration::from_secs(120),
+        || {
+            let app = Arc::clone(&app);
+            async move {
+                let s = app.stats("kafka").await;
+                s["persisted"] == ORDERS && s["paid"] == ORDERS
+            }
+        },
+    )
+    .await;
+}
