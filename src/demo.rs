@@ -318,6 +318,12 @@ pub async fn run(mut config: Config, opts: &DemoOptions) -> anyhow::Result<Repor
     config.data_dir = data.path().to_path_buf();
     config.providers.mock_decline_rate = opts.decline_rate;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    if let Some(kafka) = config.log.kafka() {
+        // A whole sale in one command: the topics are created if missing (as `migrate` does).
+        sequencer::kafka::create_topics(&kafka)
+            .await
+            .with_context(|| format!("log.url = {:?}: creating the topics", config.log.url))?;
+    }
     let running = App::start(&config, listener).await?;
     let report = drive(&config, &running, opts).await;
     running.stop().await?;

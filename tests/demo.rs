@@ -15,6 +15,14 @@ fn demo_on_redis_admission_passes() {
     demo_passes(&["--admission", &redis.url()]);
 }
 
+#[test]
+fn demo_on_redis_and_kafka_passes() {
+    let redis = testkit::RedisServer::start();
+    let broker = testkit::TansuBroker::start();
+    let log = format!("kafka://{}", broker.bootstrap());
+    demo_passes(&["--admission", &redis.url(), "--log", &log]);
+}
+
 fn demo_passes(extra: &[&str]) {
     let out = Command::new(env!("CARGO_BIN_EXE_flashsale"))
         .args([

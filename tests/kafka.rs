@@ -151,3 +151,130 @@ async fn every_acknowledged_order_is_in_the_topic_once_and_settles() {
     )
     .await;
 }
+
+/// Starts the binary and returns it with the first line it printed.
+fn spawn(args: &[&str], env: &[(&str, String)]) -> (std::process::Child, String) {
+    use std::io::BufRead;
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_flashsale"));
+    cmd.args(args)
+        .env_remove("FLASHSALE_CONFIG")
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().expect("spawn flashsale");
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("read");
+    (child, line)
+}
+
+struct Guard(std::process::Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_and_settle_run_as_separate_processes() {
+    let broker = testkit::TansuBroker::start();
+    let redis = testkit::RedisServer::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().display().to_string();
+    let log_url = format!("kafka://{}", broker.bootstrap());
+    migrate(&log_url, dir.path());
+    let (provider, line) = spawn(&["mock-provider", "--listen", "127.0.0.1:0"], &[]);
+    let _provider = Guard(provider);
+    let provider_url = line
+        .split_whitespace()
+        .find(|w| w.starts_with("http://"))
+        .expect("url")
+        .to_owned();
+    let env = vec![
+        ("FLASHSALE_ADMISSION__URL", redis.url()),
+        ("FLASHSALE_LOG__URL", log_url.clone()),
+        ("FLASHSALE_DATA_DIR", data.clone()),
+        ("FLASHSALE_PROVIDERS__PAYMENT_URL", provider_url.clone()),
+        (
+            "FLASHSALE_PROVIDERS__NOTIFICATION_URL",
+            provider_url.clone(),
+        ),
+    ];
+    let mut serve_env = env.clone();
+    serve_env.push(("FLASHSALE_SETTLER__ENABLED", "false".into()));
+    let (server, line) = spawn(&["serve", "--listen", "127.0.0.1:0"], &serve_env);
+    let _server = Guard(server);
+    let url = line
+        .split_whitespace()
+        .find(|w| w.starts_with("http://"))
+        .expect("url")
+        .to_owned();
+
+    let client = reqwest::Client::new();
+    let operator = "flashsale-dev-operator-token";
+    let created = client
+        .post(format!("{url}/v1/sales"))
+        .bearer_auth(operator)
+        .json(
+            &json!({"id": "split", "sku": "s", "stock": 1000, "price_cents": 100, "currency": "EUR",
+                      "per_user_limit": 10, "max_quantity_per_order": 1,
+                      "user_rate": {"per_second": 1000, "burst": 1000}}),
+        )
+        .send()
+        .await
+        .expect("create");
+    assert_eq!(created.status().as_u16(), 201);
+    let auth = flashsale::config::Config::default()
+        .auth
+        .to_auth_config()
+        .expect("auth");
+    let mut acked = Vec::new();
+    for i in 0..200 {
+        let token =
+            ingest::auth::issue_token(&auth, &format!("s{}", i % 40), Duration::from_secs(600))
+                .expect("token");
+        let resp = client
+            .post(format!("{url}/v1/sales/split/orders"))
+            .bearer_auth(&token)
+            .header("idempotency-key", format!("s{i}"))
+            .json(&json!({"quantity": 1, "payment_token": "tok_visa"}))
+            .send()
+            .await
+            .expect("order");
+        assert_eq!(resp.status().as_u16(), 202);
+        acked.push(resp.json::<serde_json::Value>().await.expect("json")["order_id"].clone());
+    }
+    let stats = |client: reqwest::Client, url: String| async move {
+        client
+            .get(format!("{url}/v1/sales/split/stats"))
+            .bearer_auth(operator)
+            .send()
+            .await
+            .expect("stats")
+            .json::<serde_json::Value>()
+            .await
+            .expect("json")
+    };
+    // Nothing settles without the settler process.
+    assert_eq!(stats(client.clone(), url.clone()).await["persisted"], 0);
+    let (settler, _) = spawn(&["settle"], &env);
+    let _settler = Guard(settler);
+    eventually(
+        "the settler process settles every order",
+        Duration::from_secs(120),
+        || {
+            let (client, url) = (client.clone(), url.clone());
+            async move {
+                let s = stats(client, url).await;
+                s["persisted"] == 200 && s["paid"] == 200
+            }
+        },
+    )
+    .await;
+}
