@@ -278,3 +278,64 @@ async fn serve_and_settle_run_as_separate_processes() {
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poison_record_goes_to_the_dead_letter_topic_and_the_partition_moves_on() {
+    let broker = testkit::TansuBroker::start();
+    let redis = testkit::RedisServer::start();
+    let log_url = format!("kafka://{}", broker.bootstrap());
+    let kafka = KafkaConfig {
+        bootstrap: broker.bootstrap(),
+        partitions: 1,
+        ..KafkaConfig::default()
+    };
+    sequencer::kafka::create_topics(&kafka)
+        .await
+        .expect("topics");
+    let app = TestApp::start_with(|c| {
+        c.admission.url = redis.url();
+        c.log.url = log_url.clone();
+    })
+    .await;
+    let sale = app.sale("poisoned", 100, 10).await;
+    let producer = sequencer::kafka::KafkaLog::new(&kafka).expect("producer");
+    producer
+        .send(&kafka.orders_topic(), "poison", b"{not an order")
+        .await
+        .expect("send poison");
+    for i in 0..5 {
+        assert_eq!(
+            app.order(&sale, &app.token("p"), &format!("p{i}"), 1)
+                .await
+                .status,
+            202
+        );
+    }
+    eventually(
+        "orders after the poison settle",
+        Duration::from_secs(60),
+        || {
+            let s = app.stats(&sale);
+            async move { s.await["paid"] == 5 }
+        },
+    )
+    .await;
+    let mut dlq = KafkaConsumer::for_topic(&kafka, "dlq-reader", &kafka.dlq_topic()).expect("dlq");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let poison = loop {
+        assert!(
+            Instant::now() < deadline,
+            "nothing in the dead-letter topic"
+        );
+        if let Some(e) = dlq
+            .poll(10, Duration::from_millis(500))
+            .await
+            .expect("poll")
+            .pop()
+        {
+            break e;
+        }
+    };
+    assert_eq!(&poison.payload[..], b"{not an order");
+    app.stop().await;
+}

@@ -255,6 +255,11 @@ impl KafkaConsumer {
     /// Joins `group` on the orders topic. Offsets are stored only by [`LogConsumer::commit`];
     /// a new group starts at the earliest record.
     pub fn new(config: &KafkaConfig, group: &str) -> Result<Self> {
+        Self::for_topic(config, group, &config.orders_topic())
+    }
+
+    /// Joins `group` on `topic` (the dead-letter topic, for inspection and replay).
+    pub fn for_topic(config: &KafkaConfig, group: &str, topic: &str) -> Result<Self> {
         let consumer: StreamConsumer = ClientConfig::new()
             .set("bootstrap.servers", &config.bootstrap)
             .set("group.id", group)
@@ -266,9 +271,7 @@ impl KafkaConsumer {
             .set("max.poll.interval.ms", "60000")
             .create()
             .map_err(unavailable)?;
-        consumer
-            .subscribe(&[&config.orders_topic()])
-            .map_err(unavailable)?;
+        consumer.subscribe(&[topic]).map_err(unavailable)?;
         Ok(KafkaConsumer { consumer })
     }
 }
