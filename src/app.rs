@@ -44,6 +44,13 @@ impl settler::StockRelease for AdmissionRelease {
             .await
             .map_err(|e| settler::Error::Release(e.to_string()))
     }
+
+    async fn claim(&self, order: &Order) -> Result<bool, settler::Error> {
+        self.0
+            .claim(&order.new.sale_id, order.new.order_id)
+            .await
+            .map_err(|e| settler::Error::Release(e.to_string()))
+    }
 }
 
 /// A running system.

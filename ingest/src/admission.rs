@@ -5,12 +5,14 @@
 //! and runs the I/O-free [`model`](crate::model) directly; after a restart it is rebuilt
 //! from the order log and the store (see [`EmbeddedAdmission::restore_accepted`]).
 
-use crate::model::{AdmitRequest, Counters, Decision, OrderRef, SaleRules, SaleState};
+use crate::model::{
+    AbortOutcome, AdmitRequest, Counters, Decision, OrderRef, SaleRules, SaleState,
+};
 use async_trait::async_trait;
 use dashmap::DashMap;
 use parking_lot::Mutex;
 use std::sync::Arc;
-use storage::{Sale, SaleId, Timestamp};
+use storage::{OrderId, Sale, SaleId, Timestamp};
 
 /// Errors of an admission backend.
 #[derive(Debug, thiserror::Error)]
@@ -40,8 +42,13 @@ pub trait Admission: Send + Sync + 'static {
     async fn admit(&self, sale: &SaleId, req: &AdmitRequest) -> Result<Decision>;
     /// The order's record is durable: its retries now get its answer.
     async fn confirm(&self, sale: &SaleId, order: &OrderRef) -> Result<()>;
-    /// The order's record did not reach the log: give its stock back and forget its answer.
-    async fn abort(&self, sale: &SaleId, order: &OrderRef) -> Result<()>;
+    /// The order's record did not reach the log, or its outcome is unknown: undo the
+    /// acceptance unless the settler already claimed the record (see
+    /// [`SaleState::abort`](crate::model::SaleState::abort)).
+    async fn abort(&self, sale: &SaleId, order: &OrderRef) -> Result<AbortOutcome>;
+    /// The settler takes an order it read from the log; `Ok(false)` if it was aborted
+    /// first and must be cancelled, not charged.
+    async fn claim(&self, sale: &SaleId, order_id: OrderId) -> Result<bool>;
     /// Gives an order's units back, exactly once per order id. `Ok(true)` if this call did.
     async fn release(&self, sale: &SaleId, order: &OrderRef) -> Result<bool>;
     /// The sale's counters, or `None` if the backend does not know the sale.
@@ -136,9 +143,12 @@ impl Admission for EmbeddedAdmission {
         Ok(())
     }
 
-    async fn abort(&self, sale: &SaleId, order: &OrderRef) -> Result<()> {
-        self.sale(sale)?.lock().abort(order);
-        Ok(())
+    async fn abort(&self, sale: &SaleId, order: &OrderRef) -> Result<AbortOutcome> {
+        Ok(self.sale(sale)?.lock().abort(order))
+    }
+
+    async fn claim(&self, sale: &SaleId, order_id: OrderId) -> Result<bool> {
+        Ok(self.sale(sale)?.lock().claim(order_id))
     }
 
     async fn release(&self, sale: &SaleId, order: &OrderRef) -> Result<bool> {

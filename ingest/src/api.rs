@@ -9,7 +9,7 @@
 use crate::admission::{self, Admission};
 use crate::auth::Auth;
 use crate::metrics::{Metrics, OutcomeLabel, RateWindow, ResponseLabel};
-use crate::model::{AdmitRequest, Decision, OrderRef, Rejection};
+use crate::model::{AbortOutcome, AdmitRequest, Decision, OrderRef, Rejection};
 use crate::problem::ApiError;
 use bytes::Bytes;
 use dashmap::DashMap;
@@ -621,28 +621,29 @@ impl Ingest {
                 let (log, admission) = (Arc::clone(&self.log), Arc::clone(&self.admission));
                 let task_sale = sale_id.clone();
                 let durable = tokio::spawn(async move {
-                    match log.append(&record).await {
-                        Ok(_) => {
-                            if let Err(e) = admission.confirm(&task_sale, &oref).await {
-                                tracing::warn!(error = %e, order = %oref.order_id, "confirm failed; retries answer in-progress");
+                    let failed = match log.append(&record).await {
+                        Ok(_) => None,
+                        Err(e) => Some(e),
+                    };
+                    if let Some(e) = failed {
+                        // Refused, or the outcome is unknown (a delivery timeout). Abort: if
+                        // the settler already read the record, the abort is refused and the
+                        // order stands; otherwise the stock goes back, and should the record
+                        // land later, the settler's claim fails and it cancels the order.
+                        tracing::warn!(error = %e, order = %oref.order_id, "append failed; aborting admission");
+                        match admission.abort(&task_sale, &oref).await {
+                            Ok(AbortOutcome::AlreadyClaimed) => {}
+                            Ok(_) => return false,
+                            Err(e) => {
+                                tracing::error!(error = %e, order = %oref.order_id, "abort failed; reconcile repairs the counters");
+                                return false;
                             }
-                            true
-                        }
-                        Err(e @ sequencer::Error::Indeterminate(_)) => {
-                            // It may have landed: undoing the admission could sell its
-                            // units twice. The settler persists it if it landed; reconcile
-                            // settles the counters either way.
-                            tracing::warn!(error = %e, order = %oref.order_id, "append outcome unknown; admission kept");
-                            false
-                        }
-                        Err(e) => {
-                            tracing::warn!(error = %e, order = %oref.order_id, "append failed; aborting admission");
-                            if let Err(e) = admission.abort(&task_sale, &oref).await {
-                                tracing::error!(error = %e, order = %oref.order_id, "abort failed; stock stays taken until recovery");
-                            }
-                            false
                         }
                     }
+                    if let Err(e) = admission.confirm(&task_sale, &oref).await {
+                        tracing::warn!(error = %e, order = %oref.order_id, "confirm failed; retries answer in-progress");
+                    }
+                    true
                 })
                 .await
                 .unwrap_or(false);

@@ -193,6 +193,17 @@ pub struct OrderRef {
     pub key: String,
 }
 
+/// What an abort did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AbortOutcome {
+    /// The acceptance was undone: stock back, answer forgotten.
+    Undone,
+    /// The settler already read the order's record: it is durable and stays.
+    AlreadyClaimed,
+    /// The order held nothing (a decision that never ran, a refusal, or undone before).
+    Nothing,
+}
+
 /// Admission counters of a sale, for stats.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Counters {
@@ -225,6 +236,8 @@ pub struct Snapshot {
     pub answers: Vec<(UserId, String, IdemEntry)>,
     /// Orders released or aborted.
     pub released: Vec<OrderId>,
+    /// Orders the settler took (durable; no abort may undo them).
+    pub claimed: Vec<OrderId>,
 }
 
 /// Admission state of one sale.
@@ -243,6 +256,7 @@ pub struct SaleState {
     buckets: HashMap<UserId, Bucket>,
     idem: HashMap<(UserId, String), IdemEntry>,
     released: HashSet<OrderId>,
+    claimed: HashSet<OrderId>,
     rejected: HashMap<&'static str, u64>,
 }
 
@@ -260,6 +274,7 @@ impl SaleState {
             buckets: HashMap::new(),
             idem: HashMap::new(),
             released: HashSet::new(),
+            claimed: HashSet::new(),
             rejected: HashMap::new(),
         }
     }
@@ -359,21 +374,26 @@ impl SaleState {
     /// user's units and the accepted counters go back; the sequence number stays used) and
     /// its idempotency answer is forgotten, so the buyer's retry is decided afresh.
     ///
-    /// Only an order that holds the idempotency answer of its key and was never released
-    /// is undone, so an abort of a decision that never ran (or was a refusal) gives nothing
-    /// back. Returns whether this call undid it.
-    pub fn abort(&mut self, order: &OrderRef) -> bool {
+    /// Only an order that holds the idempotency answer of its key, was never released and
+    /// was not claimed by the settler is undone, so an abort of a decision that never ran
+    /// (or was a refusal) gives nothing back, and an order whose record the settler already
+    /// read stays.
+    pub fn abort(&mut self, order: &OrderRef) -> AbortOutcome {
+        if self.claimed.contains(&order.order_id) {
+            // The settler holds the record: the order is durable, whatever the producer said.
+            return AbortOutcome::AlreadyClaimed;
+        }
         let key = (order.user.clone(), order.key.clone());
         let holds = self
             .idem
             .get(&key)
             .is_some_and(|e| e.answer.order_id == order.order_id);
         if !holds {
-            return false;
+            return AbortOutcome::Nothing;
         }
         self.idem.remove(&key);
         if !self.released.insert(order.order_id) {
-            return false;
+            return AbortOutcome::Nothing;
         }
         self.stock_left += i64::from(order.quantity);
         if let Some(u) = self.units.get_mut(&order.user) {
@@ -383,11 +403,27 @@ impl SaleState {
         self.accepted_units = self
             .accepted_units
             .saturating_sub(u64::from(order.quantity));
+        AbortOutcome::Undone
+    }
+
+    /// The settler takes an order it read from the log: from now on an abort cannot undo
+    /// it. Returns `false` if it was aborted first (the buyer got 503 and its stock went
+    /// back), in which case the settler cancels it instead of charging it.
+    pub fn claim(&mut self, order_id: OrderId) -> bool {
+        if self.claimed.contains(&order_id) {
+            return true;
+        }
+        if self.released.contains(&order_id) {
+            return false;
+        }
+        self.claimed.insert(order_id);
         true
     }
 
     /// Rebuilds the effect of an order that is durable in the log (recovery after restart).
     pub fn restore_accepted(&mut self, order: &OrderRef, fingerprint: &str, sequence: u64) {
+        // Durable in the log: no abort may undo it.
+        self.claimed.insert(order.order_id);
         self.take(&order.user, order.quantity);
         self.next_sequence = self.next_sequence.max(sequence + 1);
         self.idem.insert(
@@ -433,6 +469,8 @@ impl SaleState {
         answers.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
         let mut released: Vec<OrderId> = self.released.iter().copied().collect();
         released.sort();
+        let mut claimed: Vec<OrderId> = self.claimed.iter().copied().collect();
+        claimed.sort();
         Snapshot {
             rules: self.rules,
             counters: self.counters(),
@@ -440,6 +478,7 @@ impl SaleState {
             units,
             answers,
             released,
+            claimed,
         }
     }
 
@@ -591,13 +630,29 @@ mod tests {
             s.admit(&refused, SEC),
             Decision::Rejected(Rejection::SoldOut)
         );
-        assert!(!s.abort(&oref(&refused)), "a refusal holds no answer");
+        assert_eq!(
+            s.abort(&oref(&refused)),
+            AbortOutcome::Nothing,
+            "a refusal holds no answer"
+        );
         let never_sent = req(3, 1, 1, 1);
-        assert!(!s.abort(&oref(&never_sent)));
+        assert_eq!(s.abort(&oref(&never_sent)), AbortOutcome::Nothing);
         assert_eq!(s.stock_left, 0, "nothing was given back");
+        assert!(s.claim(a.order_id), "the settler takes the order");
+        assert_eq!(
+            s.abort(&oref(&a)),
+            AbortOutcome::AlreadyClaimed,
+            "a claimed order stays"
+        );
+        assert_eq!(s.stock_left, 0);
         assert!(s.release(&oref(&a)));
-        assert!(!s.abort(&oref(&a)), "a released order is not undone again");
+        assert_eq!(s.abort(&oref(&a)), AbortOutcome::AlreadyClaimed);
         assert_eq!(s.stock_left, 1);
+        // Aborted first: the settler's claim fails and it cancels the order.
+        let b = req(4, 1, 1, 1);
+        assert!(matches!(s.admit(&b, SEC), Decision::Accepted(_)));
+        assert_eq!(s.abort(&oref(&b)), AbortOutcome::Undone);
+        assert!(!s.claim(b.order_id));
     }
 
     #[test]
@@ -605,7 +660,7 @@ mod tests {
         let mut s = SaleState::new(rules(1, 1));
         let a = req(1, 1, 1, 1);
         assert!(matches!(s.admit(&a, SEC), Decision::Accepted(_)));
-        assert!(s.abort(&oref(&a)));
+        assert_eq!(s.abort(&oref(&a)), AbortOutcome::Undone);
         assert_eq!(s.stock_left, 1);
         let c = s.counters();
         assert_eq!(
@@ -670,10 +725,12 @@ mod tests {
                     },
                     Op::Abort(i) => if let Some(r) = accepted.get(i) {
                         let holds = !aborted.contains(&r.order_id);
-                        let undone = s.abort(&oref(r));
+                        let undone = s.abort(&oref(r)) == AbortOutcome::Undone;
                         prop_assert!(!undone || (holds && !released.contains(&r.order_id)));
+                        if undone {
+                            released.insert(r.order_id);
+                        }
                         aborted.insert(r.order_id);
-                        released.insert(r.order_id);
                     },
                     Op::Tick(us) => now += i64::from(us),
                     Op::AddStock(n) => { s.add_stock(u64::from(n)); total_stock += u64::from(n); }

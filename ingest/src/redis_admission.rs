@@ -10,7 +10,9 @@
 //! counters are rebuilt from the order store.
 
 use crate::admission::{Admission, Error, Result};
-use crate::model::{AdmitRequest, Answer, Counters, Decision, OrderRef, Rejection, Snapshot};
+use crate::model::{
+    AbortOutcome, AdmitRequest, Answer, Counters, Decision, OrderRef, Rejection, Snapshot,
+};
 use async_trait::async_trait;
 use redis::aio::ConnectionManager;
 use redis::{Script, Value};
@@ -26,6 +28,7 @@ struct Scripts {
     release: Script,
     confirm: Script,
     add_stock: Script,
+    claim: Script,
 }
 
 /// [`Admission`] on Redis.
@@ -56,6 +59,7 @@ struct Keys {
     idem: String,
     rejected: String,
     released: String,
+    claimed: String,
 }
 
 fn as_string(v: &Value) -> Option<String> {
@@ -94,6 +98,7 @@ impl RedisAdmission {
                 release: Script::new(include_str!("lua/release.lua")),
                 confirm: Script::new(include_str!("lua/confirm.lua")),
                 add_stock: Script::new(include_str!("lua/add_stock.lua")),
+                claim: Script::new(include_str!("lua/claim.lua")),
             }),
             prefix: prefix.to_owned(),
         })
@@ -108,6 +113,7 @@ impl RedisAdmission {
             idem: format!("{base}:idem"),
             rejected: format!("{base}:rejected"),
             released: format!("{base}:released"),
+            claimed: format!("{base}:claimed"),
         }
     }
 
@@ -174,7 +180,7 @@ impl RedisAdmission {
         Ok((decision, now))
     }
 
-    async fn release_mode(&self, sale: &SaleId, order: &OrderRef, mode: &str) -> Result<bool> {
+    async fn release_mode(&self, sale: &SaleId, order: &OrderRef, mode: &str) -> Result<i64> {
         let k = self.keys(sale);
         let mut conn = self.conn.clone();
         let n: i64 = self
@@ -184,6 +190,7 @@ impl RedisAdmission {
             .key(&k.units)
             .key(&k.released)
             .key(&k.idem)
+            .key(&k.claimed)
             .arg(order.order_id.to_string())
             .arg(order.user.as_str())
             .arg(order.quantity)
@@ -196,7 +203,7 @@ impl RedisAdmission {
             -1 => Err(Error::Unavailable(format!(
                 "the counters of sale {sale} are missing from Redis"
             ))),
-            n => Ok(n == 1),
+            n => Ok(n),
         }
     }
 
@@ -251,6 +258,7 @@ impl RedisAdmission {
             .arg(&k.idem)
             .arg(&k.rejected)
             .arg(&k.released)
+            .arg(&k.claimed)
             .ignore();
         p.cmd("HSET")
             .arg(&k.sale)
@@ -302,6 +310,10 @@ impl RedisAdmission {
         for id in &state.released {
             p.cmd("SADD").arg(&k.released).arg(id.to_string()).ignore();
         }
+        p.cmd("SADD").arg(&k.claimed).arg("\n").ignore();
+        for id in &state.claimed {
+            p.cmd("SADD").arg(&k.claimed).arg(id.to_string()).ignore();
+        }
         for key in [
             &k.sale,
             &k.units,
@@ -309,6 +321,7 @@ impl RedisAdmission {
             &k.idem,
             &k.rejected,
             &k.released,
+            &k.claimed,
         ] {
             p.cmd("PEXPIREAT").arg(key).arg(expire_at).ignore();
         }
@@ -344,6 +357,7 @@ impl Admission for RedisAdmission {
             .key(&k.idem)
             .key(&k.rejected)
             .key(&k.released)
+            .key(&k.claimed)
             .arg(sale.stock)
             .arg(sale.per_user_limit)
             .arg(sale.user_rate.per_second)
@@ -399,12 +413,39 @@ impl Admission for RedisAdmission {
         Ok(())
     }
 
-    async fn abort(&self, sale: &SaleId, order: &OrderRef) -> Result<()> {
-        self.release_mode(sale, order, "abort").await.map(drop)
+    async fn abort(&self, sale: &SaleId, order: &OrderRef) -> Result<AbortOutcome> {
+        Ok(match self.release_mode(sale, order, "abort").await? {
+            1 => AbortOutcome::Undone,
+            2 => AbortOutcome::AlreadyClaimed,
+            _ => AbortOutcome::Nothing,
+        })
+    }
+
+    async fn claim(&self, sale: &SaleId, order_id: OrderId) -> Result<bool> {
+        let k = self.keys(sale);
+        let mut conn = self.conn.clone();
+        let n: i64 = self
+            .scripts
+            .claim
+            .key(&k.sale)
+            .key(&k.released)
+            .key(&k.claimed)
+            .arg(order_id.to_string())
+            .invoke_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        match n {
+            -1 => Err(Error::Unavailable(format!(
+                "the counters of sale {sale} are missing from Redis"
+            ))),
+            n => Ok(n == 1),
+        }
     }
 
     async fn release(&self, sale: &SaleId, order: &OrderRef) -> Result<bool> {
-        self.release_mode(sale, order, "release").await
+        self.release_mode(sale, order, "release")
+            .await
+            .map(|n| n == 1)
     }
 
     async fn counters(&self, sale: &SaleId) -> Result<Option<Counters>> {

@@ -21,6 +21,7 @@ enum Op {
     Confirm(usize),
     Release(usize),
     Abort(usize),
+    Claim(usize),
     Tick(u32),
     AddStock(u8),
 }
@@ -31,6 +32,7 @@ fn op() -> impl Strategy<Value = Op> {
         4 => (0usize..40).prop_map(Op::Confirm),
         2 => (0usize..40).prop_map(Op::Release),
         1 => (0usize..40).prop_map(Op::Abort),
+        1 => (0usize..40).prop_map(Op::Claim),
         2 => (0u32..700_000).prop_map(Op::Tick),
         1 => (1u8..4).prop_map(Op::AddStock),
     ]
@@ -154,12 +156,23 @@ fn model_embedded_and_redis_agree() {
                             &stray
                         }
                     };
-                    model.abort(&oref(target));
-                    rt.block_on(async {
-                        embedded.abort(&sale_id, &oref(target)).await.expect("embedded");
-                        redis.abort(&sale_id, &oref(target)).await.expect("redis");
+                    let m = model.abort(&oref(target));
+                    let (e, r) = rt.block_on(async {
+                        (embedded.abort(&sale_id, &oref(target)).await.expect("embedded"),
+                         redis.abort(&sale_id, &oref(target)).await.expect("redis"))
                     });
+                    prop_assert_eq!(e, m);
+                    prop_assert_eq!(r, m);
                 }
+                Op::Claim(i) => if let Some(r) = accepted.get(i) {
+                    let m = model.claim(r.order_id);
+                    let (e, rr) = rt.block_on(async {
+                        (embedded.claim(&sale_id, r.order_id).await.expect("embedded"),
+                         redis.claim(&sale_id, r.order_id).await.expect("redis"))
+                    });
+                    prop_assert_eq!(e, m);
+                    prop_assert_eq!(rr, m);
+                },
                 Op::Tick(us) => {
                     rt.block_on(redis.advance_clock(&sale_id, i64::from(us))).expect("tick");
                 }
@@ -230,7 +243,7 @@ async fn a_missing_sale_is_unavailable_never_full_stock() {
         .query_async(&mut c)
         .await
         .expect("keys");
-    assert_eq!(keys.len(), 6, "{keys:?}");
+    assert_eq!(keys.len(), 7, "{keys:?}");
     assert!(
         keys.iter().all(|k| k.starts_with("fs:{tagged}:")),
         "{keys:?}"

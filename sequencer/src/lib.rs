@@ -26,8 +26,8 @@ pub enum Error {
     #[error("log i/o: {0}")]
     Io(#[from] std::io::Error),
     /// The record may or may not have been written (a delivery timed out after sending).
-    /// It must not be treated as refused: admission is not undone, the settler persists it
-    /// if it landed, and reconcile settles the counters.
+    /// Ingest aborts the admission; should the record land, the settler's claim of it
+    /// fails and it cancels the order instead of charging it.
     #[error("order log outcome unknown: {0}")]
     Indeterminate(String),
     /// The embedded log file is damaged in a way that would lose acknowledged records.

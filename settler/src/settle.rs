@@ -47,6 +47,11 @@ pub trait StockRelease: Send + Sync + 'static {
     /// idempotent per order id. Failures are [`Error::Release`]; the order is retried by
     /// the next sweep.
     async fn release(&self, order: &Order) -> Result<bool>;
+
+    /// Takes an order read from the log before it is charged: `Ok(true)` to go on,
+    /// `Ok(false)` if ingest aborted its admission first (the buyer got 503 and the stock
+    /// went back), in which case the order is cancelled (`expired`) without a charge.
+    async fn claim(&self, order: &Order) -> Result<bool>;
 }
 
 /// Settings of the settler. Durations are humantime strings (`"50ms"`) in TOML and JSON.
@@ -286,6 +291,35 @@ impl Core {
                     return;
                 }
                 OrderStatus::Persisted => {
+                    let next = match self.release.claim(&order).await {
+                        Ok(true) => OrderStatus::PaymentPending,
+                        Ok(false) => {
+                            tracing::warn!(order_id = %id, "admission was aborted before the record landed; cancelling the order");
+                            OrderStatus::Expired
+                        }
+                        Err(e) => {
+                            tracing::warn!(order_id = %id, error = %e, "claim failed; left for the sweep");
+                            return;
+                        }
+                    };
+                    if next == OrderStatus::Expired {
+                        match self
+                            .store
+                            .transition(id, OrderStatus::Persisted, OrderStatus::Expired, None)
+                            .await
+                        {
+                            Ok(true) => order.status = OrderStatus::Expired,
+                            Ok(false) => match self.reload(id).await {
+                                Some(o) => order = o,
+                                None => return,
+                            },
+                            Err(e) => {
+                                tracing::warn!(order_id = %id, error = %e, "status write failed; left for the sweep");
+                                return;
+                            }
+                        }
+                        continue;
+                    }
                     match self
                         .store
                         .transition(

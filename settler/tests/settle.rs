@@ -184,3 +184,31 @@ async fn a_restarted_settler_finishes_the_work_exactly_once() {
         "each order moved to a final status once across both runs"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_order_aborted_before_its_record_landed_is_cancelled_not_charged() {
+    let h = Harness::new(MockConfig::default()).await;
+    let records = records(20);
+    let aborted: Vec<_> = records.iter().step_by(5).map(|r| r.order_id).collect();
+    for id in &aborted {
+        h.release.abort(*id);
+    }
+    let records = h.append(records).await;
+    let running = h.start(h.config()).await;
+    h.wait_settled(records.len()).await;
+    running.stop().await;
+    let audit = mock::fetch_audit(&h.mock.url()).await.expect("audit");
+    for id in &aborted {
+        let order = h.store.get_order(*id).await.expect("get").expect("stored");
+        assert_eq!(order.status, OrderStatus::Expired, "aborted order {id}");
+        assert!(order.released_at.is_some());
+        let a = audit.orders.get(&id.to_string());
+        assert_eq!(a.map_or(0, |a| a.charge_attempts), 0, "never charged");
+    }
+    let charged = audit
+        .orders
+        .values()
+        .filter(|a| a.charge_attempts > 0)
+        .count();
+    assert_eq!(charged, records.len() - aborted.len());
+}

@@ -1,9 +1,9 @@
 -- Creates a sale's keys in one step, so a sale is either whole or absent.
--- KEYS: sale, units, buckets, idem, rejected, released
+-- KEYS: sale, units, buckets, idem, rejected, released, claimed
 -- ARGV: stock, limit, rate, burst, starts_us, ends_us, expire_at_ms
 -- Reply: 1 created, 0 exists.
 if redis.call('HGET', KEYS[1], 'ready') == '1' then return 0 end
-redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6])
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7])
 redis.call('HSET', KEYS[1],
   'stock', ARGV[1], 'left', ARGV[1], 'limit', ARGV[2], 'rate', ARGV[3], 'burst', ARGV[4],
   'starts', ARGV[5], 'ends', ARGV[6], 'seq', 1, 'acc_o', 0, 'acc_u', 0, 'rel_u', 0,
@@ -14,5 +14,6 @@ redis.call('HSET', KEYS[3], '\n', '0:0')
 redis.call('HSET', KEYS[4], '\n', '')
 redis.call('HSET', KEYS[5], '\n', 0)
 redis.call('SADD', KEYS[6], '\n')
-for i = 1, 6 do redis.call('PEXPIREAT', KEYS[i], ARGV[7]) end
+redis.call('SADD', KEYS[7], '\n')
+for i = 1, 7 do redis.call('PEXPIREAT', KEYS[i], ARGV[7]) end
 return 1

@@ -1,14 +1,17 @@
 -- Gives an order's units back, once per order id whatever the number of calls.
--- KEYS: sale, units, released, idem
+-- KEYS: sale, units, released, idem, claimed
 -- ARGV: order_id, user, quantity, mode ("release" | "abort"), key
 --   release: a settled order failed or expired; its idempotency answer stays.
 --   abort:   the order never reached the log (or its decision timed out); if it holds
 --            its key's answer, it is undone as if never accepted and the answer is
 --            forgotten so a retry is decided afresh.
--- Reply: 1 released now, 0 released before, -1 the sale's keys are missing.
+-- Reply: 1 released now, 0 released before (or, for abort, nothing held), 2 (abort only)
+--        the settler already claimed the order, -1 the sale's keys are missing.
 if redis.call('HGET', KEYS[1], 'ready') ~= '1' then return -1 end
 local order_id, user, qty, mode = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
 if mode == 'abort' then
+  -- The settler holds the record: the order is durable, whatever the producer said.
+  if redis.call('SISMEMBER', KEYS[5], order_id) == 1 then return 2 end
   -- Only an order that holds its key's answer is undone: an abort of a decision that
   -- never ran, or was a refusal, gives nothing back.
   local ikey = user .. '\n' .. ARGV[5]

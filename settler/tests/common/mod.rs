@@ -59,9 +59,15 @@ pub fn record(seq: u64, token: &str) -> OrderRecord {
 #[derive(Default)]
 pub struct RecordingRelease {
     calls: Mutex<Vec<OrderId>>,
+    aborted: Mutex<std::collections::HashSet<OrderId>>,
 }
 
 impl RecordingRelease {
+    /// Marks an order as aborted by ingest: its claim fails.
+    pub fn abort(&self, id: OrderId) {
+        self.aborted.lock().insert(id);
+    }
+
     /// Calls per order id.
     pub fn calls(&self) -> HashMap<OrderId, usize> {
         let mut out = HashMap::new();
@@ -82,6 +88,10 @@ impl StockRelease for RecordingRelease {
         );
         self.calls.lock().push(order.new.order_id);
         Ok(true)
+    }
+
+    async fn claim(&self, order: &Order) -> settler::Result<bool> {
+        Ok(!self.aborted.lock().contains(&order.new.order_id))
     }
 }
 
