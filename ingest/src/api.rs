@@ -621,11 +621,7 @@ impl Ingest {
                 let (log, admission) = (Arc::clone(&self.log), Arc::clone(&self.admission));
                 let task_sale = sale_id.clone();
                 let durable = tokio::spawn(async move {
-                    let failed = match log.append(&record).await {
-                        Ok(_) => None,
-                        Err(e) => Some(e),
-                    };
-                    if let Some(e) = failed {
+                    if let Err(e) = log.append(&record).await {
                         // Refused, or the outcome is unknown (a delivery timeout). Abort: if
                         // the settler already read the record, the abort is refused and the
                         // order stands; otherwise the stock goes back, and should the record
