@@ -119,9 +119,28 @@ pub async fn create_topics(config: &KafkaConfig) -> Result<Vec<String>> {
 
 /// The producer side: [`OrderLog`] on Kafka.
 pub struct KafkaLog {
-    producer: FutureProducer,
+    producer: parking_lot::RwLock<FutureProducer>,
+    recreated: parking_lot::Mutex<std::time::Instant>,
     topic: String,
     config: KafkaConfig,
+}
+
+fn producer(config: &KafkaConfig) -> Result<FutureProducer> {
+    ClientConfig::new()
+        .set("bootstrap.servers", &config.bootstrap)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("compression.type", "lz4")
+        // librdkafka's own default is CRC32; murmur2 is what the Java client uses.
+        .set("partitioner", "murmur2_random")
+        .set("linger.ms", config.linger.as_millis().to_string())
+        .set("batch.size", config.batch_size.to_string())
+        .set(
+            "message.timeout.ms",
+            config.delivery_timeout.as_millis().max(1).to_string(),
+        )
+        .create()
+        .map_err(unavailable)
 }
 
 impl std::fmt::Debug for KafkaLog {
@@ -135,32 +154,35 @@ impl std::fmt::Debug for KafkaLog {
 impl KafkaLog {
     /// An idempotent producer of accepted orders.
     pub fn new(config: &KafkaConfig) -> Result<Self> {
-        let producer: FutureProducer = ClientConfig::new()
-            .set("bootstrap.servers", &config.bootstrap)
-            .set("enable.idempotence", "true")
-            .set("acks", "all")
-            .set("compression.type", "lz4")
-            // librdkafka's own default is CRC32; murmur2 is what the Java client uses.
-            .set("partitioner", "murmur2_random")
-            .set("linger.ms", config.linger.as_millis().to_string())
-            .set("batch.size", config.batch_size.to_string())
-            .set(
-                "message.timeout.ms",
-                config.delivery_timeout.as_millis().max(1).to_string(),
-            )
-            .create()
-            .map_err(unavailable)?;
         Ok(KafkaLog {
-            producer,
+            producer: parking_lot::RwLock::new(producer(config)?),
+            recreated: parking_lot::Mutex::new(std::time::Instant::now()),
             topic: config.orders_topic(),
             config: config.clone(),
         })
     }
 
+    /// Replaces a producer the broker no longer takes records from (a fatal error, or an
+    /// idempotence state the broker lost), at most once per delivery timeout.
+    fn recreate(&self, why: &str) {
+        let mut last = self.recreated.lock();
+        if last.elapsed() < self.config.delivery_timeout {
+            return;
+        }
+        match producer(&self.config) {
+            Ok(p) => {
+                tracing::warn!(why, "recreating the Kafka producer");
+                *self.producer.write() = p;
+                *last = std::time::Instant::now();
+            }
+            Err(e) => tracing::error!(error = %e, "recreating the Kafka producer failed"),
+        }
+    }
+
     /// Fails with the names of the pipeline's topics the broker does not have (a missing
     /// topic is a clear error at start-up, not a hang).
     pub async fn check_topics(&self) -> Result<()> {
-        let producer = self.producer.clone();
+        let producer = self.producer.read().clone();
         let wanted = self.config.topics();
         tokio::task::spawn_blocking(move || {
             let metadata = producer
@@ -194,11 +216,21 @@ impl KafkaLog {
             .key(key)
             .payload(payload)
             .headers(headers);
-        match self
-            .producer
-            .send(record, self.config.delivery_timeout)
-            .await
-        {
+        let producer = self.producer.read().clone();
+        let sent = producer.send(record, self.config.delivery_timeout).await;
+        if let Err((e, _)) = &sent {
+            let fatal = producer.client().fatal_error().is_some();
+            let refused = !matches!(
+                e,
+                KafkaError::MessageProduction(
+                    RDKafkaErrorCode::MessageTimedOut | RDKafkaErrorCode::QueueFull
+                )
+            );
+            if fatal || refused {
+                self.recreate(&e.to_string());
+            }
+        }
+        match sent {
             Ok(d) => Ok(LogPosition {
                 partition: d.partition as u32,
                 offset: d.offset as u64,
@@ -224,7 +256,8 @@ impl KafkaLog {
 
     /// Waits until every record handed to the producer is delivered or failed.
     pub fn flush(&self, timeout: Duration) -> Result<()> {
-        self.producer.flush(timeout).map_err(unavailable)
+        let producer = self.producer.read().clone();
+        producer.flush(timeout).map_err(unavailable)
     }
 }
 

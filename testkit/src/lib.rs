@@ -218,6 +218,28 @@ impl TansuBroker {
         }
     }
 
+    /// Freezes it (SIGSTOP): connections stay open but nothing is answered, as with a
+    /// broker that hangs or a network partition.
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Thaws it (SIGCONT) after [`TansuBroker::pause`].
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, sig: &str) {
+        if let Some(c) = &self.child {
+            let ok = Command::new("kill")
+                .args([sig, &c.id().to_string()])
+                .status()
+                .map(|s| s.success())
+                .unwrap_or(false);
+            assert!(ok, "kill {sig} of the broker failed");
+        }
+    }
+
     /// Starts it again on the same port and storage.
     pub fn restart(&mut self) {
         self.kill();
@@ -227,6 +249,8 @@ impl TansuBroker {
 
 impl Drop for TansuBroker {
     fn drop(&mut self) {
+        // A paused process cannot die until it is continued.
+        self.resume();
         self.kill();
     }
 }
