@@ -515,3 +515,148 @@ async fn broker_down_mid_burst(outage: Outage) {
     let stats = app.stats("down").await;
     assert_eq!(stats["stock_left"].as_i64(), Some(STOCK - held), "{stats}");
 }
+
+/// Injected produce errors and a whole-cluster outage on librdkafka's mock cluster.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn injected_produce_errors_and_an_outage_lose_nothing_and_admit_nothing_twice() {
+    use rdkafka::mocking::MockCluster;
+    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+    const STOCK: i64 = 100_000;
+    let cluster = MockCluster::new(3).expect("mock cluster");
+    let kafka = KafkaConfig {
+        bootstrap: cluster.bootstrap_servers(),
+        ..KafkaConfig::default()
+    };
+    for t in kafka.topics() {
+        cluster.create_topic(&t, 3, 3).expect("topic");
+    }
+    let redis = testkit::RedisServer::start();
+    let app = Arc::new(
+        TestApp::start_with(|c| {
+            c.admission.url = redis.url();
+            c.log.url = format!("kafka://{}", kafka.bootstrap);
+            c.log.delivery_timeout = Duration::from_secs(1);
+        })
+        .await,
+    );
+    let a = app
+        .create_sale(json!({
+            "id": "mock", "sku": "s", "stock": STOCK, "price_cents": 100, "currency": "EUR",
+            "per_user_limit": 1000, "max_quantity_per_order": 1,
+            "user_rate": {"per_second": 100000, "burst": 100000}
+        }))
+        .await;
+    assert_eq!(a.status, 201, "{}", a.body);
+    let tokens: Vec<String> = (0..50).map(|u| app.token(&format!("m{u}"))).collect();
+    let mut answers: Vec<(u16, Option<String>)> = Vec::new();
+    let send = |n: usize, from: usize| {
+        let app = Arc::clone(&app);
+        let tokens = tokens.clone();
+        async move {
+            let mut set = tokio::task::JoinSet::new();
+            for i in from..from + n {
+                let (app, token) = (Arc::clone(&app), tokens[i % tokens.len()].clone());
+                set.spawn(async move {
+                    let a = app.order("mock", &token, &format!("m{i}"), 1).await;
+                    assert!(matches!(a.status, 202 | 503), "{} {}", a.status, a.body);
+                    (a.status, a.body["order_id"].as_str().map(str::to_owned))
+                });
+            }
+            let mut out = Vec::new();
+            while let Some(r) = set.join_next().await {
+                out.push(r.expect("client"));
+            }
+            out
+        }
+    };
+    // Retriable produce errors: the idempotent producer retries them without duplicates.
+    cluster.request_errors(
+        RDKafkaApiKey::Produce,
+        &[
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_LEADER_FOR_PARTITION,
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR_REQUEST_TIMED_OUT,
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS,
+        ],
+    );
+    answers.extend(send(300, 0).await);
+    // Every broker down: buyers get 503 and their stock goes back.
+    for b in 1..=3 {
+        cluster.broker_down(b).expect("down");
+    }
+    answers.extend(send(100, 300).await);
+    for b in 1..=3 {
+        cluster.broker_up(b).expect("up");
+    }
+    eventually("selling resumes", Duration::from_secs(60), || {
+        let app = Arc::clone(&app);
+        let token = tokens[0].clone();
+        async move {
+            app.order(
+                "mock",
+                &token,
+                &format!("probe-{}", storage::OrderId::new()),
+                1,
+            )
+            .await
+            .status
+                == 202
+        }
+    })
+    .await;
+    answers.extend(send(200, 400).await);
+    assert!(answers.iter().any(|a| a.0 == 503), "the outage was felt");
+    let acked: HashSet<String> = answers.iter().filter_map(|a| a.1.clone()).collect();
+    assert!(acked.len() >= 400, "{} acknowledged", acked.len());
+
+    // Every acknowledged order settles exactly once; nothing was admitted twice.
+    let sale = storage::SaleId::parse("mock").expect("id");
+    let store = Arc::clone(&app.running().store);
+    eventually(
+        "every acknowledged order paid",
+        Duration::from_secs(120),
+        || {
+            let (store, sale, acked) = (Arc::clone(&store), sale.clone(), acked.clone());
+            async move {
+                let orders = store.orders_of_sale(&sale).await.unwrap_or_default();
+                let paid: HashSet<String> = orders
+                    .iter()
+                    .filter(|o| o.status == storage::OrderStatus::Paid)
+                    .map(|o| o.new.order_id.to_string())
+                    .collect();
+                acked.iter().all(|id| paid.contains(id))
+            }
+        },
+    )
+    .await;
+    let orders = store.orders_of_sale(&sale).await.expect("orders");
+    let keys: HashSet<(String, String)> = orders
+        .iter()
+        .map(|o| (o.new.user_id.to_string(), o.new.idempotency_key.clone()))
+        .collect();
+    assert_eq!(keys.len(), orders.len(), "one order per key");
+    for o in orders
+        .iter()
+        .filter(|o| o.status == storage::OrderStatus::Paid)
+    {
+        assert!(
+            acked.contains(&o.new.order_id.to_string())
+                || o.new.idempotency_key.starts_with("probe-"),
+            "order {} was charged but its buyer got 503",
+            o.new.order_id
+        );
+    }
+    let held = orders
+        .iter()
+        .filter(|o| !o.status.releases_stock())
+        .map(|o| i64::from(o.new.quantity))
+        .sum::<i64>();
+    eventually(
+        "the counters match the store",
+        Duration::from_secs(30),
+        || {
+            let app = Arc::clone(&app);
+            async move { app.stats("mock").await["stock_left"].as_i64() == Some(STOCK - held) }
+        },
+    )
+    .await;
+}
