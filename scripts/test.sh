@@ -52,13 +52,13 @@ step "cargo fmt --check"
 cargo fmt --all --check
 
 step "cargo clippy (all targets, -D warnings)"
-cargo clippy --workspace --all-targets --locked -- -D warnings
+cargo clippy --workspace --all-targets --all-features --locked -- -D warnings
 
 step "tests"
 if cargo nextest --version >/dev/null 2>&1; then
   # Doc tests first (nextest does not run them), so that the run closes on nextest's summary.
-  cargo test --workspace --doc --locked --quiet
-  cargo nextest run --workspace --locked --no-fail-fast --failure-output final
+  cargo test --workspace --all-features --doc --locked --quiet
+  cargo nextest run --workspace --all-features --locked --no-fail-fast --failure-output final
 else
-  cargo test --workspace --locked --no-fail-fast
+  cargo test --workspace --all-features --locked --no-fail-fast
 fi

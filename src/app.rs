@@ -14,6 +14,7 @@ use ingest::model::OrderRef;
 use ingest::redis_admission::RedisAdmission;
 use ingest::server::{self, ServerConfig};
 use sequencer::embedded::{FileLog, FileLogOptions};
+#[cfg(feature = "kafka")]
 use sequencer::kafka::{KafkaConfig, KafkaConsumer, KafkaLog};
 use sequencer::{LogConsumer, OrderLog};
 use settler::mock::{MockConfig, MockProvider};
@@ -65,6 +66,7 @@ pub struct Running {
     pub payment_url: String,
     /// Counters of the settler, when it runs here.
     pub settler_stats: Option<settler::SettlerStats>,
+    #[cfg(feature = "kafka")]
     kafka: Option<Arc<KafkaLog>>,
     shutdown: CancellationToken,
     server: JoinHandle<std::io::Result<()>>,
@@ -93,6 +95,7 @@ impl Running {
     pub async fn stop(self) -> anyhow::Result<()> {
         self.shutdown.cancel();
         self.server.await.context("server task")??;
+        #[cfg(feature = "kafka")]
         if let Some(kafka) = self.kafka {
             // Records handed to the producer by requests that finished are delivered.
             let _ = tokio::task::spawn_blocking(move || kafka.flush(Duration::from_secs(10))).await;
@@ -186,6 +189,7 @@ async fn recover_admission(
 /// The order log of this process: the embedded file or a Kafka topic.
 enum LogParts {
     Embedded(FileLog),
+    #[cfg(feature = "kafka")]
     Kafka {
         log: Arc<KafkaLog>,
         config: KafkaConfig,
@@ -194,12 +198,16 @@ enum LogParts {
 
 impl LogParts {
     async fn open(config: &Config) -> anyhow::Result<LogParts> {
+        #[cfg(feature = "kafka")]
         if let Some(kafka) = config.log.kafka() {
             let log = Arc::new(KafkaLog::new(&kafka).context("log.url")?);
             log.check_topics()
                 .await
                 .with_context(|| format!("log.url = {:?}", config.log.url))?;
             return Ok(LogParts::Kafka { log, config: kafka });
+        }
+        if config.log.wants_kafka() {
+            bail!("{}", no_kafka(&config.log.url));
         }
         if config.log.url != EMBEDDED {
             return Err(unsupported("log.url", &config.log.url));
@@ -219,6 +227,7 @@ impl LogParts {
     fn order_log(&self) -> Arc<dyn OrderLog> {
         match self {
             LogParts::Embedded(log) => Arc::new(log.clone()),
+            #[cfg(feature = "kafka")]
             LogParts::Kafka { log, .. } => Arc::clone(log) as Arc<dyn OrderLog>,
         }
     }
@@ -246,6 +255,7 @@ impl LogParts {
                 }
                 Ok(Box::new(log.consumer(from)))
             }
+            #[cfg(feature = "kafka")]
             LogParts::Kafka { config, .. } => Ok(Box::new(
                 KafkaConsumer::new(config, name).context("settler consumer")?,
             )),
@@ -258,6 +268,7 @@ impl LogParts {
                 settler::FileDeadLetter::open(data_dir.join("dead-letter"))
                     .context("opening the dead-letter file")?,
             )),
+            #[cfg(feature = "kafka")]
             LogParts::Kafka { log, config } => Ok(Arc::new(KafkaDeadLetter {
                 log: Arc::clone(log),
                 topic: config.dlq_topic(),
@@ -265,6 +276,7 @@ impl LogParts {
         }
     }
 
+    #[cfg(feature = "kafka")]
     fn kafka(&self) -> Option<Arc<KafkaLog>> {
         match self {
             LogParts::Kafka { log, .. } => Some(Arc::clone(log)),
@@ -273,12 +285,22 @@ impl LogParts {
     }
 }
 
+/// The error for a Kafka URL in a build without the `kafka` feature.
+pub fn no_kafka(url: &str) -> String {
+    format!(
+        "log.url = {url:?}: this binary was built without Kafka support; build it with \
+         `--features kafka` (needs cmake, pkg-config and the curl, ssl and zlib headers)"
+    )
+}
+
 /// Undecodable records go to the dead-letter topic, keyed by where they were read.
+#[cfg(feature = "kafka")]
 struct KafkaDeadLetter {
     log: Arc<KafkaLog>,
     topic: String,
 }
 
+#[cfg(feature = "kafka")]
 #[async_trait]
 impl DeadLetter for KafkaDeadLetter {
     async fn send(
@@ -325,13 +347,17 @@ async fn open_admission(
     if config.admission.url != EMBEDDED {
         return Err(unsupported("admission.url", &config.admission.url));
     }
-    let LogParts::Embedded(file) = log else {
-        bail!(
+    // Without the `kafka` feature the embedded log is the only one.
+    #[cfg_attr(not(feature = "kafka"), allow(clippy::infallible_destructuring_match))]
+    let file = match log {
+        LogParts::Embedded(file) => file,
+        #[cfg(feature = "kafka")]
+        LogParts::Kafka { .. } => bail!(
             "admission.url = \"embedded\" with log.url = {:?}: embedded admission rebuilds its \
              counters from the embedded log after a restart; use redis:// admission with a \
              Kafka log",
             config.log.url
-        );
+        ),
     };
     let embedded = EmbeddedAdmission::new();
     recover_admission(&embedded, store, file).await?;
@@ -465,6 +491,7 @@ impl App {
             ingest,
             payment_url: providers.payment_url,
             settler_stats,
+            #[cfg(feature = "kafka")]
             kafka: log.kafka(),
             shutdown,
             server,

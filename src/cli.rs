@@ -488,6 +488,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
                 o.push(("log.url", Value::from(l)));
             }
             let cfg = load(&cli.config, &o)?;
+            #[cfg(not(feature = "kafka"))]
+            if cfg.log.wants_kafka() {
+                bail!("{}", crate::app::no_kafka(&cfg.log.url));
+            }
+            #[cfg(feature = "kafka")]
             if let Some(kafka) = cfg.log.kafka() {
                 let created = sequencer::kafka::create_topics(&kafka)
                     .await

@@ -229,7 +229,13 @@ impl Default for LogSection {
 }
 
 impl LogSection {
+    /// Whether `url` names a Kafka log.
+    pub fn wants_kafka(&self) -> bool {
+        self.url.starts_with("kafka://")
+    }
+
     /// The Kafka settings, when `url` is `kafka://host:port[,host:port]`.
+    #[cfg(feature = "kafka")]
     pub fn kafka(&self) -> Option<sequencer::kafka::KafkaConfig> {
         let bootstrap = self.url.strip_prefix("kafka://")?;
         Some(sequencer::kafka::KafkaConfig {

@@ -318,6 +318,7 @@ pub async fn run(mut config: Config, opts: &DemoOptions) -> anyhow::Result<Repor
     config.data_dir = data.path().to_path_buf();
     config.providers.mock_decline_rate = opts.decline_rate;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    #[cfg(feature = "kafka")]
     if let Some(kafka) = config.log.kafka() {
         // A whole sale in one command: the topics are created if missing (as `migrate` does).
         sequencer::kafka::create_topics(&kafka)

@@ -15,6 +15,7 @@ fn demo_on_redis_admission_passes() {
     demo_passes(&["--admission", &redis.url()]);
 }
 
+#[cfg(feature = "kafka")]
 #[test]
 fn demo_on_redis_and_kafka_passes() {
     let redis = testkit::RedisServer::start();

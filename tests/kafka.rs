@@ -1,6 +1,7 @@
 //! The Kafka log end to end, against a real tansu broker and redis-server: orders answered
 //! 202 by ingest are in the orders topic exactly once, spread over every partition, and the
 //! settler consumes them back into the store.
+#![cfg(feature = "kafka")]
 
 mod common;
 

@@ -51,6 +51,13 @@ fn unavailable(e: impl std::fmt::Display) -> Error {
     Error::Unavailable(e.to_string())
 }
 
+/// The sale's keys are absent or half-written: never read that as full stock.
+fn missing(sale: &SaleId) -> Error {
+    Error::Unavailable(format!(
+        "the counters of sale {sale} are missing from Redis; run `flashsale reconcile --sale {sale}`"
+    ))
+}
+
 /// The keys of one sale, all with the hash tag `{sale_id}`.
 struct Keys {
     sale: String,
@@ -157,11 +164,7 @@ impl RedisAdmission {
             "accepted" => Decision::Accepted(answer(&reply)?),
             "replayed" => Decision::Replayed(answer(&reply)?),
             "in_progress" => Decision::InProgress,
-            "missing" => {
-                return Err(Error::Unavailable(format!(
-                    "the counters of sale {sale} are missing from Redis; run `flashsale reconcile --sale {sale}`"
-                )))
-            }
+            "missing" => return Err(missing(sale)),
             "rejected" => {
                 let code = reply.get(1).and_then(as_string).ok_or_else(bad)?;
                 Decision::Rejected(match code.as_str() {
@@ -200,9 +203,7 @@ impl RedisAdmission {
             .await
             .map_err(unavailable)?;
         match n {
-            -1 => Err(Error::Unavailable(format!(
-                "the counters of sale {sale} are missing from Redis"
-            ))),
+            -1 => Err(missing(sale)),
             n => Ok(n),
         }
     }
@@ -388,9 +389,7 @@ impl Admission for RedisAdmission {
         if n == 1 {
             Ok(())
         } else {
-            Err(Error::Unavailable(format!(
-                "the counters of sale {sale} are missing from Redis"
-            )))
+            Err(missing(sale))
         }
     }
 
@@ -435,9 +434,7 @@ impl Admission for RedisAdmission {
             .await
             .map_err(unavailable)?;
         match n {
-            -1 => Err(Error::Unavailable(format!(
-                "the counters of sale {sale} are missing from Redis"
-            ))),
+            -1 => Err(missing(sale)),
             n => Ok(n == 1),
         }
     }

@@ -5,6 +5,7 @@
 //! [`LogConsumer`]. The log is the only hand-off between admission and settlement.
 
 pub mod embedded;
+#[cfg(feature = "kafka")]
 pub mod kafka;
 pub mod partition;
 pub mod record;

@@ -1,6 +1,7 @@
 //! The Kafka log against a real tansu broker: topics are created and checked, appends are
 //! acknowledged with their partition and offset, spread over every partition, and a
 //! consumer group reads each record back once.
+#![cfg(feature = "kafka")]
 
 use sequencer::kafka::{create_topics, KafkaConfig, KafkaConsumer, KafkaLog};
 use sequencer::{decode, LogConsumer, OrderLog, OrderRecord, RECORD_VERSION};
