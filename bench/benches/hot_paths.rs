@@ -1,5 +1,5 @@
 //! Criterion benchmarks of the hot paths that do no I/O: the admission decision, the order
-//! body fingerprint, record encode/decode and the partitioner.
+//! body fingerprint, buyer JWT verification, record encode/decode and the partitioner.
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
 use ingest::model::{AdmitRequest, SaleRules, SaleState};
@@ -39,6 +39,23 @@ fn admission(c: &mut Criterion) {
     });
 }
 
+fn jwt(c: &mut Criterion) {
+    let config = ingest::auth::AuthConfig {
+        jwt_secret: secrecy::SecretString::from("bench-secret-of-enough-length"),
+        issuer: "flashsale".into(),
+        audience: "flashsale-buyers".into(),
+        algorithms: vec![jsonwebtoken::Algorithm::HS256],
+        leeway: std::time::Duration::from_secs(5),
+        operator_token: secrecy::SecretString::from("operator"),
+    };
+    let auth = ingest::auth::Auth::new(&config).expect("auth");
+    let token = ingest::auth::issue_token(&config, "buyer-1", std::time::Duration::from_secs(3600))
+        .expect("token");
+    c.bench_function("jwt/verify_hs256", |b| {
+        b.iter(|| auth.verify(black_box(&token)).expect("valid"))
+    });
+}
+
 fn record(c: &mut Criterion) {
     let r = OrderRecord {
         v: RECORD_VERSION,
@@ -63,5 +80,5 @@ fn record(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, admission, record);
+criterion_group!(benches, admission, jwt, record);
 criterion_main!(benches);

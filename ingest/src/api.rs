@@ -332,11 +332,32 @@ pub fn fingerprint(quantity: u32, payment_token: &str) -> String {
     h.update(quantity.to_le_bytes());
     h.update(payment_token.as_bytes());
     let digest = h.finalize();
+    const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut out = String::with_capacity(32);
     for b in &digest[..16] {
-        out.push_str(&format!("{b:02x}"));
+        out.push(char::from(HEX[usize::from(b >> 4)]));
+        out.push(char::from(HEX[usize::from(b & 0x0f)]));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fingerprint_is_the_hex_of_the_first_half_of_sha256() {
+        let mut h = Sha256::new();
+        h.update(2u32.to_le_bytes());
+        h.update(b"tok_visa");
+        let want: String = h.finalize()[..16]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        assert_eq!(fingerprint(2, "tok_visa"), want);
+        assert_eq!(fingerprint(2, "tok_visa").len(), 32);
+        assert_ne!(fingerprint(1, "tok_visa"), fingerprint(2, "tok_visa"));
+    }
 }
 
 fn sale_view(sale: &Sale, stock_left: Option<i64>) -> SaleView {
