@@ -341,25 +341,6 @@ pub fn fingerprint(quantity: u32, payment_token: &str) -> String {
     out
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn fingerprint_is_the_hex_of_the_first_half_of_sha256() {
-        let mut h = Sha256::new();
-        h.update(2u32.to_le_bytes());
-        h.update(b"tok_visa");
-        let want: String = h.finalize()[..16]
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
-        assert_eq!(fingerprint(2, "tok_visa"), want);
-        assert_eq!(fingerprint(2, "tok_visa").len(), 32);
-        assert_ne!(fingerprint(1, "tok_visa"), fingerprint(2, "tok_visa"));
-    }
-}
-
 fn sale_view(sale: &Sale, stock_left: Option<i64>) -> SaleView {
     SaleView {
         id: sale.id.clone(),
@@ -918,5 +899,24 @@ fn order_view(order: Order) -> OrderView {
         quantity: order.new.quantity,
         status: order.status,
         history: order.history,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fingerprint_is_the_hex_of_the_first_half_of_sha256() {
+        let mut h = Sha256::new();
+        h.update(2u32.to_le_bytes());
+        h.update(b"tok_visa");
+        let want: String = h.finalize()[..16]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        assert_eq!(fingerprint(2, "tok_visa"), want);
+        assert_eq!(fingerprint(2, "tok_visa").len(), 32);
+        assert_ne!(fingerprint(1, "tok_visa"), fingerprint(2, "tok_visa"));
     }
 }
