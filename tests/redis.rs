@@ -303,25 +303,7 @@ async fn redis_killed_mid_burst_gives_503_and_reconcile_restores_selling() {
     .await;
 
     // Reconcile rebuilds the counters from the store.
-    let data = app.config.data_dir.display().to_string();
-    let redis_url = app.redis.as_ref().expect("redis").url();
-    let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_flashsale"))
-            .args([
-                "reconcile",
-                "--sale",
-                "outage",
-                "--data-dir",
-                &data,
-                "--admission",
-                &redis_url,
-            ])
-            .env_remove("FLASHSALE_CONFIG")
-            .output()
-            .expect("reconcile")
-    })
-    .await
-    .expect("join");
+    let out = reconcile(&app, "outage").await;
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -381,14 +363,24 @@ async fn redis_killed_mid_burst_gives_503_and_reconcile_restores_selling() {
         }
     })
     .await;
+    let out = reconcile(&app, "outage").await;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("consistent"), "{text}");
+    app.stop().await;
+}
+
+/// Runs `flashsale reconcile --sale SALE` against the app's store and Redis.
+async fn reconcile(app: &TestApp, sale: &str) -> std::process::Output {
     let data = app.config.data_dir.display().to_string();
     let redis_url = app.redis.as_ref().expect("redis").url();
-    let out = tokio::task::spawn_blocking(move || {
+    let sale = sale.to_owned();
+    tokio::task::spawn_blocking(move || {
         std::process::Command::new(env!("CARGO_BIN_EXE_flashsale"))
             .args([
                 "reconcile",
                 "--sale",
-                "outage",
+                &sale,
                 "--data-dir",
                 &data,
                 "--admission",
@@ -399,9 +391,5 @@ async fn redis_killed_mid_burst_gives_503_and_reconcile_restores_selling() {
             .expect("reconcile")
     })
     .await
-    .expect("join");
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{text}");
-    assert!(text.contains("consistent"), "{text}");
-    app.stop().await;
+    .expect("join")
 }
