@@ -474,26 +474,7 @@ async fn broker_down_mid_burst(outage: Outage) {
     // Every 202 order settles; an order whose produce failed is either absent or cancelled.
     let sale = storage::SaleId::parse("down").expect("id");
     let store = Arc::clone(&app.running().store);
-    eventually(
-        "every acknowledged order paid",
-        Duration::from_secs(120),
-        || {
-            let (store, sale, acked) = (Arc::clone(&store), sale.clone(), acked.clone());
-            async move {
-                let orders = store.orders_of_sale(&sale).await.unwrap_or_default();
-                let paid: HashSet<String> = orders
-                    .iter()
-                    .filter(|o| o.status == storage::OrderStatus::Paid)
-                    .map(|o| o.new.order_id.to_string())
-                    .collect();
-                acked.iter().all(|id| paid.contains(id))
-                    && orders
-                        .iter()
-                        .all(|o| o.status.is_final() && o.notified_at.is_some())
-            }
-        },
-    )
-    .await;
+    wait_paid(&store, &sale, &acked, true).await;
     let orders = store.orders_of_sale(&sale).await.expect("orders");
     for o in &orders {
         let id = o.new.order_id.to_string();
@@ -612,23 +593,7 @@ async fn injected_produce_errors_and_an_outage_lose_nothing_and_admit_nothing_tw
     // Every acknowledged order settles exactly once; nothing was admitted twice.
     let sale = storage::SaleId::parse("mock").expect("id");
     let store = Arc::clone(&app.running().store);
-    eventually(
-        "every acknowledged order paid",
-        Duration::from_secs(120),
-        || {
-            let (store, sale, acked) = (Arc::clone(&store), sale.clone(), acked.clone());
-            async move {
-                let orders = store.orders_of_sale(&sale).await.unwrap_or_default();
-                let paid: HashSet<String> = orders
-                    .iter()
-                    .filter(|o| o.status == storage::OrderStatus::Paid)
-                    .map(|o| o.new.order_id.to_string())
-                    .collect();
-                acked.iter().all(|id| paid.contains(id))
-            }
-        },
-    )
-    .await;
+    wait_paid(&store, &sale, &acked, false).await;
     let orders = store.orders_of_sale(&sale).await.expect("orders");
     let keys: HashSet<(String, String)> = orders
         .iter()
@@ -657,6 +622,37 @@ async fn injected_produce_errors_and_an_outage_lose_nothing_and_admit_nothing_tw
         || {
             let app = Arc::clone(&app);
             async move { app.stats("mock").await["stock_left"].as_i64() == Some(STOCK - held) }
+        },
+    )
+    .await;
+}
+
+/// Waits until every acknowledged order is paid (and, with `all_settled`, every stored order
+/// of the sale is final and notified).
+async fn wait_paid(
+    store: &Arc<dyn storage::OrderStore>,
+    sale: &storage::SaleId,
+    acked: &HashSet<String>,
+    all_settled: bool,
+) {
+    eventually(
+        "every acknowledged order paid",
+        Duration::from_secs(120),
+        || {
+            let (store, sale, acked) = (Arc::clone(store), sale.clone(), acked.clone());
+            async move {
+                let orders = store.orders_of_sale(&sale).await.unwrap_or_default();
+                let paid: HashSet<String> = orders
+                    .iter()
+                    .filter(|o| o.status == storage::OrderStatus::Paid)
+                    .map(|o| o.new.order_id.to_string())
+                    .collect();
+                acked.iter().all(|id| paid.contains(id))
+                    && (!all_settled
+                        || orders
+                            .iter()
+                            .all(|o| o.status.is_final() && o.notified_at.is_some()))
+            }
         },
     )
     .await;

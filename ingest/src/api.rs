@@ -756,14 +756,10 @@ impl Ingest {
             .await
             .map_err(store_error)?
             .ok_or_else(|| ApiError::unknown_sale("no such sale"))?;
-        let left = self
-            .admission
-            .counters(&id)
-            .await
-            .ok()
-            .flatten()
-            .map(|c| c.stock_left);
-        Ok(json(StatusCode::OK, &sale_view(&sale, left)))
+        Ok(json(
+            StatusCode::OK,
+            &sale_view(&sale, self.stock_left(&id).await),
+        ))
     }
 
     async fn add_stock(&self, id: &str, req: Request<Incoming>) -> Result<Resp, ApiError> {
@@ -802,14 +798,20 @@ impl Ingest {
         .await
         .map_err(|_| ApiError::internal("adding stock failed"))??;
         self.sales.invalidate(&id).await;
-        let left = self
-            .admission
-            .counters(&id)
+        Ok(json(
+            StatusCode::OK,
+            &sale_view(&sale, self.stock_left(&id).await),
+        ))
+    }
+
+    /// Units not taken, if the admission backend knows the sale and answers.
+    async fn stock_left(&self, id: &SaleId) -> Option<i64> {
+        self.admission
+            .counters(id)
             .await
             .ok()
             .flatten()
-            .map(|c| c.stock_left);
-        Ok(json(StatusCode::OK, &sale_view(&sale, left)))
+            .map(|c| c.stock_left)
     }
 
     /// The stats of a sale, from the admission backend and the store.
