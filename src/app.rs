@@ -342,7 +342,12 @@ async fn open_admission(
         )
         .await
         .with_context(|| format!("admission.url: cannot use {}", config.admission.url))?;
-        return Ok(Arc::new(redis));
+        if config.admission.sold_out_ttl.is_zero() {
+            return Ok(Arc::new(redis));
+        }
+        return Ok(Arc::new(
+            redis.with_sold_out_flags(config.admission.sold_out_ttl),
+        ));
     }
     if config.admission.url != EMBEDDED {
         return Err(unsupported("admission.url", &config.admission.url));

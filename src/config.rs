@@ -171,6 +171,10 @@ pub struct AdmissionSection {
     /// Deadline of one decision; past it the buyer gets 503.
     #[serde(with = "humantime_serde")]
     pub decision_timeout: Duration,
+    /// Redis: how long an instance's sold-out flag of a sale lives at most (flags are also
+    /// dropped as soon as units come back); `0s` turns the flags off.
+    #[serde(with = "humantime_serde")]
+    pub sold_out_ttl: Duration,
 }
 
 impl Default for AdmissionSection {
@@ -179,6 +183,7 @@ impl Default for AdmissionSection {
             url: EMBEDDED.into(),
             key_prefix: "fs:".into(),
             decision_timeout: Duration::from_millis(250),
+            sold_out_ttl: Duration::from_secs(1),
         }
     }
 }

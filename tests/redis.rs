@@ -370,6 +370,150 @@ async fn redis_killed_mid_burst_gives_503_and_reconcile_restores_selling() {
     app.stop().await;
 }
 
+/// EVALSHA calls Redis has served so far.
+async fn evalsha_calls(url: &str) -> u64 {
+    let client = redis::Client::open(url).expect("client");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut conn)
+        .await
+        .expect("INFO");
+    info.lines()
+        .find_map(|l| l.strip_prefix("cmdstat_evalsha:calls="))
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Buyers who never bought before, one new user and key per order.
+#[derive(Default)]
+struct Strangers(AtomicUsize);
+
+impl Strangers {
+    async fn order(&self, app: &TestApp) -> common::Answer {
+        let i = self.0.fetch_add(1, Ordering::Relaxed);
+        let token = app.token(&format!("s{i}"));
+        app.order("flag", &token, &format!("s{i}"), 1).await
+    }
+}
+
+/// Waits until `app` answers a stranger `sold_out` without an EVALSHA.
+async fn wait_flagged(app: &TestApp, url: &str, strangers: &Strangers) {
+    eventually(
+        "the instance answers sold_out without Redis",
+        Duration::from_secs(10),
+        || async {
+            let before = evalsha_calls(url).await;
+            let a = strangers.order(app).await;
+            assert_eq!((a.status, a.code()), (409, "sold_out"), "{}", a.body);
+            evalsha_calls(url).await == before
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sold_out_flag_answers_locally_but_never_hides_an_answer_or_returned_stock() {
+    // Flags live ten minutes here: only the events channel can clear them in this test.
+    let ttl = Duration::from_secs(600);
+    let mut first =
+        TestApp::start_on_with(Backend::Redis, |c| c.admission.sold_out_ttl = ttl).await;
+    let url = first.redis.as_ref().expect("redis").url();
+    let second = TestApp::start_with(|c| {
+        c.admission.url = url.clone();
+        c.admission.sold_out_ttl = ttl;
+    })
+    .await;
+    for app in [&first, &second] {
+        let a = app
+            .create_sale(json!({
+                "id": "flag", "sku": "s", "stock": 3, "price_cents": 100, "currency": "EUR",
+                "per_user_limit": 1, "max_quantity_per_order": 1,
+                "user_rate": {"per_second": 100000, "burst": 100000}
+            }))
+            .await;
+        assert_eq!(a.status, 201, "{}", a.body);
+    }
+    // Sold out on the first instance.
+    let buyers: Vec<String> = (0..3).map(|u| first.token(&format!("b{u}"))).collect();
+    let mut ids = Vec::new();
+    for (u, token) in buyers.iter().enumerate() {
+        let a = first.order("flag", token, &format!("k{u}"), 1).await;
+        assert_eq!(a.status, 202, "{}", a.body);
+        ids.push(a.body["order_id"].as_str().expect("id").to_owned());
+    }
+    // The second instance learns it from Redis's answer, then answers by itself.
+    let strangers = Strangers::default();
+    wait_flagged(&second, &url, &strangers).await;
+    let before = evalsha_calls(&url).await;
+    for _ in 0..50 {
+        let a = strangers.order(&second).await;
+        assert_eq!((a.status, a.code()), (409, "sold_out"), "{}", a.body);
+    }
+    let calls = evalsha_calls(&url).await - before;
+    assert!(
+        calls < 10,
+        "50 sold-out answers took {calls} Redis decisions"
+    );
+    // Buyers who hold answers still reach Redis: a retry gets its first answer, a new key
+    // gets the per-user limit (a local flag would have said sold_out).
+    for (u, token) in buyers.iter().enumerate() {
+        let retry = second.order("flag", token, &format!("k{u}"), 1).await;
+        assert_eq!(retry.status, 202, "{}", retry.body);
+        assert_eq!(retry.body["order_id"].as_str(), Some(ids[u].as_str()));
+    }
+    let more = second.order("flag", &buyers[0], "k-more", 1).await;
+    assert_eq!((more.status, more.code()), (403, "limit_exceeded"));
+    // Local answers reach the shared counters.
+    eventually(
+        "local sold-out answers counted in Redis",
+        Duration::from_secs(10),
+        || async {
+            first.stats("flag").await["rejected"]["sold_out"]
+                .as_u64()
+                .unwrap_or(0)
+                >= 51
+        },
+    )
+    .await;
+    // Stock added on the first instance reaches the second at once, not after the TTL.
+    let add = first
+        .client
+        .post(format!("{}/v1/sales/flag/stock", first.url))
+        .bearer_auth(first.operator())
+        .json(&json!({"quantity": 1}))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(add.status().as_u16(), 200);
+    eventually(
+        "the second instance sells the added unit",
+        Duration::from_secs(10),
+        || async { strangers.order(&second).await.status == 202 },
+    )
+    .await;
+    // Sold out again, and flagged again.
+    wait_flagged(&second, &url, &strangers).await;
+    // Redis gone: the subscription is lost, the flag with it, and buyers get 503.
+    first.redis.as_mut().expect("redis").kill();
+    eventually(
+        "503 instead of a local sold_out once Redis is gone",
+        Duration::from_secs(10),
+        || async {
+            let a = strangers.order(&second).await;
+            assert!(matches!(a.status, 409 | 503), "{}", a.body);
+            a.status == 503
+        },
+    )
+    .await;
+    second.stop().await;
+    first.stop().await;
+}
+
 /// Runs `flashsale reconcile --sale SALE` against the app's store and Redis.
 async fn reconcile(app: &TestApp, sale: &str) -> std::process::Output {
     let data = app.config.data_dir.display().to_string();

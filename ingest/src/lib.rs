@@ -2,7 +2,8 @@
 //!
 //! [`server::serve`] runs the hyper server on a bound listener; [`api`] holds the routes;
 //! [`admission`] the `Admission` trait and its embedded backend; [`redis_admission`] the
-//! Redis backend (Lua scripts in `src/lua/`); [`model`] the decision
+//! Redis backend (Lua scripts in `src/lua/`) and [`sold_out`] its per-instance sold-out
+//! flags; [`model`] the decision
 //! rules every backend agrees with; [`auth`] buyer JWTs and the operator token;
 //! [`problem`] the error answers and their stable codes.
 
@@ -14,3 +15,4 @@ pub mod model;
 pub mod problem;
 pub mod redis_admission;
 pub mod server;
+pub mod sold_out;

@@ -13,6 +13,7 @@ use crate::admission::{Admission, Error, Result};
 use crate::model::{
     AbortOutcome, AdmitRequest, Answer, Counters, Decision, OrderRef, Rejection, Snapshot,
 };
+use crate::sold_out::{self, FlagKeys, SoldOutFlags};
 use async_trait::async_trait;
 use redis::aio::ConnectionManager;
 use redis::{Script, Value};
@@ -34,9 +35,11 @@ struct Scripts {
 /// [`Admission`] on Redis.
 #[derive(Clone)]
 pub struct RedisAdmission {
+    client: redis::Client,
     conn: ConnectionManager,
     scripts: std::sync::Arc<Scripts>,
     prefix: String,
+    flags: Option<std::sync::Arc<SoldOutFlags>>,
 }
 
 impl std::fmt::Debug for RedisAdmission {
@@ -94,10 +97,11 @@ impl RedisAdmission {
             .set_response_timeout(Some(response_timeout))
             .set_connection_timeout(Some(response_timeout.max(Duration::from_millis(500))))
             .set_number_of_retries(1);
-        let conn = ConnectionManager::new_with_config(client, config)
+        let conn = ConnectionManager::new_with_config(client.clone(), config)
             .await
             .map_err(unavailable)?;
         Ok(RedisAdmission {
+            client,
             conn,
             scripts: std::sync::Arc::new(Scripts {
                 admit: Script::new(include_str!("lua/admit.lua")),
@@ -108,7 +112,25 @@ impl RedisAdmission {
                 claim: Script::new(include_str!("lua/claim.lua")),
             }),
             prefix: prefix.to_owned(),
+            flags: None,
         })
+    }
+
+    /// Turns on the per-instance sold-out flags (see [`crate::sold_out`]); a flag lives at
+    /// most `ttl`. Starts a task that keeps a subscription to the sales' events channels.
+    pub fn with_sold_out_flags(mut self, ttl: Duration) -> Self {
+        self.flags = Some(std::sync::Arc::new(SoldOutFlags::start(
+            self.client.clone(),
+            self.conn.clone(),
+            &self.prefix,
+            ttl,
+        )));
+        self
+    }
+
+    /// Sold-out answers this instance gave without a Redis call (0 without flags).
+    pub fn sold_out_answered_locally(&self) -> u64 {
+        self.flags.as_ref().map_or(0, |f| f.answered_locally())
     }
 
     fn keys(&self, sale: &SaleId) -> Keys {
@@ -127,6 +149,15 @@ impl RedisAdmission {
     /// Decides one attempt and also returns the instant (Redis clock, microseconds) it was
     /// decided at, so the model tests can replay the same decision.
     pub async fn admit_at(&self, sale: &SaleId, req: &AdmitRequest) -> Result<(Decision, i64)> {
+        self.decide(sale, req).await.map(|(d, now, _)| (d, now))
+    }
+
+    /// One decision; also the units left when the answer is `sold_out`.
+    async fn decide(
+        &self,
+        sale: &SaleId,
+        req: &AdmitRequest,
+    ) -> Result<(Decision, i64, Option<i64>)> {
         let k = self.keys(sale);
         let mut conn = self.conn.clone();
         let reply: Vec<Value> = self
@@ -160,6 +191,7 @@ impl RedisAdmission {
                 quantity: r.get(3).and_then(as_i64).ok_or_else(bad)? as u32,
             })
         };
+        let mut left = None;
         let decision = match kind.as_str() {
             "accepted" => Decision::Accepted(answer(&reply)?),
             "replayed" => Decision::Replayed(answer(&reply)?),
@@ -174,13 +206,16 @@ impl RedisAdmission {
                         retry_after_s: reply.get(2).and_then(as_i64).ok_or_else(bad)? as u32,
                     },
                     "limit_exceeded" => Rejection::LimitExceeded,
-                    "sold_out" => Rejection::SoldOut,
+                    "sold_out" => {
+                        left = reply.get(3).and_then(as_i64);
+                        Rejection::SoldOut
+                    }
                     _ => return Err(bad()),
                 })
             }
             _ => return Err(bad()),
         };
-        Ok((decision, now))
+        Ok((decision, now, left))
     }
 
     async fn release_mode(&self, sale: &SaleId, order: &OrderRef, mode: &str) -> Result<i64> {
@@ -199,6 +234,7 @@ impl RedisAdmission {
             .arg(order.quantity)
             .arg(mode)
             .arg(&order.key)
+            .arg(sold_out::channel(&self.prefix, sale))
             .invoke_async(&mut conn)
             .await
             .map_err(unavailable)?;
@@ -326,6 +362,11 @@ impl RedisAdmission {
         ] {
             p.cmd("PEXPIREAT").arg(key).arg(expire_at).ignore();
         }
+        // Instances drop their sold-out flag of the sale.
+        p.cmd("PUBLISH")
+            .arg(sold_out::channel(&self.prefix, &sale.id))
+            .arg("stock")
+            .ignore();
         p.query_async::<()>(&mut conn).await.map_err(unavailable)
     }
 
@@ -383,6 +424,7 @@ impl Admission for RedisAdmission {
             .add_stock
             .key(self.keys(sale).sale)
             .arg(units)
+            .arg(sold_out::channel(&self.prefix, sale))
             .invoke_async(&mut conn)
             .await
             .map_err(unavailable)?;
@@ -394,7 +436,23 @@ impl Admission for RedisAdmission {
     }
 
     async fn admit(&self, sale: &SaleId, req: &AdmitRequest) -> Result<Decision> {
-        self.admit_at(sale, req).await.map(|(d, _)| d)
+        let Some(flags) = &self.flags else {
+            return self.decide(sale, req).await.map(|(d, _, _)| d);
+        };
+        if flags.answer_locally(sale, req) {
+            return Ok(Decision::Rejected(Rejection::SoldOut));
+        }
+        let epoch = flags.epoch();
+        let (decision, _, left) = self.decide(sale, req).await?;
+        if left == Some(0) {
+            let k = self.keys(sale);
+            let keys = FlagKeys {
+                sale: k.sale,
+                units: k.units,
+            };
+            flags.learn(sale, epoch, self.conn.clone(), keys);
+        }
+        Ok(decision)
     }
 
     async fn confirm(&self, sale: &SaleId, order: &OrderRef) -> Result<()> {

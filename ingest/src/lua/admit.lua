@@ -11,6 +11,8 @@
 -- Replies: {"accepted", order_id, sequence, quantity, now}
 --          {"replayed", order_id, sequence, quantity, now}
 --          {"in_progress", now} | {"rejected", code, retry_after_s, now} | {"missing", now}
+--          sold out: {"rejected", "sold_out", 0, stock_left, now} (ingest's sold-out flag
+--          is set only when stock_left is 0)
 -- Numbers are doubles in Lua; every value here stays below 2^53, and results are written
 -- with %.0f so they never turn into exponent notation.
 local sale, units, buckets, idem, rejected = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
@@ -76,7 +78,10 @@ local held = tonumber(redis.call('HGET', units, user) or '0')
 if held + qty > tonumber(f[3]) then return reject('limit_exceeded') end
 
 -- 5. Stock.
-if tonumber(f[2]) < qty then return reject('sold_out') end
+if tonumber(f[2]) < qty then
+  redis.call('HINCRBY', rejected, 'sold_out', 1)
+  return {'rejected', 'sold_out', 0, tonumber(f[2]), now}
+end
 
 -- Accept: take the stock, count the user's units, assign the sequence, store the answer.
 local seq = tonumber(f[8])

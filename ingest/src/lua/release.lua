@@ -1,6 +1,8 @@
 -- Gives an order's units back, once per order id whatever the number of calls.
 -- KEYS: sale, units, released, idem, claimed
--- ARGV: order_id, user, quantity, mode ("release" | "abort"), key
+-- ARGV: order_id, user, quantity, mode ("release" | "abort"), key, events channel
+--   Units given back are announced on the sale's events channel ("stock"), so ingest
+--   instances drop their sold-out flag of the sale.
 --   release: a settled order failed or expired; its idempotency answer stays.
 --   abort:   the order never reached the log (or its decision timed out); if it holds
 --            its key's answer, it is undone as if never accepted and the answer is
@@ -29,4 +31,5 @@ if mode == 'abort' then
 else
   redis.call('HINCRBY', KEYS[1], 'rel_u', qty)
 end
+redis.call('PUBLISH', ARGV[6], 'stock')
 return 1
