@@ -98,6 +98,17 @@ pub trait OrderStore: Send + Sync + 'static {
     async fn orders_of_sale(&self, sale: &SaleId) -> Result<Vec<Order>>;
     /// Orders and units of a sale by status.
     async fn sale_totals(&self, sale: &SaleId) -> Result<SaleTotals>;
+    /// Orders that entered `payment_pending` before `before` and are still in it, oldest
+    /// first, at most `limit` (the expiry sweeper's work).
+    async fn pending_since(&self, before: Timestamp, limit: usize) -> Result<Vec<Order>>;
+
+    /// Status changes not yet published to `flashsale.order-events.v1`, oldest first, at
+    /// most `limit`. This is the outbox: each entry is written in the same transaction as
+    /// the status change it records, so a change is never lost between store and topic.
+    async fn unpublished_events(&self, limit: usize) -> Result<Vec<OrderEvent>>;
+    /// Marks events as published; returns how many were still unpublished.
+    async fn mark_published(&self, events: &[(OrderId, OrderStatus)]) -> Result<usize>;
+
     /// Cheap liveness check of the backend.
     async fn ping(&self) -> Result<()>;
 }

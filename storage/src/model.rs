@@ -527,6 +527,27 @@ pub struct Order {
     pub notified_at: Option<Timestamp>,
 }
 
+/// A status change of an order, as published to `flashsale.order-events.v1`. Its identity
+/// is `(order_id, status)`: an order enters each status at most once, so a consumer drops
+/// a repeated event by that pair.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OrderEvent {
+    /// The order.
+    pub order_id: OrderId,
+    /// Its sale.
+    pub sale_id: SaleId,
+    /// The buyer.
+    pub user_id: UserId,
+    /// Units of the order.
+    pub quantity: u32,
+    /// The status entered.
+    pub status: OrderStatus,
+    /// When.
+    pub at: Timestamp,
+    /// The provider's charge id, on `paid`.
+    pub charge_id: Option<String>,
+}
+
 /// Units and orders of a sale by status, as the store sees them.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SaleTotals {

@@ -14,7 +14,10 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 fn migrations() -> Migrations<'static> {
-    Migrations::new(vec![M::up(include_str!("../migrations/0001_initial.sql"))])
+    Migrations::new(vec![
+        M::up(include_str!("../migrations/0001_initial.sql")),
+        M::up(include_str!("../migrations/0002_outbox.sql")),
+    ])
 }
 
 fn unavailable(e: impl std::fmt::Display) -> Error {
@@ -487,6 +490,72 @@ impl OrderStore for SqliteStore {
         .await
     }
 
+    async fn pending_since(&self, before: Timestamp, limit: usize) -> Result<Vec<Order>> {
+        let sql = format!(
+            "SELECT {ORDER_COLUMNS} FROM orders WHERE status = 'payment_pending' \
+             AND updated_at < ?1 ORDER BY updated_at LIMIT ?2"
+        );
+        self.with(move |c| query_orders(c, &sql, params![before.millis(), limit as i64]))
+            .await
+    }
+
+    async fn unpublished_events(&self, limit: usize) -> Result<Vec<OrderEvent>> {
+        self.with(move |c| {
+            let mut stmt = c
+                .prepare_cached(
+                    "SELECT h.order_id, o.sale_id, o.user_id, o.quantity, h.status, h.at, \
+                     o.charge_id FROM order_history h JOIN orders o ON o.order_id = h.order_id \
+                     WHERE h.published = 0 ORDER BY h.at, h.rowid LIMIT ?1",
+                )
+                .map_err(unavailable)?;
+            let mut rows = stmt.query(params![limit as i64]).map_err(unavailable)?;
+            let mut out = Vec::new();
+            while let Some(r) = rows.next().map_err(unavailable)? {
+                let get_s = |i: usize| r.get::<_, String>(i).map_err(corrupt);
+                let status: OrderStatus = get_s(4)?.parse().map_err(corrupt)?;
+                out.push(OrderEvent {
+                    order_id: get_s(0)?.parse().map_err(corrupt)?,
+                    sale_id: SaleId::parse(get_s(1)?).map_err(corrupt)?,
+                    user_id: UserId::parse(get_s(2)?).map_err(corrupt)?,
+                    quantity: r.get(3).map_err(corrupt)?,
+                    status,
+                    at: Timestamp(r.get(5).map_err(corrupt)?),
+                    charge_id: if status == OrderStatus::Paid {
+                        r.get(6).map_err(corrupt)?
+                    } else {
+                        None
+                    },
+                });
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn mark_published(&self, events: &[(OrderId, OrderStatus)]) -> Result<usize> {
+        let events = events.to_vec();
+        self.with(move |c| {
+            let tx = c.transaction().map_err(unavailable)?;
+            let mut n = 0;
+            {
+                let mut stmt = tx
+                    .prepare_cached(
+                        "UPDATE order_history SET published = 1 \
+                         WHERE order_id = ?1 AND status = ?2 AND published = 0",
+                    )
+                    .map_err(unavailable)?;
+                for (id, status) in &events {
+                    n += stmt
+                        .execute(params![id.to_string(), status.as_str()])
+                        .map_err(unavailable)?;
+                }
+            }
+            tx.commit().map_err(unavailable)?;
+            Ok(n)
+        })
+        .await
+    }
+
     async fn ping(&self) -> Result<()> {
         self.with(|c| c.query_row("SELECT 1", [], |_| Ok(())).map_err(unavailable))
             .await
@@ -582,9 +651,44 @@ mod tests {
             vec![Accepted, Persisted, PaymentPending, PaymentFailed]
         );
 
+        // The outbox holds every status entered, until published.
+        let events = store.unpublished_events(100).await.expect("events");
+        assert_eq!(events.len(), 8, "{events:?}");
+        assert!(events
+            .iter()
+            .any(|e| e.order_id == id && e.status == PaymentFailed));
+        let first: Vec<_> = events[..2].iter().map(|e| (e.order_id, e.status)).collect();
+        assert_eq!(store.mark_published(&first).await.expect("publish"), 2);
+        assert_eq!(store.mark_published(&first).await.expect("again"), 0);
+        assert_eq!(store.unpublished_events(100).await.expect("rest").len(), 6);
+
+        // Expiry: pending since before a cutoff.
+        let pending = orders[1].order_id;
+        assert!(store
+            .transition(pending, Persisted, PaymentPending, None)
+            .await
+            .expect("pending"));
+        let late = store
+            .pending_since(Timestamp::now().plus_millis(1_000), 10)
+            .await
+            .expect("stale");
+        assert_eq!(
+            late.iter().map(|o| o.new.order_id).collect::<Vec<_>>(),
+            vec![pending]
+        );
+        assert!(store
+            .pending_since(Timestamp(0), 10)
+            .await
+            .expect("none")
+            .is_empty());
+        assert!(store
+            .transition(pending, PaymentPending, Persisted, None)
+            .await
+            .is_err());
+
         let totals = store.sale_totals(&sale().id).await.expect("totals");
         assert_eq!(totals.orders, 3);
-        assert_eq!(totals.get(Persisted).orders, 2);
+        assert_eq!(totals.get(Persisted).orders, 1);
         assert_eq!(totals.released_units, 1);
         let s = store.add_stock(&sale().id, 5).await.expect("add");
         assert_eq!(s.stock, 15);
