@@ -1,9 +1,14 @@
 //! flashsale storage: the domain model, the [`OrderStore`] trait and its backends.
 //!
-//! The embedded backend ([`sqlite::SqliteStore`]) needs no services; the distributed
-//! backends (sharded Postgres, Scylla) plug in behind the same trait.
+//! The embedded backend ([`sqlite::SqliteStore`], feature `embedded`) needs no services; the
+//! sharded Postgres backend ([`postgres::PgStore`], feature `postgres`) keeps the catalog in
+//! one database and the orders in N shard databases ([`shard`] says which). Both are on by
+//! default and behave the same behind the trait.
 
 pub mod model;
+#[cfg(feature = "postgres")]
+pub mod postgres;
+pub mod shard;
 #[cfg(feature = "embedded")]
 pub mod sqlite;
 
@@ -65,7 +70,10 @@ pub trait OrderStore: Send + Sync + 'static {
     async fn add_stock(&self, id: &SaleId, units: u32) -> Result<Sale>;
 
     /// Persists a batch of accepted orders (status `persisted`), skipping ids already held,
-    /// and records `checkpoint` in the same transaction. Returns how many were new.
+    /// and records `checkpoint` (never moving it back). Returns how many were new. The
+    /// embedded store commits both in one transaction; the sharded store commits each
+    /// shard's orders, then the checkpoint (see the `postgres` module): either way the
+    /// checkpoint never passes an order that is not durable, and a replay inserts nothing.
     async fn persist_batch(
         &self,
         orders: &[NewOrder],

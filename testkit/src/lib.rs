@@ -1,5 +1,6 @@
-//! Test harness: real servers for tests (redis-server, the tansu Kafka-protocol broker),
-//! started on free loopback ports in temporary directories and killed when dropped.
+//! Test harness: real servers for tests (redis-server, the tansu Kafka-protocol broker,
+//! Postgres), started on free loopback ports in temporary directories and killed when
+//! dropped.
 //!
 //! Every test that needs a server starts its own (a redis-server starts in milliseconds),
 //! so tests never share state and need no key prefixes to stay apart. When a server's
@@ -252,5 +253,403 @@ impl Drop for TansuBroker {
         // A paused process cannot die until it is continued.
         self.resume();
         self.kill();
+    }
+}
+
+/// The directory holding both `initdb` and `postgres` (and `createdb`): PATH first, then
+/// Debian's `/usr/lib/postgresql/VERSION/bin`, highest version first. Panics naming the
+/// missing binary and [`SETUP`] when there is none.
+fn postgres_bin_dir() -> PathBuf {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let mut versioned: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .map(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .filter_map(|e| {
+                    let v = e.file_name().to_str()?.parse::<u32>().ok()?;
+                    Some((v, e.path().join("bin")))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    versioned.sort_by_key(|(v, _)| std::cmp::Reverse(*v));
+    let dirs: Vec<PathBuf> = std::env::split_paths(&path)
+        .chain(versioned.into_iter().map(|(_, d)| d))
+        .collect();
+    for binary in ["initdb", "postgres", "createdb"] {
+        if !dirs.iter().any(|d| d.join(binary).is_file()) {
+            panic!(
+                "`{binary}` is not installed: run {SETUP} (it installs the Debian package \
+                 `postgresql`), or `apt-get install postgresql`"
+            );
+        }
+    }
+    dirs.into_iter()
+        .find(|d| {
+            ["initdb", "postgres", "createdb"]
+                .iter()
+                .all(|b| d.join(b).is_file())
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "no directory holds `initdb`, `postgres` and `createdb` of one installation: \
+                 run {SETUP} (it installs the Debian package `postgresql`)"
+            )
+        })
+}
+
+/// The system user the servers run as when the tests run as root (initdb refuses root).
+const POSTGRES_USER: &str = "postgres";
+/// The database superuser of every test server (trust authentication, no password).
+const PG_SUPERUSER: &str = "postgres";
+
+fn running_as_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
+}
+
+/// uid and gid of a system user, from `id`.
+fn user_ids(user: &str) -> (u32, u32) {
+    let id = |flag: &str| {
+        let out = Command::new("id")
+            .args([flag, user])
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run `id {flag} {user}`: {e}"));
+        assert!(
+            out.status.success(),
+            "the tests run as root, so postgres must run as the system user `{user}`, which \
+             does not exist: run {SETUP} (the Debian package `postgresql` creates it)"
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse::<u32>()
+            .unwrap()
+    };
+    (id("-u"), id("-g"))
+}
+
+/// A Postgres server of the test's own: a fresh cluster (`initdb`, trust authentication)
+/// in a temporary directory, listening on 127.0.0.1 on a free port, with its unix socket in
+/// that directory. As root (machines and CI), it runs as the `postgres` system user via
+/// `setpriv`, which execs, so the child process is the postmaster itself.
+#[derive(Debug)]
+pub struct PostgresServer {
+    child: Option<Child>,
+    port: u16,
+    dir: tempfile::TempDir,
+    bin: PathBuf,
+    /// `(uid, gid)` to run as, when the tests run as root.
+    run_as: Option<(u32, u32)>,
+}
+
+impl PostgresServer {
+    /// Creates a cluster and starts it; panics with a clear message if it cannot.
+    pub fn start() -> PostgresServer {
+        let bin = postgres_bin_dir();
+        let run_as = running_as_root().then(|| user_ids(POSTGRES_USER));
+        // The server user must reach the directory: make it under /tmp (world-traversable)
+        // and hand it over.
+        let dir = tempfile::Builder::new()
+            .prefix("flashsale-pg-")
+            .tempdir_in(if run_as.is_some() {
+                PathBuf::from("/tmp")
+            } else {
+                std::env::temp_dir()
+            })
+            .unwrap();
+        if let Some((uid, gid)) = run_as {
+            std::os::unix::fs::chown(dir.path(), Some(uid), Some(gid)).unwrap();
+        }
+        let mut server = PostgresServer {
+            child: None,
+            port: free_port(),
+            dir,
+            bin,
+            run_as,
+        };
+        server.initdb();
+        server.spawn();
+        server
+    }
+
+    fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.path().join("postgres.log")
+    }
+
+    /// A command for a server binary, run as the server user when the tests run as root.
+    fn server_command(&self, binary: &str) -> Command {
+        let program = self.bin.join(binary);
+        match self.run_as {
+            Some((uid, gid)) => {
+                let mut c = Command::new("setpriv");
+                c.arg(format!("--reuid={uid}"))
+                    .arg(format!("--regid={gid}"))
+                    .arg("--clear-groups")
+                    .arg("--")
+                    .arg(program);
+                c
+            }
+            None => Command::new(program),
+        }
+    }
+
+    fn initdb(&self) {
+        let out = self
+            .server_command("initdb")
+            .arg("-D")
+            .arg(self.data_dir())
+            .args([
+                "-U",
+                PG_SUPERUSER,
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--no-locale",
+            ])
+            .arg("--no-sync")
+            .current_dir(self.dir.path())
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run initdb in {}: {e}", self.bin.display()));
+        assert!(
+            out.status.success(),
+            "initdb failed ({}):\n{}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .unwrap();
+        if let Some((uid, gid)) = self.run_as {
+            std::os::unix::fs::chown(self.log_path(), Some(uid), Some(gid)).unwrap();
+        }
+        let mut child = self
+            .server_command("postgres")
+            .arg("-D")
+            .arg(self.data_dir())
+            .args(["-p", &self.port.to_string()])
+            .arg("-k")
+            .arg(self.dir.path())
+            .args(["-c", "listen_addresses=127.0.0.1"])
+            .args(["-c", "max_connections=200"])
+            .args(["-c", "shared_buffers=16MB"])
+            .current_dir(self.dir.path())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start postgres in {}: {e}", self.bin.display()));
+        self.wait_ready(&mut child);
+        self.child = Some(child);
+    }
+
+    /// Waits until the postmaster reports `ready` in `postmaster.pid` (as `pg_ctl -w` does)
+    /// and its port accepts connections.
+    fn wait_ready(&self, child: &mut Child) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let pid_file = self.data_dir().join("postmaster.pid");
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, self.port));
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!(
+                    "postgres exited during start-up ({status}); its log:\n{}",
+                    std::fs::read_to_string(self.log_path()).unwrap_or_default()
+                );
+            }
+            let ready = std::fs::read_to_string(&pid_file)
+                .map(|text| {
+                    let lines: Vec<&str> = text.lines().collect();
+                    lines.first().map(|l| l.trim()) == Some(&child.id().to_string())
+                        && lines.get(7).map(|l| l.trim()) == Some("ready")
+                })
+                .unwrap_or(false);
+            if ready && TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+                return;
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "postgres was not ready on {addr} within 30 s; its log:\n{}",
+                    std::fs::read_to_string(self.log_path()).unwrap_or_default()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Creates database `name` (owned by the superuser).
+    pub fn create_database(&self, name: &str) {
+        let out = Command::new(self.bin.join("createdb"))
+            .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
+            .args(["-U", PG_SUPERUSER, "-w", name])
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run createdb: {e}"));
+        assert!(
+            out.status.success(),
+            "createdb {name} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// `postgres://postgres@127.0.0.1:PORT/DB` (trust authentication: no password).
+    pub fn url(&self, db: &str) -> String {
+        format!("postgres://{PG_SUPERUSER}@127.0.0.1:{}/{db}", self.port)
+    }
+
+    /// The port it listens on.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The directory it runs in (the cluster is in `data/`, the log in `postgres.log`).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Whether it is running.
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    fn signal(&self, sig: &str) {
+        if let Some(c) = &self.child {
+            let ok = Command::new("kill")
+                .args([sig, &c.id().to_string()])
+                .status()
+                .map(|s| s.success())
+                .unwrap_or(false);
+            assert!(ok, "kill {sig} of postgres failed");
+        }
+    }
+
+    /// Stops it with a fast shutdown (SIGINT: sessions are ended, the data is kept) and
+    /// waits until it has exited.
+    pub fn stop(&mut self) {
+        if self.child.is_none() {
+            return;
+        }
+        self.signal("-INT");
+        let mut child = self.child.take().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(Some(_)) = child.try_wait() {
+                return;
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("postgres did not stop within 30 s of a fast shutdown");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Starts it again after [`PostgresServer::stop`], on the same port with the same data.
+    pub fn start_again(&mut self) {
+        assert!(self.child.is_none(), "postgres is running already");
+        self.spawn();
+    }
+
+    /// Kills it: an immediate shutdown (SIGQUIT, the postmaster ends its sessions), then
+    /// SIGKILL if it has not exited within 5 s.
+    pub fn kill(&mut self) {
+        if self.child.is_none() {
+            return;
+        }
+        self.signal("-QUIT");
+        let mut child = self.child.take().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+impl Drop for PostgresServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Postgres for the sharded store: one [`PostgresServer`] per shard (so one shard can be
+/// stopped alone), database `flashsale_catalog` on server 0 and `flashsale_shard_{i}` on
+/// server `i`.
+#[derive(Debug)]
+pub struct PostgresCluster {
+    servers: Vec<PostgresServer>,
+}
+
+impl PostgresCluster {
+    /// Starts `shards` servers (at once) and creates the databases.
+    pub fn start(shards: usize) -> PostgresCluster {
+        assert!(shards > 0, "a cluster needs at least one shard");
+        let servers: Vec<PostgresServer> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..shards)
+                .map(|i| {
+                    s.spawn(move || {
+                        let server = PostgresServer::start();
+                        if i == 0 {
+                            server.create_database("flashsale_catalog");
+                        }
+                        server.create_database(&format!("flashsale_shard_{i}"));
+                        server
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
+                .collect()
+        });
+        PostgresCluster { servers }
+    }
+
+    /// The catalog database's URL (on server 0).
+    pub fn catalog_url(&self) -> String {
+        self.servers[0].url("flashsale_catalog")
+    }
+
+    /// The shard databases' URLs, shard `i` at index `i`.
+    pub fn shard_urls(&self) -> Vec<String> {
+        self.servers
+            .iter()
+            .enumerate()
+            .map(|(i, s)| s.url(&format!("flashsale_shard_{i}")))
+            .collect()
+    }
+
+    /// The server of shard `i` (server 0 also holds the catalog).
+    pub fn server(&self, i: usize) -> &PostgresServer {
+        &self.servers[i]
+    }
+
+    /// Stops the server of shard `i` (fast shutdown; data kept). Stopping shard 0 stops the
+    /// catalog too.
+    pub fn stop_shard(&mut self, i: usize) {
+        self.servers[i].stop();
+    }
+
+    /// Starts the server of shard `i` again, same port and data.
+    pub fn start_shard(&mut self, i: usize) {
+        self.servers[i].start_again();
     }
 }

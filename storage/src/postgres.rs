@@ -1,0 +1,894 @@
+//! The sharded order store on Postgres: tokio-postgres with one deadpool pool per database,
+//! schema by refinery (`migrations/postgres/`).
+//!
+//! # Layout
+//!
+//! - The **catalog** database holds `sales` and `consumer_offsets`.
+//! - `N` **shard** databases hold `orders` and `order_history`; an order and its history live
+//!   on shard [`crate::shard::shard_of`]`(order_id, N)`, shard `i` being the `i`-th URL.
+//!
+//! Calls about one order (`get_order`, `transition`, `mark_*`) go to its shard; listings and
+//! totals ask every shard at once and merge (sorted as the embedded store sorts, the limit
+//! applied after the merge). Instants are BIGINT milliseconds, as in the embedded store.
+//!
+//! # Persisting a batch: exactly-once in effect
+//!
+//! [`OrderStore::persist_batch`] writes each shard's orders in one transaction per shard
+//! (`INSERT ... ON CONFLICT (order_id) DO NOTHING RETURNING order_id`, then the history rows
+//! of the ids that were new) and, once every shard committed, the checkpoint in the catalog
+//! (`GREATEST` of the stored and the new offset). Unlike the embedded store, the checkpoint
+//! is *not* in the orders' transaction: a transaction cannot span databases. It is still
+//! exactly-once in effect: every write is idempotent, so after a crash (or a failed shard)
+//! between the shard commits and the checkpoint, the consumer reads the same records again
+//! from the old checkpoint and the replay inserts nothing that is already held, while the
+//! checkpoint never moves past a record whose order is not committed. If any shard fails
+//! the call returns [`Error::Unavailable`] and the caller retries the whole batch.
+//!
+//! # Failures
+//!
+//! Connecting is bounded by [`CONNECT_TIMEOUT`] and waiting for, creating or recycling a pooled
+//! connection by [`POOL_TIMEOUT`], so a stopped database makes calls fail with
+//! [`Error::Unavailable`] (naming the shard) within seconds instead of hanging; the pools
+//! reconnect by themselves once it is back.
+
+use crate::shard;
+use crate::{
+    model::*, Checkpoint, Error, Order, OrderStore, Result, Sale, SaleId, SaleTotals, StatusCount,
+};
+use async_trait::async_trait;
+use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
+use futures_util::future::{join_all, try_join_all};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{NoTls, Row};
+use uuid::Uuid;
+
+/// How long opening a connection to a database may take.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a call may wait for a pooled connection (and for creating or recycling one).
+pub const POOL_TIMEOUT: Duration = Duration::from_secs(2);
+
+mod catalog_schema {
+    refinery::embed_migrations!("migrations/postgres/catalog");
+}
+mod shard_schema {
+    refinery::embed_migrations!("migrations/postgres/shard");
+}
+
+/// Which database a call went to, for error messages (URLs may hold passwords: never shown).
+#[derive(Debug, Clone, Copy)]
+enum Db {
+    Catalog,
+    Shard(usize),
+}
+
+impl std::fmt::Display for Db {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Db::Catalog => f.write_str("catalog database"),
+            Db::Shard(i) => write!(f, "shard {i}"),
+        }
+    }
+}
+
+fn unavailable(db: Db, e: impl std::fmt::Display) -> Error {
+    Error::Unavailable(format!("{db}: {e}"))
+}
+
+fn corrupt(e: impl std::fmt::Display) -> Error {
+    Error::Corrupt(e.to_string())
+}
+
+fn pg_config(url: &str, db: Db) -> Result<tokio_postgres::Config> {
+    let mut cfg: tokio_postgres::Config = url
+        .parse()
+        .map_err(|e| Error::Unavailable(format!("{db}: bad database URL: {e}")))?;
+    cfg.connect_timeout(CONNECT_TIMEOUT);
+    if cfg.get_application_name().is_none() {
+        cfg.application_name("flashsale");
+    }
+    Ok(cfg)
+}
+
+fn make_pool(url: &str, db: Db, size: usize) -> Result<Pool> {
+    let manager = Manager::from_config(
+        pg_config(url, db)?,
+        NoTls,
+        ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        },
+    );
+    Pool::builder(manager)
+        .max_size(size.max(1))
+        .wait_timeout(Some(POOL_TIMEOUT))
+        .create_timeout(Some(POOL_TIMEOUT))
+        .recycle_timeout(Some(POOL_TIMEOUT))
+        .runtime(Runtime::Tokio1)
+        .build()
+        .map_err(|e| unavailable(db, e))
+}
+
+/// Sharded-Postgres-backed [`OrderStore`]. Cheap to clone (the pools are shared).
+#[derive(Clone)]
+pub struct PgStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    catalog: Pool,
+    shards: Vec<Pool>,
+}
+
+impl std::fmt::Debug for PgStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgStore")
+            .field("shards", &self.inner.shards.len())
+            .finish()
+    }
+}
+
+/// The highest schema version of a set of embedded migrations.
+fn latest_version(runner: &refinery::Runner) -> i64 {
+    runner
+        .get_migrations()
+        .iter()
+        .map(|m| i64::from(m.version()))
+        .max()
+        .unwrap_or(0)
+}
+
+async fn migrate_one(url: &str, db: Db, runner: refinery::Runner) -> Result<()> {
+    let (mut client, connection) = pg_config(url, db)?
+        .connect(NoTls)
+        .await
+        .map_err(|e| unavailable(db, e))?;
+    let conn = tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!(error = %e, "migration connection ended");
+        }
+    });
+    // Two `flashsale migrate` at once must not both create the tables: one waits.
+    let result = async {
+        client
+            .execute(
+                "SELECT pg_advisory_lock(hashtext('flashsale migrate'))",
+                &[],
+            )
+            .await
+            .map_err(|e| unavailable(db, e))?;
+        let report = runner
+            .run_async(&mut client)
+            .await
+            .map_err(|e| unavailable(db, format!("migration failed: {e}")));
+        let _ = client
+            .execute(
+                "SELECT pg_advisory_unlock(hashtext('flashsale migrate'))",
+                &[],
+            )
+            .await;
+        for m in report?.applied_migrations() {
+            tracing::info!(database = %db, migration = %m, "applied migration");
+        }
+        Ok(())
+    }
+    .await;
+    drop(client);
+    let _ = conn.await;
+    result
+}
+
+impl PgStore {
+    /// Applies the pending migrations to the catalog and to every shard. Idempotent: a
+    /// database already at the latest schema is left as it is.
+    pub async fn migrate(catalog_url: &str, shard_urls: &[String]) -> Result<()> {
+        migrate_one(
+            catalog_url,
+            Db::Catalog,
+            catalog_schema::migrations::runner(),
+        )
+        .await?;
+        for (i, url) in shard_urls.iter().enumerate() {
+            migrate_one(url, Db::Shard(i), shard_schema::migrations::runner()).await?;
+        }
+        Ok(())
+    }
+
+    /// Opens a pool of at most `pool_size` connections to the catalog and to each shard
+    /// (shard `i` is `shard_urls[i]`), and checks that every database answers and is
+    /// migrated. Refuses with [`Error::Unavailable`] otherwise.
+    pub async fn connect(
+        catalog_url: &str,
+        shard_urls: &[String],
+        pool_size: usize,
+    ) -> Result<PgStore> {
+        if shard_urls.is_empty() {
+            return Err(Error::Unavailable(
+                "the sharded Postgres store needs at least one shard URL".into(),
+            ));
+        }
+        let shards = shard_urls
+            .iter()
+            .enumerate()
+            .map(|(i, url)| make_pool(url, Db::Shard(i), pool_size))
+            .collect::<Result<Vec<_>>>()?;
+        let store = PgStore {
+            inner: Arc::new(Inner {
+                catalog: make_pool(catalog_url, Db::Catalog, pool_size)?,
+                shards,
+            }),
+        };
+        let catalog_want = latest_version(&catalog_schema::migrations::runner());
+        let shard_want = latest_version(&shard_schema::migrations::runner());
+        let mut checks = vec![store.check_schema(Db::Catalog, catalog_want)];
+        for i in 0..store.shard_count() {
+            checks.push(store.check_schema(Db::Shard(i), shard_want));
+        }
+        try_join_all(checks).await?;
+        Ok(store)
+    }
+
+    async fn check_schema(&self, db: Db, want: i64) -> Result<()> {
+        let client = self.client(db).await?;
+        let row = client
+            .query_one(
+                "SELECT to_regclass('refinery_schema_history') IS NOT NULL",
+                &[],
+            )
+            .await
+            .map_err(|e| unavailable(db, e))?;
+        let have: i64 = if row.try_get::<_, bool>(0).map_err(corrupt)? {
+            client
+                .query_one(
+                    "SELECT coalesce(max(version), 0)::int8 FROM refinery_schema_history",
+                    &[],
+                )
+                .await
+                .map_err(|e| unavailable(db, e))?
+                .try_get(0)
+                .map_err(corrupt)?
+        } else {
+            0
+        };
+        if have < want {
+            return Err(Error::Unavailable(format!(
+                "{db} is not migrated (schema version {have}, this build needs {want}): run \
+                 `flashsale migrate` first"
+            )));
+        }
+        Ok(())
+    }
+
+    /// How many shards the store has.
+    pub fn shard_count(&self) -> usize {
+        self.inner.shards.len()
+    }
+
+    /// The shard holding order `id`.
+    pub fn shard_of(&self, id: OrderId) -> usize {
+        // At most u32::MAX shards exist in practice; more would be a configuration error.
+        let n = u32::try_from(self.shard_count()).unwrap_or(u32::MAX);
+        shard::shard_of(id, n) as usize
+    }
+
+    fn pool(&self, db: Db) -> &Pool {
+        match db {
+            Db::Catalog => &self.inner.catalog,
+            Db::Shard(i) => &self.inner.shards[i],
+        }
+    }
+
+    async fn client(&self, db: Db) -> Result<Object> {
+        self.pool(db).get().await.map_err(|e| unavailable(db, e))
+    }
+
+    async fn query(&self, db: Db, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>> {
+        let client = self.client(db).await?;
+        let stmt = client
+            .prepare_cached(sql)
+            .await
+            .map_err(|e| unavailable(db, e))?;
+        client
+            .query(&stmt, params)
+            .await
+            .map_err(|e| unavailable(db, e))
+    }
+
+    async fn execute(&self, db: Db, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<u64> {
+        let client = self.client(db).await?;
+        let stmt = client
+            .prepare_cached(sql)
+            .await
+            .map_err(|e| unavailable(db, e))?;
+        client
+            .execute(&stmt, params)
+            .await
+            .map_err(|e| unavailable(db, e))
+    }
+
+    /// Runs the same query on every shard at once; the rows per shard, in shard order.
+    async fn query_every_shard(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<Vec<Row>>> {
+        try_join_all((0..self.shard_count()).map(|i| self.query(Db::Shard(i), sql, params))).await
+    }
+
+    /// Orders from every shard, merged by `(sort key, order id)`, at most `limit`.
+    async fn merged_orders(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+        limit: usize,
+    ) -> Result<Vec<Order>> {
+        let mut keyed = Vec::new();
+        for rows in self.query_every_shard(sql, params).await? {
+            for row in rows {
+                let key: i64 = row.try_get(SORT_KEY).map_err(corrupt)?;
+                keyed.push((key, order_from_row(&row)?));
+            }
+        }
+        keyed.sort_by_key(|(k, o)| (*k, o.new.order_id));
+        keyed.truncate(limit);
+        Ok(keyed.into_iter().map(|(_, o)| o).collect())
+    }
+
+    async fn persist_on_shard(
+        &self,
+        shard: usize,
+        orders: &[&NewOrder],
+        now: i64,
+    ) -> Result<usize> {
+        let db = Db::Shard(shard);
+        let err = |e| unavailable(db, e);
+        let mut ids = Vec::with_capacity(orders.len());
+        let mut sales = Vec::with_capacity(orders.len());
+        let mut users = Vec::with_capacity(orders.len());
+        let mut quantities = Vec::with_capacity(orders.len());
+        let mut amounts = Vec::with_capacity(orders.len());
+        let mut currencies = Vec::with_capacity(orders.len());
+        let mut sequences = Vec::with_capacity(orders.len());
+        let mut keys = Vec::with_capacity(orders.len());
+        let mut tokens = Vec::with_capacity(orders.len());
+        let mut accepted = Vec::with_capacity(orders.len());
+        for o in orders {
+            ids.push(o.order_id.0);
+            sales.push(o.sale_id.as_str());
+            users.push(o.user_id.as_str());
+            quantities.push(i32::try_from(o.quantity).map_err(|_| InvalidValue {
+                field: "quantity",
+                reason: "too large",
+            })?);
+            amounts.push(o.amount.minor);
+            currencies.push(o.amount.currency.as_str());
+            sequences.push(o.sequence as i64);
+            keys.push(o.idempotency_key.as_str());
+            tokens.push(o.payment_token.as_str());
+            accepted.push(o.accepted_at.millis());
+        }
+        let mut client = self.client(db).await?;
+        let tx = client.transaction().await.map_err(err)?;
+        let insert = tx
+            .prepare_cached(
+                "INSERT INTO orders (order_id, sale_id, user_id, quantity, amount_minor, \
+                 currency, sequence, idempotency_key, payment_token, accepted_at, status, \
+                 updated_at) \
+                 SELECT u.order_id, u.sale_id, u.user_id, u.quantity, u.amount_minor, \
+                 u.currency, u.sequence, u.idempotency_key, u.payment_token, u.accepted_at, \
+                 'persisted', $11 \
+                 FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::int4[], $5::int8[], \
+                 $6::text[], $7::int8[], $8::text[], $9::text[], $10::int8[]) WITH ORDINALITY \
+                 AS u(order_id, sale_id, user_id, quantity, amount_minor, currency, sequence, \
+                 idempotency_key, payment_token, accepted_at, n) \
+                 ORDER BY u.n \
+                 ON CONFLICT (order_id) DO NOTHING RETURNING order_id",
+            )
+            .await
+            .map_err(err)?;
+        let rows = tx
+            .query(
+                &insert,
+                &[
+                    &ids,
+                    &sales,
+                    &users,
+                    &quantities,
+                    &amounts,
+                    &currencies,
+                    &sequences,
+                    &keys,
+                    &tokens,
+                    &accepted,
+                    &now,
+                ],
+            )
+            .await
+            .map_err(err)?;
+        let new: HashSet<Uuid> = rows
+            .iter()
+            .map(|r| r.try_get::<_, Uuid>(0).map_err(corrupt))
+            .collect::<Result<_>>()?;
+        if !new.is_empty() {
+            // accepted then persisted for each new order, in batch order (as the embedded
+            // store writes them), so the outbox lists them in that order.
+            let mut h_ids = Vec::with_capacity(2 * new.len());
+            let mut h_status = Vec::with_capacity(2 * new.len());
+            let mut h_at = Vec::with_capacity(2 * new.len());
+            for o in orders.iter().filter(|o| new.contains(&o.order_id.0)) {
+                h_ids.extend([o.order_id.0, o.order_id.0]);
+                h_status.extend([
+                    OrderStatus::Accepted.as_str(),
+                    OrderStatus::Persisted.as_str(),
+                ]);
+                h_at.extend([o.accepted_at.millis(), now]);
+            }
+            let history = tx
+                .prepare_cached(
+                    "INSERT INTO order_history (order_id, status, at) \
+                     SELECT h.order_id, h.status, h.at \
+                     FROM UNNEST($1::uuid[], $2::text[], $3::int8[]) WITH ORDINALITY \
+                     AS h(order_id, status, at, n) ORDER BY h.n \
+                     ON CONFLICT DO NOTHING",
+                )
+                .await
+                .map_err(err)?;
+            tx.execute(&history, &[&h_ids, &h_status, &h_at])
+                .await
+                .map_err(err)?;
+        }
+        tx.commit().await.map_err(err)?;
+        Ok(new.len())
+    }
+}
+
+const ORDER_COLUMNS: &str = "order_id, sale_id, user_id, quantity, amount_minor, currency, \
+     sequence, idempotency_key, payment_token, status, accepted_at, charge_id, released_at, \
+     notified_at";
+/// Column index of the sort key that every order listing selects after [`ORDER_COLUMNS`].
+const SORT_KEY: usize = 14;
+
+fn order_from_row(row: &Row) -> Result<Order> {
+    let s = |i: usize| row.try_get::<_, String>(i).map_err(corrupt);
+    let i64_at = |i: usize| row.try_get::<_, i64>(i).map_err(corrupt);
+    let opt_i64 = |i: usize| row.try_get::<_, Option<i64>>(i).map_err(corrupt);
+    let quantity: i32 = row.try_get(3).map_err(corrupt)?;
+    let new = NewOrder {
+        order_id: OrderId(row.try_get(0).map_err(corrupt)?),
+        sale_id: SaleId::parse(s(1)?).map_err(corrupt)?,
+        user_id: UserId::parse(s(2)?).map_err(corrupt)?,
+        quantity: u32::try_from(quantity).map_err(corrupt)?,
+        amount: Money {
+            minor: i64_at(4)?,
+            currency: Currency::parse(&s(5)?).map_err(corrupt)?,
+        },
+        sequence: i64_at(6)? as u64,
+        idempotency_key: s(7)?,
+        payment_token: s(8)?,
+        accepted_at: Timestamp(i64_at(10)?),
+    };
+    Ok(Order {
+        new,
+        status: s(9)?.parse().map_err(corrupt)?,
+        history: Vec::new(),
+        charge_id: row.try_get(11).map_err(corrupt)?,
+        released_at: opt_i64(12)?.map(Timestamp),
+        notified_at: opt_i64(13)?.map(Timestamp),
+    })
+}
+
+fn sale_from_row(row: &Row) -> Result<Sale> {
+    let body: String = row.try_get(0).map_err(corrupt)?;
+    let stock: i64 = row.try_get(1).map_err(corrupt)?;
+    let mut sale: Sale = serde_json::from_str(&body).map_err(corrupt)?;
+    sale.stock = u32::try_from(stock).map_err(corrupt)?;
+    Ok(sale)
+}
+
+fn sql_limit(limit: usize) -> i64 {
+    i64::try_from(limit).unwrap_or(i64::MAX)
+}
+
+#[async_trait]
+impl OrderStore for PgStore {
+    async fn create_sale(&self, sale: &Sale) -> Result<()> {
+        let body = serde_json::to_string(sale).map_err(corrupt)?;
+        let db = Db::Catalog;
+        let client = self.client(db).await?;
+        let stmt = client
+            .prepare_cached(
+                "INSERT INTO sales (id, body, stock, created_at) VALUES ($1, $2, $3, $4)",
+            )
+            .await
+            .map_err(|e| unavailable(db, e))?;
+        let params: [&(dyn ToSql + Sync); 4] = [
+            &sale.id.as_str(),
+            &body,
+            &i64::from(sale.stock),
+            &sale.created_at.millis(),
+        ];
+        match client.execute(&stmt, &params).await {
+            Ok(_) => Ok(()),
+            Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
+                Err(Error::SaleExists(sale.id.clone()))
+            }
+            Err(e) => Err(unavailable(db, e)),
+        }
+    }
+
+    async fn get_sale(&self, id: &SaleId) -> Result<Option<Sale>> {
+        let rows = self
+            .query(
+                Db::Catalog,
+                "SELECT body, stock FROM sales WHERE id = $1",
+                &[&id.as_str()],
+            )
+            .await?;
+        rows.first().map(sale_from_row).transpose()
+    }
+
+    async fn list_sales(&self) -> Result<Vec<Sale>> {
+        let rows = self
+            .query(
+                Db::Catalog,
+                "SELECT body, stock FROM sales ORDER BY created_at, id",
+                &[],
+            )
+            .await?;
+        rows.iter().map(sale_from_row).collect()
+    }
+
+    async fn add_stock(&self, id: &SaleId, units: u32) -> Result<Sale> {
+        let rows = self
+            .query(
+                Db::Catalog,
+                "UPDATE sales SET stock = stock + $2 WHERE id = $1 AND stock + $2 <= $3 \
+                 RETURNING body, stock",
+                &[&id.as_str(), &i64::from(units), &i64::from(MAX_STOCK)],
+            )
+            .await?;
+        if let Some(row) = rows.first() {
+            return sale_from_row(row);
+        }
+        let exists = !self
+            .query(
+                Db::Catalog,
+                "SELECT 1 FROM sales WHERE id = $1",
+                &[&id.as_str()],
+            )
+            .await?
+            .is_empty();
+        Err(if exists {
+            Error::Invalid(InvalidValue {
+                field: "quantity",
+                reason: "the sale's stock would exceed 100000000 units",
+            })
+        } else {
+            Error::UnknownSale(id.clone())
+        })
+    }
+
+    async fn persist_batch(
+        &self,
+        orders: &[NewOrder],
+        checkpoint: Option<&Checkpoint>,
+    ) -> Result<usize> {
+        // Group by shard, keeping batch order and the first of repeated ids (as the
+        // embedded store does: a repeated id is a known id).
+        let mut seen = HashSet::with_capacity(orders.len());
+        let mut by_shard: BTreeMap<usize, Vec<&NewOrder>> = BTreeMap::new();
+        for o in orders {
+            if seen.insert(o.order_id) {
+                by_shard
+                    .entry(self.shard_of(o.order_id))
+                    .or_default()
+                    .push(o);
+            }
+        }
+        let now = Timestamp::now().millis();
+        // Every shard runs to its end (no half-cancelled transaction); the first error wins.
+        let results = join_all(
+            by_shard
+                .iter()
+                .map(|(&shard, batch)| self.persist_on_shard(shard, batch, now)),
+        )
+        .await;
+        let mut inserted = 0;
+        for r in results {
+            inserted += r?;
+        }
+        if let Some(cp) = checkpoint {
+            self.execute(
+                Db::Catalog,
+                "INSERT INTO consumer_offsets (consumer, partition, next_offset) \
+                 VALUES ($1, $2, $3) ON CONFLICT (consumer, partition) DO UPDATE \
+                 SET next_offset = GREATEST(consumer_offsets.next_offset, excluded.next_offset)",
+                &[
+                    &cp.consumer.as_str(),
+                    &i64::from(cp.partition),
+                    &(cp.next_offset as i64),
+                ],
+            )
+            .await?;
+        }
+        Ok(inserted)
+    }
+
+    async fn checkpoint(&self, consumer: &str, partition: u32) -> Result<Option<u64>> {
+        let rows = self
+            .query(
+                Db::Catalog,
+                "SELECT next_offset FROM consumer_offsets WHERE consumer = $1 AND partition = $2",
+                &[&consumer, &i64::from(partition)],
+            )
+            .await?;
+        rows.first()
+            .map(|r| r.try_get::<_, i64>(0).map(|v| v as u64).map_err(corrupt))
+            .transpose()
+    }
+
+    async fn transition(
+        &self,
+        id: OrderId,
+        from: OrderStatus,
+        to: OrderStatus,
+        charge_id: Option<&str>,
+    ) -> Result<bool> {
+        transition(from, to)?;
+        let db = Db::Shard(self.shard_of(id));
+        let err = |e| unavailable(db, e);
+        let now = Timestamp::now().millis();
+        let mut client = self.client(db).await?;
+        let tx = client.transaction().await.map_err(err)?;
+        let update = tx
+            .prepare_cached(
+                "UPDATE orders SET status = $3, updated_at = $4, \
+                 charge_id = coalesce($5, charge_id) WHERE order_id = $1 AND status = $2",
+            )
+            .await
+            .map_err(err)?;
+        let n = tx
+            .execute(
+                &update,
+                &[&id.0, &from.as_str(), &to.as_str(), &now, &charge_id],
+            )
+            .await
+            .map_err(err)?;
+        if n == 1 {
+            let history = tx
+                .prepare_cached(
+                    "INSERT INTO order_history (order_id, status, at) VALUES ($1, $2, $3) \
+                     ON CONFLICT DO NOTHING",
+                )
+                .await
+                .map_err(err)?;
+            tx.execute(&history, &[&id.0, &to.as_str(), &now])
+                .await
+                .map_err(err)?;
+        }
+        tx.commit().await.map_err(err)?;
+        Ok(n == 1)
+    }
+
+    async fn mark_released(&self, id: OrderId) -> Result<bool> {
+        let n = self
+            .execute(
+                Db::Shard(self.shard_of(id)),
+                "UPDATE orders SET released_at = $2 WHERE order_id = $1 \
+                 AND released_at IS NULL AND status IN ('payment_failed', 'expired')",
+                &[&id.0, &Timestamp::now().millis()],
+            )
+            .await?;
+        Ok(n == 1)
+    }
+
+    async fn mark_notified(&self, id: OrderId) -> Result<bool> {
+        let n = self
+            .execute(
+                Db::Shard(self.shard_of(id)),
+                "UPDATE orders SET notified_at = $2 WHERE order_id = $1 AND notified_at IS NULL",
+                &[&id.0, &Timestamp::now().millis()],
+            )
+            .await?;
+        Ok(n == 1)
+    }
+
+    async fn get_order(&self, id: OrderId) -> Result<Option<Order>> {
+        // One statement, so the order and its history come from one snapshot.
+        let sql = format!(
+            "SELECT {ORDER_COLUMNS}, \
+             ARRAY(SELECT h.status FROM order_history h WHERE h.order_id = o.order_id \
+                   ORDER BY h.at, h.id), \
+             ARRAY(SELECT h.at FROM order_history h WHERE h.order_id = o.order_id \
+                   ORDER BY h.at, h.id) \
+             FROM orders o WHERE o.order_id = $1"
+        );
+        let rows = self
+            .query(Db::Shard(self.shard_of(id)), &sql, &[&id.0])
+            .await?;
+        let Some(row) = rows.first() else {
+            return Ok(None);
+        };
+        let mut order = order_from_row(row)?;
+        let statuses: Vec<String> = row.try_get(14).map_err(corrupt)?;
+        let ats: Vec<i64> = row.try_get(15).map_err(corrupt)?;
+        if statuses.len() != ats.len() {
+            return Err(Error::Corrupt(format!(
+                "history of order {id} does not decode"
+            )));
+        }
+        for (s, at) in statuses.into_iter().zip(ats) {
+            order.history.push(HistoryEntry {
+                status: s.parse().map_err(corrupt)?,
+                at: Timestamp(at),
+            });
+        }
+        order.history.sort_by_key(|h| (h.at, h.status));
+        Ok(Some(order))
+    }
+
+    async fn orders_in_status(&self, statuses: &[OrderStatus], limit: usize) -> Result<Vec<Order>> {
+        let names: Vec<&str> = statuses.iter().map(|s| s.as_str()).collect();
+        let sql = format!(
+            "SELECT {ORDER_COLUMNS}, accepted_at FROM orders WHERE status = ANY($1) \
+             ORDER BY accepted_at, order_id LIMIT $2"
+        );
+        self.merged_orders(&sql, &[&names, &sql_limit(limit)], limit)
+            .await
+    }
+
+    async fn unfinished_followups(&self, limit: usize) -> Result<Vec<Order>> {
+        let sql = format!(
+            "SELECT {ORDER_COLUMNS}, accepted_at FROM orders WHERE \
+             (status IN ('payment_failed', 'expired') AND released_at IS NULL) OR \
+             (status IN ('paid', 'payment_failed', 'expired') AND notified_at IS NULL) \
+             ORDER BY accepted_at, order_id LIMIT $1"
+        );
+        self.merged_orders(&sql, &[&sql_limit(limit)], limit).await
+    }
+
+    async fn orders_of_sale(&self, sale: &SaleId) -> Result<Vec<Order>> {
+        let sql = format!(
+            "SELECT {ORDER_COLUMNS}, sequence FROM orders WHERE sale_id = $1 \
+             ORDER BY sequence, order_id"
+        );
+        self.merged_orders(&sql, &[&sale.as_str()], usize::MAX)
+            .await
+    }
+
+    async fn sale_totals(&self, sale: &SaleId) -> Result<SaleTotals> {
+        let per_shard = self
+            .query_every_shard(
+                "SELECT status, count(*), coalesce(sum(quantity), 0)::int8, \
+                 count(released_at), \
+                 coalesce(sum(quantity) FILTER (WHERE released_at IS NOT NULL), 0)::int8 \
+                 FROM orders WHERE sale_id = $1 GROUP BY status",
+                &[&sale.as_str()],
+            )
+            .await?;
+        let mut totals = SaleTotals::default();
+        // Sorted by the status name, as the embedded store's GROUP BY lists them.
+        let mut by_status: BTreeMap<&'static str, StatusCount> = BTreeMap::new();
+        for row in per_shard.iter().flatten() {
+            let status: OrderStatus = row
+                .try_get::<_, String>(0)
+                .map_err(corrupt)?
+                .parse()
+                .map_err(corrupt)?;
+            let get = |i: usize| row.try_get::<_, i64>(i).map(|v| v as u64).map_err(corrupt);
+            let (orders, units) = (get(1)?, get(2)?);
+            totals.released_orders += get(3)?;
+            totals.released_units += get(4)?;
+            totals.orders += orders;
+            totals.units += units;
+            let entry = by_status.entry(status.as_str()).or_insert(StatusCount {
+                status,
+                orders: 0,
+                units: 0,
+            });
+            entry.orders += orders;
+            entry.units += units;
+        }
+        totals.by_status = by_status.into_values().collect();
+        Ok(totals)
+    }
+
+    async fn pending_since(&self, before: Timestamp, limit: usize) -> Result<Vec<Order>> {
+        let sql = format!(
+            "SELECT {ORDER_COLUMNS}, updated_at FROM orders WHERE status = 'payment_pending' \
+             AND updated_at < $1 ORDER BY updated_at, order_id LIMIT $2"
+        );
+        self.merged_orders(&sql, &[&before.millis(), &sql_limit(limit)], limit)
+            .await
+    }
+
+    async fn unpublished_events(&self, limit: usize) -> Result<Vec<OrderEvent>> {
+        let per_shard = self
+            .query_every_shard(
+                "SELECT h.order_id, o.sale_id, o.user_id, o.quantity, h.status, h.at, \
+                 o.charge_id FROM order_history h JOIN orders o ON o.order_id = h.order_id \
+                 WHERE NOT h.published ORDER BY h.at, h.id LIMIT $1",
+                &[&sql_limit(limit)],
+            )
+            .await?;
+        let mut out = Vec::new();
+        for row in per_shard.iter().flatten() {
+            let s = |i: usize| row.try_get::<_, String>(i).map_err(corrupt);
+            let status: OrderStatus = s(4)?.parse().map_err(corrupt)?;
+            let quantity: i32 = row.try_get(3).map_err(corrupt)?;
+            out.push(OrderEvent {
+                order_id: OrderId(row.try_get(0).map_err(corrupt)?),
+                sale_id: SaleId::parse(s(1)?).map_err(corrupt)?,
+                user_id: UserId::parse(s(2)?).map_err(corrupt)?,
+                quantity: u32::try_from(quantity).map_err(corrupt)?,
+                status,
+                at: Timestamp(row.try_get(5).map_err(corrupt)?),
+                charge_id: if status == OrderStatus::Paid {
+                    row.try_get(6).map_err(corrupt)?
+                } else {
+                    None
+                },
+            });
+        }
+        // Stable: events of one instant keep their shard's order (an order's events are all
+        // on one shard, so its accepted/persisted order is kept).
+        out.sort_by_key(|e| e.at);
+        out.truncate(limit);
+        Ok(out)
+    }
+
+    async fn mark_published(&self, events: &[(OrderId, OrderStatus)]) -> Result<usize> {
+        let mut by_shard: HashMap<usize, (Vec<Uuid>, Vec<&str>)> = HashMap::new();
+        for (id, status) in events {
+            let (ids, statuses) = by_shard.entry(self.shard_of(*id)).or_default();
+            ids.push(id.0);
+            statuses.push(status.as_str());
+        }
+        let results = join_all(by_shard.iter().map(|(&shard, (ids, statuses))| async move {
+            self.execute(
+                Db::Shard(shard),
+                "UPDATE order_history h SET published = true \
+                 FROM UNNEST($1::uuid[], $2::text[]) AS e(order_id, status) \
+                 WHERE h.order_id = e.order_id AND h.status = e.status AND NOT h.published",
+                &[ids, statuses],
+            )
+            .await
+        }))
+        .await;
+        let mut n = 0;
+        for r in results {
+            n += r? as usize;
+        }
+        Ok(n)
+    }
+
+    async fn ping(&self) -> Result<()> {
+        let mut pings = vec![self.query(Db::Catalog, "SELECT 1", &[])];
+        for i in 0..self.shard_count() {
+            pings.push(self.query(Db::Shard(i), "SELECT 1", &[]));
+        }
+        try_join_all(pings).await.map(|_| ())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn both_schemas_are_embedded() {
+        assert_eq!(latest_version(&catalog_schema::migrations::runner()), 1);
+        assert_eq!(latest_version(&shard_schema::migrations::runner()), 1);
+    }
+
+    #[test]
+    fn bad_urls_are_refused_without_echoing_them() {
+        let err = make_pool("postgres://u:secret@host:notaport/db", Db::Shard(3), 4)
+            .expect_err("bad port");
+        let text = err.to_string();
+        assert!(text.contains("shard 3"), "{text}");
+        assert!(!text.contains("secret"), "{text}");
+    }
+}

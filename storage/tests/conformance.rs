@@ -1,0 +1,740 @@
+//! One behaviour, every backend: [`check`] runs against the embedded SQLite store and against
+//! the sharded Postgres store (two servers, one shard each, started by the harness), so the
+//! two cannot drift apart. The Postgres tests also cover what only a sharded store has: a
+//! stopped shard and the schema check at connect.
+
+#![cfg(any(feature = "embedded", feature = "postgres"))]
+
+use std::collections::{BTreeSet, HashMap};
+use storage::*;
+
+fn sale(id: &str) -> Sale {
+    let now = Timestamp::now();
+    Sale {
+        id: SaleId::parse(id).expect("id"),
+        sku: "sku-1".into(),
+        stock: 10,
+        price: Money {
+            minor: 100,
+            currency: Currency::parse("EUR").expect("eur"),
+        },
+        starts_at: now,
+        ends_at: now.plus_millis(60_000),
+        per_user_limit: 2,
+        max_quantity_per_order: 2,
+        user_rate: UserRate::default(),
+        created_at: now,
+    }
+}
+
+fn order(sale: &str, seq: u64, quantity: u32, accepted_at: Timestamp) -> NewOrder {
+    let s = self::sale(sale);
+    NewOrder {
+        order_id: OrderId::new(),
+        sale_id: s.id,
+        user_id: UserId::parse(format!("u{seq}")).expect("user"),
+        quantity,
+        amount: s.price.times(quantity).expect("amount"),
+        sequence: seq,
+        idempotency_key: format!("k{seq}"),
+        payment_token: "tok".into(),
+        accepted_at,
+    }
+}
+
+fn ids(orders: &[Order]) -> Vec<OrderId> {
+    orders.iter().map(|o| o.new.order_id).collect()
+}
+
+/// Every behaviour of [`OrderStore`], on a fresh store.
+async fn check(store: &dyn OrderStore) {
+    single_sale(store).await;
+    catalog(store).await;
+    many_orders(store).await;
+}
+
+/// The life of a few orders of one sale (the embedded store's original test).
+async fn single_sale(store: &dyn OrderStore) {
+    use OrderStatus::*;
+    let s1 = sale("s1");
+    store.create_sale(&s1).await.expect("create");
+    assert!(matches!(
+        store.create_sale(&s1).await,
+        Err(Error::SaleExists(id)) if id == s1.id
+    ));
+    let orders: Vec<_> = (1..=3)
+        .map(|i| order("s1", i, 1, Timestamp::now()))
+        .collect();
+    let cp = Checkpoint {
+        consumer: "settler".into(),
+        partition: 0,
+        next_offset: 3,
+    };
+    assert_eq!(store.checkpoint("settler", 0).await.expect("cp"), None);
+    assert_eq!(
+        store
+            .persist_batch(&orders, Some(&cp))
+            .await
+            .expect("persist"),
+        3
+    );
+    assert_eq!(store.persist_batch(&orders, None).await.expect("replay"), 0);
+    assert_eq!(store.checkpoint("settler", 0).await.expect("cp"), Some(3));
+    assert_eq!(store.checkpoint("settler", 1).await.expect("cp"), None);
+    assert_eq!(store.checkpoint("other", 0).await.expect("cp"), None);
+
+    let id = orders[0].order_id;
+    let fresh = store.get_order(id).await.expect("get").expect("some");
+    assert_eq!(fresh.new, orders[0]);
+    assert_eq!(fresh.status, Persisted);
+    assert_eq!(fresh.charge_id, None);
+    assert_eq!(fresh.released_at, None);
+    assert_eq!(fresh.notified_at, None);
+    assert_eq!(fresh.history[0].at, orders[0].accepted_at);
+    assert_eq!(
+        store.get_order(OrderId::new()).await.expect("get unknown"),
+        None
+    );
+
+    assert!(store
+        .transition(id, Persisted, PaymentPending, None)
+        .await
+        .expect("t1"));
+    assert!(!store
+        .transition(id, Persisted, PaymentPending, None)
+        .await
+        .expect("t2"));
+    assert!(matches!(
+        store.transition(id, Accepted, Paid, None).await,
+        Err(Error::IllegalTransition(_))
+    ));
+    assert!(!store.mark_released(id).await.expect("not final yet"));
+    assert!(store
+        .transition(id, PaymentPending, PaymentFailed, None)
+        .await
+        .expect("t3"));
+    assert!(store.mark_released(id).await.expect("rel"));
+    assert!(!store.mark_released(id).await.expect("rel twice"));
+    assert!(store.mark_notified(id).await.expect("notify"));
+    assert!(!store.mark_notified(id).await.expect("notify twice"));
+    assert!(!store
+        .transition(OrderId::new(), Persisted, PaymentPending, None)
+        .await
+        .expect("unknown order"));
+
+    let got = store.get_order(id).await.expect("get").expect("some");
+    assert_eq!(got.status, PaymentFailed);
+    assert!(got.released_at.is_some() && got.notified_at.is_some());
+    let hist: Vec<_> = got.history.iter().map(|h| h.status).collect();
+    assert_eq!(
+        hist,
+        vec![Accepted, Persisted, PaymentPending, PaymentFailed]
+    );
+
+    // The outbox holds every status entered, until published.
+    let events = store.unpublished_events(100).await.expect("events");
+    assert_eq!(events.len(), 8, "{events:?}");
+    assert!(events
+        .iter()
+        .any(|e| e.order_id == id && e.status == PaymentFailed));
+    assert!(events.windows(2).all(|w| w[0].at <= w[1].at), "{events:?}");
+    assert_eq!(store.unpublished_events(3).await.expect("3").len(), 3);
+    let first: Vec<_> = events[..2].iter().map(|e| (e.order_id, e.status)).collect();
+    assert_eq!(store.mark_published(&first).await.expect("publish"), 2);
+    assert_eq!(store.mark_published(&first).await.expect("again"), 0);
+    assert_eq!(store.unpublished_events(100).await.expect("rest").len(), 6);
+
+    // Expiry: pending since before a cutoff.
+    let pending = orders[1].order_id;
+    assert!(store
+        .transition(pending, Persisted, PaymentPending, None)
+        .await
+        .expect("pending"));
+    let late = store
+        .pending_since(Timestamp::now().plus_millis(1_000), 10)
+        .await
+        .expect("stale");
+    assert_eq!(ids(&late), vec![pending]);
+    assert!(store
+        .pending_since(Timestamp(0), 10)
+        .await
+        .expect("none")
+        .is_empty());
+    assert!(store
+        .transition(pending, PaymentPending, Persisted, None)
+        .await
+        .is_err());
+
+    // A charge id is kept, and published with `paid` only.
+    assert!(store
+        .transition(pending, PaymentPending, Paid, Some("ch_1"))
+        .await
+        .expect("paid"));
+    let paid = store.get_order(pending).await.expect("get").expect("some");
+    assert_eq!(paid.charge_id.as_deref(), Some("ch_1"));
+    let events = store.unpublished_events(100).await.expect("events");
+    for e in events.iter().filter(|e| e.order_id == pending) {
+        let want = (e.status == Paid).then_some("ch_1");
+        assert_eq!(e.charge_id.as_deref(), want, "{e:?}");
+    }
+    let followups = store.unfinished_followups(10).await.expect("followups");
+    assert_eq!(ids(&followups), vec![pending], "paid, not yet notified");
+
+    let totals = store.sale_totals(&s1.id).await.expect("totals");
+    assert_eq!(totals.orders, 3);
+    assert_eq!(totals.units, 3);
+    assert_eq!(totals.get(Persisted).orders, 1);
+    assert_eq!(totals.get(Paid).orders, 1);
+    assert_eq!(totals.get(PaymentFailed).units, 1);
+    assert_eq!(totals.get(Expired).orders, 0);
+    assert_eq!(totals.released_units, 1);
+    assert_eq!(totals.released_orders, 1);
+    assert_eq!(
+        store
+            .sale_totals(&SaleId::parse("nothing-sold").expect("id"))
+            .await
+            .expect("empty totals"),
+        SaleTotals::default()
+    );
+
+    // Publish everything, so later sections start from an empty outbox.
+    let all: Vec<_> = store
+        .unpublished_events(1000)
+        .await
+        .expect("events")
+        .iter()
+        .map(|e| (e.order_id, e.status))
+        .collect();
+    assert_eq!(
+        store.mark_published(&all).await.expect("publish all"),
+        all.len()
+    );
+    assert!(store.unpublished_events(10).await.expect("none").is_empty());
+}
+
+/// Sales: listing, stock additions and their limits.
+async fn catalog(store: &dyn OrderStore) {
+    let mut s2 = sale("s2");
+    s2.created_at = Timestamp(s2.created_at.millis() + 10);
+    store.create_sale(&s2).await.expect("create s2");
+    let listed: Vec<_> = store
+        .list_sales()
+        .await
+        .expect("list")
+        .into_iter()
+        .map(|s| s.id.to_string())
+        .collect();
+    assert_eq!(listed, vec!["s1", "s2"]);
+    assert_eq!(
+        store
+            .get_sale(&SaleId::parse("nope").expect("id"))
+            .await
+            .expect("get"),
+        None
+    );
+    assert_eq!(
+        store.get_sale(&s2.id).await.expect("get").expect("some"),
+        s2
+    );
+
+    let s1 = sale("s1").id;
+    let s = store.add_stock(&s1, 5).await.expect("add");
+    assert_eq!(s.stock, 15);
+    assert!(matches!(
+        store.add_stock(&s1, MAX_STOCK).await,
+        Err(Error::Invalid(_))
+    ));
+    assert_eq!(
+        store.get_sale(&s1).await.expect("get").expect("some").stock,
+        15
+    );
+    let s = store
+        .add_stock(&s1, MAX_STOCK - 15)
+        .await
+        .expect("up to the max");
+    assert_eq!(s.stock, MAX_STOCK);
+    assert!(matches!(
+        store.add_stock(&s1, 1).await,
+        Err(Error::Invalid(_))
+    ));
+    assert!(matches!(
+        store
+            .add_stock(&SaleId::parse("nope").expect("id"), 1)
+            .await,
+        Err(Error::UnknownSale(_))
+    ));
+}
+
+/// Many orders of one sale, in several batches (on a sharded store they spread over every
+/// shard): listings merge in order, limits hold, totals add up, replays insert nothing.
+async fn many_orders(store: &dyn OrderStore) {
+    use OrderStatus::*;
+    const N: u64 = 60;
+    let many = sale("many");
+    store.create_sale(&many).await.expect("create many");
+    let base = Timestamp::now().millis() - 100_000;
+    // Sequence and acceptance time in opposite orders, so the two sorts differ.
+    let orders: Vec<_> = (0..N)
+        .map(|i| {
+            order(
+                "many",
+                i,
+                1 + (i % 2) as u32,
+                Timestamp(base + (N - i) as i64),
+            )
+        })
+        .collect();
+    let mut persisted = 0;
+    for (n, chunk) in orders.chunks(25).enumerate() {
+        let cp = Checkpoint {
+            consumer: "settler".into(),
+            partition: 7,
+            next_offset: ((n + 1) * 25) as u64,
+        };
+        persisted += store
+            .persist_batch(chunk, Some(&cp))
+            .await
+            .expect("persist");
+    }
+    assert_eq!(persisted, N as usize);
+    // A replay of everything (with an older checkpoint) inserts nothing and keeps the max.
+    let old = Checkpoint {
+        consumer: "settler".into(),
+        partition: 7,
+        next_offset: 10,
+    };
+    assert_eq!(
+        store
+            .persist_batch(&orders, Some(&old))
+            .await
+            .expect("replay"),
+        0
+    );
+    assert_eq!(store.checkpoint("settler", 7).await.expect("cp"), Some(75));
+    // A batch repeating an id holds it once; an empty batch still checkpoints.
+    let extra = order("many", N, 1, Timestamp(base));
+    assert_eq!(
+        store
+            .persist_batch(&[extra.clone(), extra.clone()], None)
+            .await
+            .expect("repeat"),
+        1
+    );
+    let cp = Checkpoint {
+        consumer: "settler".into(),
+        partition: 7,
+        next_offset: 80,
+    };
+    assert_eq!(store.persist_batch(&[], Some(&cp)).await.expect("empty"), 0);
+    assert_eq!(store.checkpoint("settler", 7).await.expect("cp"), Some(80));
+    let mut orders = orders;
+    orders.push(extra);
+    let n = orders.len();
+
+    // orders_of_sale: every order, by sequence.
+    let listed = store.orders_of_sale(&many.id).await.expect("of sale");
+    assert_eq!(listed.len(), n);
+    assert_eq!(
+        listed.iter().map(|o| o.new.sequence).collect::<Vec<_>>(),
+        (0..n as u64).collect::<Vec<_>>()
+    );
+    let by_id: HashMap<OrderId, &NewOrder> = orders.iter().map(|o| (o.order_id, o)).collect();
+    for o in &listed {
+        assert_eq!(&o.new, by_id[&o.new.order_id]);
+        assert_eq!(o.status, Persisted);
+    }
+
+    // orders_in_status: oldest accepted first, the limit after the merge.
+    let mut by_age = orders.clone();
+    by_age.sort_by_key(|o| (o.accepted_at, o.order_id));
+    let oldest: Vec<_> = by_age.iter().map(|o| o.order_id).collect();
+    let five = store
+        .orders_in_status(&[Persisted], 5)
+        .await
+        .expect("in status");
+    assert_eq!(ids(&five), oldest[..5].to_vec());
+    let all = store
+        .orders_in_status(&[Persisted, PaymentPending], 1000)
+        .await
+        .expect("all");
+    // (The last one is the first sale's order left in persisted: accepted after these.)
+    assert_eq!(ids(&all[..n]), oldest);
+    assert_eq!(all.len(), n + 1);
+    assert!(store
+        .orders_in_status(&[Expired], 10)
+        .await
+        .expect("none expired")
+        .is_empty());
+    assert!(store
+        .orders_in_status(&[], 10)
+        .await
+        .expect("no statuses")
+        .is_empty());
+
+    // The outbox: two events per new order, oldest first, limit after the merge; each
+    // order's accepted comes before its persisted.
+    let events = store.unpublished_events(1000).await.expect("events");
+    assert_eq!(events.len(), 2 * n);
+    assert!(events.windows(2).all(|w| w[0].at <= w[1].at));
+    for o in &orders {
+        let pos = |st| {
+            events
+                .iter()
+                .position(|e| e.order_id == o.order_id && e.status == st)
+                .expect("event")
+        };
+        assert!(pos(Accepted) < pos(Persisted));
+    }
+    let ten = store.unpublished_events(10).await.expect("ten");
+    assert_eq!(ten, events[..10].to_vec());
+    let published: Vec<_> = events.iter().map(|e| (e.order_id, e.status)).collect();
+    assert_eq!(
+        store.mark_published(&published).await.expect("publish"),
+        2 * n
+    );
+    assert!(store.unpublished_events(10).await.expect("none").is_empty());
+
+    // Move a third to payment_pending, then settle some of them every way.
+    let third: Vec<_> = orders.iter().step_by(3).map(|o| o.order_id).collect();
+    for &id in &third {
+        assert!(store
+            .transition(id, Persisted, PaymentPending, None)
+            .await
+            .expect("pending"));
+    }
+    let pending = store
+        .pending_since(Timestamp::now().plus_millis(1_000), 1000)
+        .await
+        .expect("pending");
+    assert_eq!(
+        ids(&pending).into_iter().collect::<BTreeSet<_>>(),
+        third.iter().copied().collect::<BTreeSet<_>>()
+    );
+    let entered = |o: &Order| {
+        o.history
+            .iter()
+            .find(|h| h.status == PaymentPending)
+            .map(|h| h.at)
+    };
+    // The listing has no history; look each up to check the order of entry.
+    let mut entered_at = Vec::new();
+    for id in ids(&pending) {
+        let o = store.get_order(id).await.expect("get").expect("some");
+        entered_at.push(entered(&o).expect("entered"));
+    }
+    assert!(entered_at.windows(2).all(|w| w[0] <= w[1]));
+    let three = store
+        .pending_since(Timestamp::now().plus_millis(1_000), 3)
+        .await
+        .expect("three");
+    // The limit keeps the earliest (ties in the millisecond may come in any order).
+    let mut three_at = Vec::new();
+    for id in ids(&three) {
+        let o = store.get_order(id).await.expect("get").expect("some");
+        three_at.push(entered(&o).expect("entered"));
+    }
+    assert_eq!(three_at, entered_at[..3].to_vec());
+
+    let (paid, rest) = third.split_at(third.len() / 2);
+    let (failed, expired) = rest.split_at(rest.len() / 2);
+    for (i, &id) in paid.iter().enumerate() {
+        let charge = format!("ch_{i}");
+        assert!(store
+            .transition(id, PaymentPending, Paid, Some(&charge))
+            .await
+            .expect("paid"));
+    }
+    for &id in failed {
+        assert!(store
+            .transition(id, PaymentPending, PaymentFailed, None)
+            .await
+            .expect("failed"));
+    }
+    for &id in expired {
+        assert!(store
+            .transition(id, PaymentPending, Expired, None)
+            .await
+            .expect("expired"));
+    }
+    // Two never-charged orders expire from persisted.
+    let never: Vec<_> = orders
+        .iter()
+        .map(|o| o.order_id)
+        .filter(|id| !third.contains(id))
+        .take(2)
+        .collect();
+    for &id in &never {
+        assert!(store
+            .transition(id, Persisted, Expired, None)
+            .await
+            .expect("expire"));
+    }
+    assert!(store
+        .pending_since(Timestamp::now().plus_millis(1_000), 1000)
+        .await
+        .expect("none pending")
+        .is_empty());
+
+    let finals = third.len() + never.len();
+    let followups = store.unfinished_followups(1000).await.expect("followups");
+    // (Plus the first sale's paid order, not yet notified, accepted after these.)
+    assert_eq!(followups.len(), finals + 1);
+    assert!(followups
+        .windows(2)
+        .all(|w| w[0].new.accepted_at <= w[1].new.accepted_at));
+    assert_eq!(
+        ids(&store.unfinished_followups(4).await.expect("four")),
+        ids(&followups)[..4].to_vec()
+    );
+    // Release what went back, notify everything: nothing is owed any more.
+    let releasing: Vec<_> = failed
+        .iter()
+        .chain(expired)
+        .chain(&never)
+        .copied()
+        .collect();
+    for &id in &releasing {
+        assert!(store.mark_released(id).await.expect("release"));
+    }
+    for &id in paid {
+        assert!(!store.mark_released(id).await.expect("paid keeps its stock"));
+    }
+    for o in &followups {
+        assert!(store.mark_notified(o.new.order_id).await.expect("notify"));
+    }
+    assert!(store
+        .unfinished_followups(1000)
+        .await
+        .expect("done")
+        .is_empty());
+
+    // Totals add up over every shard.
+    let quantity: HashMap<OrderId, u64> = orders
+        .iter()
+        .map(|o| (o.order_id, u64::from(o.quantity)))
+        .collect();
+    let units = |ids: &[OrderId]| ids.iter().map(|id| quantity[id]).sum::<u64>();
+    let totals = store.sale_totals(&many.id).await.expect("totals");
+    assert_eq!(totals.orders, n as u64);
+    assert_eq!(totals.units, quantity.values().sum::<u64>());
+    assert_eq!(totals.get(Paid).orders, paid.len() as u64);
+    assert_eq!(totals.get(Paid).units, units(paid));
+    assert_eq!(totals.get(PaymentFailed).units, units(failed));
+    let expired_all: Vec<_> = expired.iter().chain(&never).copied().collect();
+    assert_eq!(totals.get(Expired).orders, expired_all.len() as u64);
+    assert_eq!(totals.get(Expired).units, units(&expired_all));
+    assert_eq!(totals.get(Persisted).orders, (n - finals) as u64);
+    assert_eq!(totals.released_orders, releasing.len() as u64);
+    assert_eq!(totals.released_units, units(&releasing));
+    let statuses: Vec<_> = totals.by_status.iter().map(|c| c.status.as_str()).collect();
+    let mut sorted = statuses.clone();
+    sorted.sort_unstable();
+    assert_eq!(statuses, sorted, "by_status is sorted by name");
+    assert_eq!(
+        totals.by_status.iter().map(|c| c.orders).sum::<u64>(),
+        totals.orders
+    );
+    // The first sale is untouched by all this.
+    assert_eq!(
+        store
+            .sale_totals(&sale("s1").id)
+            .await
+            .expect("s1 totals")
+            .orders,
+        3
+    );
+    store.ping().await.expect("ping");
+}
+
+#[cfg(feature = "embedded")]
+#[tokio::test]
+async fn sqlite_store_conforms() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = storage::sqlite::SqliteStore::open(dir.path().join("db.sqlite")).expect("open");
+    check(&store).await;
+}
+
+/// The sharded Postgres store: two servers, one shard each.
+#[cfg(feature = "postgres")]
+mod postgres {
+    use super::*;
+    use std::time::{Duration, Instant};
+    use storage::postgres::PgStore;
+
+    async fn migrated(pg: &testkit::PostgresCluster) -> PgStore {
+        PgStore::migrate(&pg.catalog_url(), &pg.shard_urls())
+            .await
+            .expect("migrate");
+        PgStore::connect(&pg.catalog_url(), &pg.shard_urls(), 8)
+            .await
+            .expect("connect")
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn conforms_over_two_shards() {
+        let pg = testkit::PostgresCluster::start(2);
+        let store = migrated(&pg).await;
+        assert_eq!(store.shard_count(), 2);
+        check(&store).await;
+        // The orders did spread: every shard holds some, each on the shard its id says.
+        let orders = store
+            .orders_of_sale(&SaleId::parse("many").expect("id"))
+            .await
+            .expect("orders");
+        let mut per_shard = [0usize; 2];
+        for o in &orders {
+            per_shard[store.shard_of(o.new.order_id)] += 1;
+        }
+        assert!(per_shard.iter().all(|&c| c > 0), "{per_shard:?}");
+        assert_eq!(
+            store.shard_of(orders[0].new.order_id),
+            shard::shard_of(orders[0].new.order_id, 2) as usize
+        );
+        // Migrating again changes nothing, and a second store sees the same data.
+        let again = migrated(&pg).await;
+        assert_eq!(
+            again
+                .orders_of_sale(&orders[0].new.sale_id)
+                .await
+                .expect("again"),
+            orders
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn connect_refuses_an_unmigrated_store() {
+        let pg = testkit::PostgresCluster::start(1);
+        let err = PgStore::connect(&pg.catalog_url(), &pg.shard_urls(), 2)
+            .await
+            .expect_err("not migrated");
+        assert!(
+            matches!(&err, Error::Unavailable(m) if m.contains("flashsale migrate")),
+            "{err}"
+        );
+        // A shard URL that nothing answers is refused too, quickly, naming the shard.
+        PgStore::migrate(&pg.catalog_url(), &pg.shard_urls())
+            .await
+            .expect("migrate");
+        let mut urls = pg.shard_urls();
+        urls.push(format!(
+            "postgres://postgres@127.0.0.1:{}/nothing",
+            testkit::free_port()
+        ));
+        let started = Instant::now();
+        let err = PgStore::connect(&pg.catalog_url(), &urls, 2)
+            .await
+            .expect_err("shard 1 down");
+        assert!(
+            matches!(&err, Error::Unavailable(m) if m.contains("shard 1")),
+            "{err}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(10));
+    }
+
+    /// Polls `f` until it returns `Ok`, failing after `within`.
+    async fn eventually<T, F, Fut>(within: Duration, what: &str, mut f: F) -> T
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T>>,
+    {
+        let deadline = Instant::now() + within;
+        loop {
+            match f().await {
+                Ok(v) => return v,
+                Err(e) if Instant::now() >= deadline => panic!("{what}: still failing: {e}"),
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn stopped_shard_is_unavailable_then_recovers() {
+        let mut pg = testkit::PostgresCluster::start(2);
+        let store = migrated(&pg).await;
+        let s = sale("outage");
+        store.create_sale(&s).await.expect("sale");
+        // Enough orders that both shards hold some.
+        let orders: Vec<_> = (0..40)
+            .map(|i| order("outage", i, 1, Timestamp::now()))
+            .collect();
+        assert_eq!(
+            store.persist_batch(&orders, None).await.expect("persist"),
+            40
+        );
+        let on_1 = orders
+            .iter()
+            .find(|o| store.shard_of(o.order_id) == 1)
+            .expect("an order on shard 1")
+            .order_id;
+        let on_0 = orders
+            .iter()
+            .find(|o| store.shard_of(o.order_id) == 0)
+            .expect("an order on shard 0")
+            .order_id;
+
+        pg.stop_shard(1);
+        // Every call that needs shard 1 fails with Unavailable, naming it, within seconds.
+        let started = Instant::now();
+        let err = store.get_order(on_1).await.expect_err("shard 1 is down");
+        assert!(
+            matches!(&err, Error::Unavailable(m) if m.contains("shard 1")),
+            "{err}"
+        );
+        assert!(matches!(
+            store.orders_of_sale(&s.id).await,
+            Err(Error::Unavailable(_))
+        ));
+        assert!(matches!(
+            store
+                .transition(
+                    on_1,
+                    OrderStatus::Persisted,
+                    OrderStatus::PaymentPending,
+                    None
+                )
+                .await,
+            Err(Error::Unavailable(_))
+        ));
+        let more: Vec<_> = (40..80)
+            .map(|i| order("outage", i, 1, Timestamp::now()))
+            .collect();
+        let cp = Checkpoint {
+            consumer: "settler".into(),
+            partition: 0,
+            next_offset: 80,
+        };
+        assert!(matches!(
+            store.persist_batch(&more, Some(&cp)).await,
+            Err(Error::Unavailable(_))
+        ));
+        assert!(matches!(store.ping().await, Err(Error::Unavailable(_))));
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "failing took {:?}",
+            started.elapsed()
+        );
+        // The failed batch wrote no checkpoint; shard 0 and the catalog still answer.
+        assert_eq!(store.checkpoint("settler", 0).await.expect("cp"), None);
+        assert!(store.get_order(on_0).await.expect("shard 0").is_some());
+
+        pg.start_shard(1);
+        let got = eventually(Duration::from_secs(20), "shard 1 back", || {
+            store.get_order(on_1)
+        })
+        .await;
+        assert_eq!(got.expect("order").new.order_id, on_1);
+        // The retried batch inserts what the failed attempt did not, then checkpoints.
+        let on_shard_1 = more
+            .iter()
+            .filter(|o| store.shard_of(o.order_id) == 1)
+            .count();
+        let retried = store.persist_batch(&more, Some(&cp)).await.expect("retry");
+        assert_eq!(
+            retried, on_shard_1,
+            "shard 0 committed its part the first time"
+        );
+        assert_eq!(store.checkpoint("settler", 0).await.expect("cp"), Some(80));
+        assert_eq!(store.sale_totals(&s.id).await.expect("totals").orders, 80);
+        store.ping().await.expect("ping");
+    }
+}
