@@ -22,6 +22,7 @@ use settler::DeadLetter;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
+use storage::postgres::PgStore;
 use storage::sqlite::SqliteStore;
 use storage::{Order, OrderStatus, OrderStore};
 use tokio::net::TcpListener;
@@ -276,6 +277,19 @@ impl LogParts {
         }
     }
 
+    /// Where status changes are published: the events topic with Kafka; with the embedded
+    /// log there is no topic, and they are traced.
+    fn event_sink(&self) -> Arc<dyn settler::EventSink> {
+        match self {
+            LogParts::Embedded(_) => Arc::new(settler::TracingEventSink::default()),
+            #[cfg(feature = "kafka")]
+            LogParts::Kafka { log, config } => Arc::new(KafkaEventSink {
+                log: Arc::clone(log),
+                topic: config.events_topic(),
+            }),
+        }
+    }
+
     #[cfg(feature = "kafka")]
     fn kafka(&self) -> Option<Arc<KafkaLog>> {
         match self {
@@ -291,6 +305,32 @@ pub fn no_kafka(url: &str) -> String {
         "log.url = {url:?}: this binary was built without Kafka support; build it with \
          `--features kafka` (needs cmake, pkg-config and the curl, ssl and zlib headers)"
     )
+}
+
+/// Status changes go to `flashsale.order-events.v1`, keyed by order id (so one order's
+/// events stay in order on one partition), encoded by [`settler::encode_event`].
+#[cfg(feature = "kafka")]
+struct KafkaEventSink {
+    log: Arc<KafkaLog>,
+    topic: String,
+}
+
+#[cfg(feature = "kafka")]
+#[async_trait]
+impl settler::EventSink for KafkaEventSink {
+    async fn publish(&self, events: &[storage::OrderEvent]) -> Result<(), settler::Error> {
+        // All in flight at once (the producer batches them); the batch counts as published
+        // only when every delivery report is in.
+        let sends = events.iter().map(|e| {
+            let payload = settler::encode_event(e);
+            let key = e.order_id.to_string();
+            async move { self.log.send(&self.topic, &key, &payload).await }
+        });
+        for r in futures_util::future::join_all(sends).await {
+            r.map_err(|e| settler::Error::Publish(e.to_string()))?;
+        }
+        Ok(())
+    }
 }
 
 /// Undecodable records go to the dead-letter topic, keyed by where they were read.
@@ -318,13 +358,40 @@ impl DeadLetter for KafkaDeadLetter {
     }
 }
 
-async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn OrderStore>> {
+/// Opens the configured order store: SQLite in `data_dir`, or sharded Postgres (migrated
+/// beforehand by `flashsale migrate`).
+pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn OrderStore>> {
+    if let Some(pg) = config.store.postgres()? {
+        let store = PgStore::connect(&pg.catalog, &pg.shards, config.store.pool_size)
+            .await
+            .with_context(|| format!("store.url: cannot use {}", config.store.url))?;
+        return Ok(Arc::new(store));
+    }
     if config.store.url != EMBEDDED {
         return Err(unsupported("store.url", &config.store.url));
     }
     let store = SqliteStore::open(config.data_dir.join("flashsale.db"))
         .with_context(|| format!("opening the store in {}", config.data_dir.display()))?;
     Ok(Arc::new(store))
+}
+
+/// Brings the configured store to the latest schema; returns what was migrated, in words.
+pub async fn migrate_store(config: &Config) -> anyhow::Result<String> {
+    if let Some(pg) = config.store.postgres()? {
+        PgStore::migrate(&pg.catalog, &pg.shards)
+            .await
+            .with_context(|| format!("store.url = {:?}", config.store.url))?;
+        return Ok(format!(
+            "store: catalog and {} shard(s) are at the latest schema",
+            pg.shards.len()
+        ));
+    }
+    if config.store.url != EMBEDDED {
+        return Err(unsupported("store.url", &config.store.url));
+    }
+    let path = config.data_dir.join("flashsale.db");
+    SqliteStore::open(&path)?;
+    Ok(format!("store {} is at the latest schema", path.display()))
 }
 
 async fn open_admission(
@@ -417,6 +484,10 @@ async fn build_settler(
         payment_url: providers.payment_url.clone(),
         notification_url: providers.notification_url.clone(),
         provider_timeout: config.providers.timeout,
+        payment_ttl: config.settler.payment_ttl,
+        circuit_failure_threshold: config.settler.circuit_failure_threshold,
+        circuit_cool_down: config.settler.circuit_cool_down,
+        sweep_interval: config.settler.sweep_interval,
         ..settler::SettlerConfig::default()
     };
     Ok(settler::Settler::new(
@@ -426,7 +497,8 @@ async fn build_settler(
         Arc::new(AdmissionRelease(Arc::clone(admission))),
         log.dead_letter(&config.data_dir)?,
         settler_config,
-    )?)
+    )?
+    .with_event_sink(log.event_sink()))
 }
 
 /// Entry point of the composition.

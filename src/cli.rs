@@ -2,7 +2,7 @@
 //! `settle`. Flags override the configuration file and the environment.
 
 use crate::app::{self, App};
-use crate::config::{self, Config, EMBEDDED};
+use crate::config::{self, Config};
 use crate::demo::{self, DemoOptions};
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
@@ -147,8 +147,27 @@ pub enum Command {
         /// Share of calls answered 500.
         #[arg(long, default_value_t = 0.0)]
         error_rate: f64,
+        /// Share of calls that take `--slow-latency` instead (a slow tail).
+        #[arg(long, default_value_t = 0.0)]
+        slow_rate: f64,
+        /// Latency of the slow tail.
+        #[arg(long, default_value = "500ms", value_parser = humantime::parse_duration)]
+        slow_latency: Duration,
+        /// Share of calls that hang (nothing recorded) until the client times out.
+        #[arg(long, default_value_t = 0.0)]
+        timeout_rate: f64,
+        /// Share of calls recorded (charged, notified) whose answer is lost: the connection
+        /// closes without a reply.
+        #[arg(long, default_value_t = 0.0)]
+        lost_answer_rate: f64,
+        /// Start down: every call answered 503 (change it at run time with
+        /// `POST /v1/admin/config`).
+        #[arg(long)]
+        down: bool,
     },
-    /// Rebuild a sale's admission counters from the order store, compare, and repair.
+    /// Check the invariants across Redis, the log and the store; rebuild a sale's admission
+    /// counters from the store and repair them on request. Exits 1 when an invariant is
+    /// left broken.
     Reconcile {
         /// The sale (default: every sale in the store).
         #[arg(long)]
@@ -162,12 +181,26 @@ pub enum Command {
         /// Admission backend (admission.url).
         #[arg(long)]
         admission: Option<String>,
+        /// Order store (store.url).
+        #[arg(long)]
+        store: Option<String>,
+        /// Order log (log.url); with kafka://, the settler's lag is checked.
+        #[arg(long)]
+        log: Option<String>,
+        /// A payment provider with an audit (`flashsale mock-provider`): check one
+        /// successful charge per paid order and none kept for a released one.
+        #[arg(long)]
+        payment_url: Option<String>,
     },
-    /// Apply the store's schema migrations and create the Kafka topics.
+    /// Apply the store's schema migrations (every Postgres shard and the catalog) and
+    /// create the Kafka topics.
     Migrate {
         /// Data directory of the embedded store (data_dir).
         #[arg(long)]
         data_dir: Option<PathBuf>,
+        /// Order store (store.url): `embedded` or `postgres://...,postgres://...`.
+        #[arg(long)]
+        store: Option<String>,
         /// Order log (log.url); with kafka://, its topics are created.
         #[arg(long)]
         log: Option<String>,
@@ -432,6 +465,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             jitter,
             decline_rate,
             error_rate,
+            slow_rate,
+            slow_latency,
+            timeout_rate,
+            lost_answer_rate,
+            down,
         } => {
             let listener = tokio::net::TcpListener::bind(listen)
                 .await
@@ -451,6 +489,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
                     latency_jitter: jitter,
                     decline_rate,
                     error_rate,
+                    slow_rate,
+                    slow_latency,
+                    timeout_rate,
+                    lost_answer_rate,
+                    down,
                     ..settler::mock::MockConfig::default()
                 },
                 token,
@@ -463,26 +506,42 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             repair,
             data_dir,
             admission,
+            store,
+            log,
+            payment_url,
         } => {
             let mut o = Vec::new();
             if let Some(d) = data_dir {
                 o.push(("data_dir", Value::from(d.display().to_string())));
             }
-            if let Some(a) = admission {
-                o.push(("admission.url", Value::from(a)));
+            for (key, v) in [
+                ("admission.url", admission),
+                ("store.url", store),
+                ("log.url", log),
+            ] {
+                if let Some(v) = v {
+                    o.push((key, Value::from(v)));
+                }
             }
             let cfg = load(&cli.config, &o)?;
-            let findings = crate::reconcile::run(&cfg, sale.as_deref(), repair).await?;
+            let findings =
+                crate::reconcile::run(&cfg, sale.as_deref(), repair, payment_url.as_deref())
+                    .await?;
             print!("{}", crate::reconcile::render(&findings));
-            let unrepaired = findings
-                .iter()
-                .any(|f| !f.differences.is_empty() && !f.repaired);
-            Ok(if unrepaired { 1 } else { 0 })
+            let broken = findings.iter().any(crate::reconcile::Finding::is_broken);
+            Ok(if broken { 1 } else { 0 })
         }
-        Command::Migrate { data_dir, log } => {
+        Command::Migrate {
+            data_dir,
+            store,
+            log,
+        } => {
             let mut o = Vec::new();
             if let Some(d) = data_dir {
                 o.push(("data_dir", Value::from(d.display().to_string())));
+            }
+            if let Some(s) = store {
+                o.push(("store.url", Value::from(s)));
             }
             if let Some(l) = log {
                 o.push(("log.url", Value::from(l)));
@@ -506,15 +565,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
                     println!("topic {t}: {state}");
                 }
             }
-            if cfg.store.url != EMBEDDED {
-                bail!(
-                    "store.url = {:?}: only the embedded store exists in this build",
-                    cfg.store.url
-                );
-            }
-            let path = cfg.data_dir.join("flashsale.db");
-            storage::sqlite::SqliteStore::open(&path)?;
-            println!("store {} is at the latest schema", path.display());
+            println!("{}", crate::app::migrate_store(&cfg).await?);
             Ok(0)
         }
     }

@@ -261,13 +261,60 @@ impl LogSection {
 pub struct StoreSection {
     /// `embedded` (SQLite in `data_dir`), or `postgres://...` shard URLs separated by commas.
     pub url: String,
+    /// Postgres: the catalog database (sales, consumer offsets); empty means the first
+    /// shard's database.
+    pub catalog_url: String,
+    /// Postgres: connections per database.
+    pub pool_size: usize,
 }
 
 impl Default for StoreSection {
     fn default() -> Self {
         StoreSection {
             url: EMBEDDED.into(),
+            catalog_url: String::new(),
+            pool_size: 16,
         }
+    }
+}
+
+/// The databases of a sharded Postgres store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PostgresUrls {
+    /// The catalog database.
+    pub catalog: String,
+    /// One database per shard, in shard order.
+    pub shards: Vec<String>,
+}
+
+impl StoreSection {
+    /// The Postgres databases when `url` names them; `None` for the embedded store.
+    pub fn postgres(&self) -> anyhow::Result<Option<PostgresUrls>> {
+        let is_pg = |u: &str| u.starts_with("postgres://") || u.starts_with("postgresql://");
+        if !is_pg(&self.url) {
+            return Ok(None);
+        }
+        let shards: Vec<String> = self
+            .url
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .map(str::to_owned)
+            .collect();
+        if let Some(bad) = shards.iter().find(|u| !is_pg(u)) {
+            anyhow::bail!("store.url: {bad:?} is not a postgres:// URL");
+        }
+        let catalog = if self.catalog_url.is_empty() {
+            shards[0].clone()
+        } else if is_pg(&self.catalog_url) {
+            self.catalog_url.clone()
+        } else {
+            anyhow::bail!(
+                "store.catalog_url: {:?} is not a postgres:// URL",
+                self.catalog_url
+            );
+        };
+        Ok(Some(PostgresUrls { catalog, shards }))
     }
 }
 
@@ -286,6 +333,19 @@ pub struct SettlerSection {
     pub charge_concurrency: usize,
     /// Consumer (group) name; also the key of the embedded checkpoint.
     pub consumer: String,
+    /// Orders waiting for the payment provider longer than this are looked up and, if not
+    /// charged, expired (their stock goes back).
+    #[serde(with = "humantime_serde")]
+    pub payment_ttl: Duration,
+    /// Consecutive provider failures (timeouts, transport errors, 5xx) that open the
+    /// circuit: charging pauses, no order fails.
+    pub circuit_failure_threshold: u32,
+    /// How long the circuit stays open before one probe is let through.
+    #[serde(with = "humantime_serde")]
+    pub circuit_cool_down: Duration,
+    /// How often unfinished orders are looked for (crash, outage, backoff).
+    #[serde(with = "humantime_serde")]
+    pub sweep_interval: Duration,
 }
 
 impl Default for SettlerSection {
@@ -296,6 +356,10 @@ impl Default for SettlerSection {
             poll_wait: Duration::from_millis(20),
             charge_concurrency: 64,
             consumer: "settler".into(),
+            payment_ttl: Duration::from_secs(15 * 60),
+            circuit_failure_threshold: 5,
+            circuit_cool_down: Duration::from_secs(5),
+            sweep_interval: Duration::from_secs(1),
         }
     }
 }

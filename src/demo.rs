@@ -325,6 +325,10 @@ pub async fn run(mut config: Config, opts: &DemoOptions) -> anyhow::Result<Repor
             .await
             .with_context(|| format!("log.url = {:?}: creating the topics", config.log.url))?;
     }
+    if config.store.postgres()?.is_some() {
+        // Likewise the store's schema, on every shard (idempotent).
+        crate::app::migrate_store(&config).await?;
+    }
     let running = App::start(&config, listener).await?;
     let report = drive(&config, &running, opts).await;
     running.stop().await?;

@@ -1,5 +1,16 @@
-//! `flashsale reconcile`: rebuilds the admission counters a sale should have from the order
-//! store, compares them with what the admission backend holds, and repairs on request.
+//! `flashsale reconcile`: checks the invariants of the architecture across Redis, the log
+//! and the store, rebuilds the admission counters a sale should have from the order store,
+//! and repairs them on request.
+//!
+//! Checked per sale: the counters Redis holds against those the store implies (accepted
+//! vs persisted, units per user, conservation of stock: `stock = left + accepted - released`
+//! on both sides); releases exactly once (every failed or expired order released, and no
+//! paid or unsettled order among Redis's released ids); one charge per order (every paid
+//! order has a charge id of its own; with `--payment-url` of a provider that keeps an
+//! audit, like `flashsale mock-provider`: at most one successful charge per order, exactly
+//! one per paid order, none kept for a released one); and, with a Kafka log, that the
+//! settler has persisted everything the log holds (otherwise the counters cannot be
+//! compared yet, and nothing is repaired).
 //!
 //! The store is the record of every settled order, so reconcile is exact once the settler
 //! has caught up with the log (after a Redis restart ingest answers 503 for the sale, so
@@ -12,19 +23,30 @@ use ingest::admission::Admission;
 use ingest::api::fingerprint;
 use ingest::model::{OrderRef, SaleRules, SaleState, Snapshot};
 use ingest::redis_admission::RedisAdmission;
+use std::collections::{HashMap, HashSet};
 use std::fmt::Write;
-use storage::sqlite::SqliteStore;
-use storage::{Order, OrderStore, Sale, SaleId};
+use storage::{Order, OrderId, OrderStatus, OrderStore, Sale, SaleId};
 
 /// What reconcile found for one sale.
 #[derive(Debug, Clone)]
 pub struct Finding {
     /// The sale.
     pub sale: SaleId,
-    /// Differences between the backend and the store, in words; empty if none.
+    /// Differences between the admission counters and the store, in words; a repair
+    /// rewrites the counters from the store. Empty if none.
     pub differences: Vec<String>,
+    /// Broken invariants no counter rewrite fixes (a paid order whose stock went back, a
+    /// second charge, a release still owed, a settler behind the log), in words.
+    pub broken: Vec<String>,
     /// Whether the backend's keys were rewritten.
     pub repaired: bool,
+}
+
+impl Finding {
+    /// Whether an invariant is left broken (reconcile exits non-zero).
+    pub fn is_broken(&self) -> bool {
+        !self.broken.is_empty() || (!self.differences.is_empty() && !self.repaired)
+    }
 }
 
 /// The counters a sale's orders imply.
@@ -52,26 +74,22 @@ pub fn expected_state(sale: &Sale, orders: &[Order]) -> Snapshot {
     state.snapshot()
 }
 
-/// Reconciles `sale` (or every sale) of the store in `config.data_dir` against the
-/// configured admission backend; repairs when `repair` is set or the sale's keys are
-/// missing.
+/// Reconciles `sale` (or every sale) of the configured store against the configured
+/// admission backend; repairs the counters when `repair` is set or the sale's keys are
+/// missing, unless the settler is behind the log. `audit_url`: a payment provider whose
+/// `GET /v1/audit` lists the charges per order.
 pub async fn run(
     config: &Config,
     sale: Option<&str>,
     repair: bool,
+    audit_url: Option<&str>,
 ) -> anyhow::Result<Vec<Finding>> {
     anyhow::ensure!(
         config.admission.url != EMBEDDED,
         "admission.url = \"embedded\": the embedded counters are rebuilt from the log and \
          the store at every start; reconcile applies to redis://"
     );
-    anyhow::ensure!(
-        config.store.url == EMBEDDED,
-        "store.url = {:?}: only the embedded store exists in this build",
-        config.store.url
-    );
-    let store = SqliteStore::open(config.data_dir.join("flashsale.db"))
-        .with_context(|| format!("opening the store in {}", config.data_dir.display()))?;
+    let store = crate::app::open_store(config).await?;
     let redis = RedisAdmission::connect(
         &config.admission.url,
         &config.admission.key_prefix,
@@ -82,6 +100,15 @@ pub async fn run(
     )
     .await
     .with_context(|| format!("admission.url: cannot use {}", config.admission.url))?;
+    let lag = log_lag(config, store.as_ref()).await?;
+    let audit = match audit_url {
+        Some(url) => Some(
+            settler::mock::fetch_audit(url)
+                .await
+                .with_context(|| format!("--payment-url {url}: no audit"))?,
+        ),
+        None => None,
+    };
     let sales = match sale {
         Some(id) => {
             let id = SaleId::parse(id).map_err(|e| anyhow::anyhow!("--sale: {e}"))?;
@@ -97,10 +124,21 @@ pub async fn run(
         let orders = store.orders_of_sale(&sale.id).await?;
         let want = expected_state(&sale, &orders);
         let mut differences = Vec::new();
+        let mut broken = Vec::new();
+        if let Some(lag) = &lag {
+            broken.push(lag.clone());
+        }
         match redis.counters(&sale.id).await? {
             None => differences.push("the sale's keys are missing from Redis".to_owned()),
             Some(have) => {
                 let w = &want.counters;
+                let held = have.accepted_units as i64 - have.released_units as i64;
+                if have.stock as i64 != have.stock_left + held {
+                    differences.push(format!(
+                        "conservation in Redis: stock {} != left {} + accepted {} - released {}",
+                        have.stock, have.stock_left, have.accepted_units, have.released_units
+                    ));
+                }
                 for (name, have, want) in [
                     ("stock", have.stock as i64, w.stock as i64),
                     ("stock_left", have.stock_left, w.stock_left),
@@ -132,33 +170,131 @@ pub async fn run(
                         want.units.len()
                     ));
                 }
+                let released: HashSet<OrderId> =
+                    redis.released(&sale.id).await?.into_iter().collect();
+                check_releases(&orders, &released, &mut broken);
             }
         }
+        check_charges(&orders, audit.as_ref(), &mut broken);
         let missing = differences.iter().any(|d| d.contains("missing"));
-        let repaired = !differences.is_empty() && (repair || missing);
+        // Behind the log, the store does not hold every accepted order yet: rewriting the
+        // counters from it would hand out stock that is sold.
+        let repaired = !differences.is_empty() && (repair || missing) && lag.is_none();
         if repaired {
             redis.restore(&sale, &want).await?;
         }
         findings.push(Finding {
             sale: sale.id.clone(),
             differences,
+            broken,
             repaired,
         });
     }
     Ok(findings)
 }
 
+/// Releases exactly once: every failed or expired order released, none other released.
+fn check_releases(orders: &[Order], released: &HashSet<OrderId>, broken: &mut Vec<String>) {
+    for o in orders {
+        let id = o.new.order_id;
+        if o.status.releases_stock() {
+            if o.released_at.is_none() || !released.contains(&id) {
+                broken.push(format!(
+                    "order {id} is {} but its stock was not given back yet",
+                    o.status
+                ));
+            }
+        } else if released.contains(&id) {
+            broken.push(format!(
+                "order {id} is {} but Redis gave its stock back",
+                o.status
+            ));
+        }
+    }
+}
+
+/// One charge per order, from the store and, when given, the provider's audit.
+fn check_charges(orders: &[Order], audit: Option<&settler::mock::Audit>, broken: &mut Vec<String>) {
+    let mut charge_ids: HashMap<&str, OrderId> = HashMap::new();
+    for o in orders {
+        let id = o.new.order_id;
+        match (&o.charge_id, o.status) {
+            (None, OrderStatus::Paid) => broken.push(format!("paid order {id} has no charge id")),
+            (Some(c), _) => {
+                if let Some(other) = charge_ids.insert(c.as_str(), id) {
+                    broken.push(format!("orders {other} and {id} share charge {c}"));
+                }
+            }
+            _ => {}
+        }
+        let Some(audit) = audit else { continue };
+        let seen = audit.orders.get(&id.to_string());
+        let (ok, refunds) = seen.map_or((0, 0), |a| (a.successful_charges, a.refunds));
+        let wrong = match o.status {
+            OrderStatus::Paid => ok != 1 || refunds != 0,
+            s if s.releases_stock() => ok > refunds,
+            _ => ok > 1,
+        };
+        if wrong {
+            broken.push(format!(
+                "order {id} is {}: the provider holds {ok} successful charge(s) and {refunds} refund(s)",
+                o.status
+            ));
+        }
+    }
+}
+
+/// With a Kafka log: records the settler has not persisted yet, in words; `None` when it
+/// has caught up (or the log is embedded, which the serving process owns).
+async fn log_lag(config: &Config, store: &dyn OrderStore) -> anyhow::Result<Option<String>> {
+    #[cfg(feature = "kafka")]
+    if let Some(kafka) = config.log.kafka() {
+        let log = sequencer::kafka::KafkaLog::new(&kafka)?;
+        let mut behind = 0u64;
+        for (partition, end) in log.end_offsets(&kafka.orders_topic()).await? {
+            let done = store
+                .checkpoint(&config.settler.consumer, partition)
+                .await?
+                .unwrap_or(0);
+            behind += end.saturating_sub(done);
+        }
+        return Ok((behind > 0).then(|| {
+            format!(
+                "the settler has not persisted {behind} record(s) of the log yet; \
+                 counters not compared (run again once it caught up)"
+            )
+        }));
+    }
+    let _ = (config, store);
+    Ok(None)
+}
+
 /// The findings as a person reads them.
 pub fn render(findings: &[Finding]) -> String {
     let mut s = String::new();
     for f in findings {
-        if f.differences.is_empty() {
+        if f.differences.is_empty() && f.broken.is_empty() {
             let _ = writeln!(s, "sale {}: consistent", f.sale);
             continue;
         }
-        let _ = writeln!(s, "sale {}: {} difference(s)", f.sale, f.differences.len());
+        let _ = writeln!(
+            s,
+            "sale {}: {} difference(s), {} broken invariant(s)",
+            f.sale,
+            f.differences.len(),
+            f.broken.len()
+        );
+        for d in f.broken.iter().take(20) {
+            let _ = writeln!(s, "  ! {d}");
+        }
+        if f.broken.len() > 20 {
+            let _ = writeln!(s, "  ! ... and {} more", f.broken.len() - 20);
+        }
         for d in &f.differences {
             let _ = writeln!(s, "  - {d}");
+        }
+        if f.differences.is_empty() {
+            continue;
         }
         let _ = writeln!(
             s,

@@ -273,6 +273,20 @@ impl RedisAdmission {
         Ok(out)
     }
 
+    /// Ids of the orders whose units went back (released by the settler or aborted by
+    /// ingest), sorted.
+    pub async fn released(&self, sale: &SaleId) -> Result<Vec<OrderId>> {
+        let mut conn = self.conn.clone();
+        let ids: Vec<String> = redis::cmd("SMEMBERS")
+            .arg(self.keys(sale).released)
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        let mut out: Vec<OrderId> = ids.iter().filter_map(|s| s.parse().ok()).collect();
+        out.sort();
+        Ok(out)
+    }
+
     /// Replaces a sale's keys with `state` in one MULTI/EXEC (reconciliation: after Redis
     /// lost its data, or when its counters drifted from the order store). Rejection
     /// counters are kept when present; token buckets start full.

@@ -206,6 +206,38 @@ impl KafkaLog {
         .map_err(unavailable)?
     }
 
+    /// The end offset (high watermark: the offset the next record gets) of every partition
+    /// of `topic`, by partition.
+    pub async fn end_offsets(&self, topic: &str) -> Result<Vec<(u32, u64)>> {
+        let producer = self.producer.read().clone();
+        let topic = topic.to_owned();
+        tokio::task::spawn_blocking(move || {
+            let timeout = Duration::from_secs(5);
+            let metadata = producer
+                .client()
+                .fetch_metadata(Some(&topic), timeout)
+                .map_err(unavailable)?;
+            let partitions: Vec<i32> = metadata
+                .topics()
+                .iter()
+                .filter(|t| t.name() == topic)
+                .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+                .collect();
+            let mut out = Vec::with_capacity(partitions.len());
+            for p in partitions {
+                let (_, high) = producer
+                    .client()
+                    .fetch_watermarks(&topic, p, timeout)
+                    .map_err(unavailable)?;
+                out.push((p as u32, high.max(0) as u64));
+            }
+            out.sort_unstable();
+            Ok(out)
+        })
+        .await
+        .map_err(unavailable)?
+    }
+
     /// Sends `payload` under `key` to `topic` and waits for its delivery report.
     pub async fn send(&self, topic: &str, key: &str, payload: &[u8]) -> Result<LogPosition> {
         let headers = OwnedHeaders::new().insert(Header {

@@ -3,18 +3,24 @@
 //! The [`settle::Settler`] reads accepted orders from the log, persists them in batches
 //! (with the log checkpoint in the same transaction), charges them at the payment provider,
 //! releases the stock of failed ones back to admission and notifies the buyer, each exactly
-//! once. [`provider`] holds the HTTP clients of the payment and notification providers,
-//! [`mock`] a real HTTP mock of both for tests and the embedded demo, and [`dead_letter`]
-//! the place records go that cannot be decoded.
+//! once, and publishes every status change. [`provider`] holds the HTTP clients of the
+//! payment and notification providers, [`breaker`] the circuit breaker in front of the
+//! payment provider, [`events`] the publishing of status changes to
+//! `flashsale.order-events.v1`, [`mock`] a real HTTP mock of both providers for tests and
+//! the embedded demo, and [`dead_letter`] the place records go that cannot be decoded.
 
 #![warn(missing_docs)]
 
+pub mod breaker;
 pub mod dead_letter;
+pub mod events;
 pub mod mock;
 pub mod provider;
 pub mod settle;
 
+pub use breaker::{BreakerState, CircuitBreaker};
 pub use dead_letter::{DeadLetter, FileDeadLetter, LogDeadLetter};
+pub use events::{encode_event, EventSink, RecordingEventSink, TracingEventSink};
 pub use provider::{
     ChargeOutcome, NotificationClient, NotificationKind, PaymentClient, ProviderError,
 };
@@ -33,6 +39,9 @@ pub enum Error {
     /// implementations return).
     #[error("stock release failed: {0}")]
     Release(String),
+    /// An [`EventSink`] could not publish (the events are offered again later).
+    #[error("event publishing failed: {0}")]
+    Publish(String),
     /// A settler task panicked or was cancelled unexpectedly.
     #[error("settler task failed: {0}")]
     Task(#[from] tokio::task::JoinError),

@@ -3,9 +3,29 @@
 //!
 //! It keeps every charge, refund and notification by idempotency key in memory and counts
 //! per order what it saw, so a test can prove "at most one successful charge per order" and
-//! "one notification per order" from the provider's side ([`fetch_audit`]). Latency,
-//! declines and 500 errors are injected per [`MockConfig`], which `POST /v1/admin/config`
-//! changes at run time (an outage and its end, in a test).
+//! "one notification per order and outcome" from the provider's side ([`fetch_audit`]).
+//! `POST /v1/admin/config` replaces the [`MockConfig`] at run time (an outage and its end,
+//! in a test).
+//!
+//! Failure modes ([`MockConfig`]), drawn per charge and notification request in this order:
+//! - `down`: every provider request (charges, lookups, refunds, notifications) is answered
+//!   503 `provider_down` at once and records nothing: an outage.
+//! - `timeout_rate`: the request hangs for `hang` (longer than any sane client timeout),
+//!   records nothing, then is answered 504 `injected_timeout`. A *pure* timeout: a lookup
+//!   afterwards finds no charge.
+//! - `error_rate`: answered 500 `injected_error`, recording nothing.
+//! - `lost_answer_rate`: "charged but the answer was lost": the request is processed and
+//!   recorded as usual (the charge succeeds or is declined, the notification is delivered),
+//!   then the connection is closed without an answer. A retry with the same key gets the
+//!   stored outcome; a lookup finds it.
+//! - latency: `latency` plus a uniform draw from `0..=latency_jitter`, or, with probability
+//!   `slow_rate`, `slow_latency` instead: a two-point distribution whose tail is
+//!   `slow_latency` (e.g. `slow_rate = 0.01` makes it roughly the p99). A charge is recorded
+//!   before the delay, so a client that gives up meanwhile has been charged anyway.
+//!
+//! Outcomes by payment token: `tok_decline…` is always declined, `tok_reject…` is refused
+//! with 422 `invalid_payment_token` (a 4xx that is not a decline; nothing is recorded), any
+//! other token is declined with probability `decline_rate`.
 //!
 //! Routes: `POST /v1/charges`, `GET /v1/charges/{key}`, `POST /v1/refunds`,
 //! `POST /v1/notifications`, `GET /v1/audit`, `GET /v1/audit/{order_id}`,
@@ -28,7 +48,6 @@ use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -45,22 +64,42 @@ const MAX_CONNECTIONS: usize = 1024;
 /// Longest an idempotency key may be.
 const MAX_KEY: usize = 255;
 
-/// How the mock behaves. Durations are humantime strings (`"5ms"`) in JSON and TOML.
+/// How the mock behaves. Durations are humantime strings (`"5ms"`) in JSON and TOML. Rates
+/// are probabilities in `0..=1`. See the module docs for the order the faults are drawn in.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct MockConfig {
-    /// Fixed delay added to every charge and notification.
+    /// Fixed delay added to every charge and notification (default 0).
     #[serde(with = "humantime_serde")]
     pub latency: Duration,
-    /// Extra delay drawn uniformly from `0..=latency_jitter`.
+    /// Extra delay drawn uniformly from `0..=latency_jitter` (default 0).
     #[serde(with = "humantime_serde")]
     pub latency_jitter: Duration,
-    /// Probability in `0..=1` that a charge is declined (tokens starting with
-    /// `tok_decline` are always declined).
+    /// Probability that a request takes `slow_latency` instead of `latency` plus jitter
+    /// (default 0).
+    pub slow_rate: f64,
+    /// The delay of a slow request (default 0).
+    #[serde(with = "humantime_serde")]
+    pub slow_latency: Duration,
+    /// Probability that a charge is declined (tokens starting with `tok_decline` are always
+    /// declined; default 0).
     pub decline_rate: f64,
-    /// Probability in `0..=1` that a charge or notification is answered 500 without being
-    /// recorded.
+    /// Probability that a charge or notification is answered 500 without being recorded
+    /// (default 0).
     pub error_rate: f64,
+    /// Probability that a charge or notification hangs for `hang` without being recorded,
+    /// then is answered 504 (default 0).
+    pub timeout_rate: f64,
+    /// How long a request picked by `timeout_rate` hangs (default 60 s; cut short when the
+    /// mock stops).
+    #[serde(with = "humantime_serde")]
+    pub hang: Duration,
+    /// Probability that a charge or notification is recorded but its answer lost: the
+    /// connection closes without a response (default 0).
+    pub lost_answer_rate: f64,
+    /// Whether the provider is down: every charge, lookup, refund and notification is
+    /// answered 503 and records nothing (default false).
+    pub down: bool,
     /// Seed of the random draws, for repeatable runs; from the OS when absent.
     pub seed: Option<u64>,
 }
@@ -70,8 +109,14 @@ impl Default for MockConfig {
         MockConfig {
             latency: Duration::ZERO,
             latency_jitter: Duration::ZERO,
+            slow_rate: 0.0,
+            slow_latency: Duration::ZERO,
             decline_rate: 0.0,
             error_rate: 0.0,
+            timeout_rate: 0.0,
+            hang: Duration::from_secs(60),
+            lost_answer_rate: 0.0,
+            down: false,
             seed: None,
         }
     }
@@ -80,11 +125,20 @@ impl Default for MockConfig {
 impl MockConfig {
     /// Checks that the rates are probabilities; names the offending key otherwise.
     pub fn validate(&self) -> Result<(), &'static str> {
-        if !(0.0..=1.0).contains(&self.decline_rate) {
-            return Err("decline_rate must be between 0 and 1");
-        }
-        if !(0.0..=1.0).contains(&self.error_rate) {
-            return Err("error_rate must be between 0 and 1");
+        let rates = [
+            (self.slow_rate, "slow_rate must be between 0 and 1"),
+            (self.decline_rate, "decline_rate must be between 0 and 1"),
+            (self.error_rate, "error_rate must be between 0 and 1"),
+            (self.timeout_rate, "timeout_rate must be between 0 and 1"),
+            (
+                self.lost_answer_rate,
+                "lost_answer_rate must be between 0 and 1",
+            ),
+        ];
+        for (rate, why) in rates {
+            if !(0.0..=1.0).contains(&rate) {
+                return Err(why);
+            }
         }
         Ok(())
     }
@@ -92,6 +146,7 @@ impl MockConfig {
 
 /// What the mock saw of one order.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct OrderAudit {
     /// Charge requests answered 200, repeats of a key included (500s are not attempts).
     pub charge_attempts: u64,
@@ -105,10 +160,13 @@ pub struct OrderAudit {
     pub notifications: Vec<NotificationKind>,
     /// Notifications whose key had been delivered before.
     pub duplicate_notifications: u64,
+    /// Charge requests refused with 422 (`tok_reject` tokens).
+    pub refused_charges: u64,
 }
 
 /// Totals over all orders.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct AuditTotals {
     /// Distinct charges created.
     pub charges: u64,
@@ -118,6 +176,14 @@ pub struct AuditTotals {
     pub declined_charges: u64,
     /// Requests answered 500 by error injection.
     pub errors: u64,
+    /// Requests that hung (`timeout_rate`) and recorded nothing.
+    pub timeouts: u64,
+    /// Requests recorded whose answer was lost (`lost_answer_rate`).
+    pub lost_answers: u64,
+    /// Requests answered 503 because the mock was `down`.
+    pub unavailable: u64,
+    /// Charges refused with 422 (`tok_reject` tokens); nothing recorded.
+    pub refused: u64,
     /// Distinct refunds.
     pub refunds: u64,
     /// Distinct notifications delivered.
@@ -170,21 +236,41 @@ impl Inner {
         }
     }
 
-    /// Draws the delay and whether to fail for one injected request.
-    fn inject(&mut self) -> (Duration, bool) {
-        let jitter = self.config.latency_jitter.as_micros() as u64;
-        let extra = if jitter == 0 {
-            0
-        } else {
-            self.rng.random_range(0..=jitter)
-        };
-        let delay = self.config.latency + Duration::from_micros(extra);
-        let fail =
-            self.config.error_rate > 0.0 && self.rng.random::<f64>() < self.config.error_rate;
-        if fail {
+    fn chance(&mut self, rate: f64) -> bool {
+        rate > 0.0 && self.rng.random::<f64>() < rate
+    }
+
+    /// Draws the fault (if any) and the delay of one charge or notification request.
+    fn inject(&mut self) -> Injection {
+        let fault = if self.config.down {
+            self.audit.totals.unavailable += 1;
+            Some(Fault::Down)
+        } else if self.chance(self.config.timeout_rate) {
+            self.audit.totals.timeouts += 1;
+            Some(Fault::Hang)
+        } else if self.chance(self.config.error_rate) {
             self.audit.totals.errors += 1;
-        }
-        (delay, fail)
+            Some(Fault::Error)
+        } else if self.chance(self.config.lost_answer_rate) {
+            Some(Fault::LoseAnswer)
+        } else {
+            None
+        };
+        let delay = match fault {
+            Some(Fault::Down) => Duration::ZERO,
+            Some(Fault::Hang) => self.config.hang,
+            _ if self.chance(self.config.slow_rate) => self.config.slow_latency,
+            _ => {
+                let jitter = self.config.latency_jitter.as_micros() as u64;
+                let extra = if jitter == 0 {
+                    0
+                } else {
+                    self.rng.random_range(0..=jitter)
+                };
+                self.config.latency + Duration::from_micros(extra)
+            }
+        };
+        Injection { delay, fault }
     }
 
     fn order(&mut self, order_id: &str) -> &mut OrderAudit {
@@ -192,9 +278,44 @@ impl Inner {
     }
 }
 
+/// A fault injected into one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fault {
+    /// 503 at once, nothing recorded.
+    Down,
+    /// Hang for `hang`, nothing recorded, then 504.
+    Hang,
+    /// 500, nothing recorded.
+    Error,
+    /// Recorded, then the connection is closed without an answer.
+    LoseAnswer,
+}
+
+/// What [`Inner::inject`] drew for one request.
+#[derive(Debug, Clone, Copy)]
+struct Injection {
+    delay: Duration,
+    fault: Option<Fault>,
+}
+
 struct State {
     inner: Mutex<Inner>,
+    /// Cancelled when the mock stops: cuts hanging requests short.
+    shutdown: CancellationToken,
 }
+
+/// The answer to a request was "lost": the service fails, so hyper closes the connection
+/// without a response.
+#[derive(Debug)]
+struct AnswerLost;
+
+impl std::fmt::Display for AnswerLost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("answer lost (injected by the mock's lost_answer_rate)")
+    }
+}
+
+impl std::error::Error for AnswerLost {}
 
 type Reply = Response<Full<Bytes>>;
 
@@ -298,42 +419,101 @@ async fn pause(delay: Duration) {
     }
 }
 
-fn injected_error() -> Problem {
+/// A request's answer after its injected fault: `Ok(())` to go on, or the answer to give
+/// instead (after the hang, for a timeout).
+async fn apply_fault(state: &State, injection: Injection) -> Result<(), Problem> {
+    match injection.fault {
+        Some(Fault::Down) => Err(unavailable()),
+        Some(Fault::Hang) => {
+            tokio::select! {
+                _ = state.shutdown.cancelled() => {}
+                _ = pause(injection.delay) => {}
+            }
+            Err(problem(
+                StatusCode::GATEWAY_TIMEOUT,
+                "injected_timeout",
+                "timeout injected by the mock's timeout_rate",
+            ))
+        }
+        Some(Fault::Error) => {
+            pause(injection.delay).await;
+            Err(problem(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "injected_error",
+                "error injected by the mock's error_rate",
+            ))
+        }
+        Some(Fault::LoseAnswer) | None => Ok(()),
+    }
+}
+
+fn unavailable() -> Problem {
     problem(
-        StatusCode::INTERNAL_SERVER_ERROR,
-        "injected_error",
-        "error injected by the mock's error_rate",
+        StatusCode::SERVICE_UNAVAILABLE,
+        "provider_down",
+        "the mock is configured down",
     )
 }
 
-async fn charge(state: &State, req: Request<Incoming>) -> Handled {
-    let key = idempotency_key(&req)?;
-    let body = read_body(req).await?;
-    let request: ChargeRequest<'_> = parse_json(&body)?;
+/// Refuses every request while the mock is `down`.
+fn check_up(inner: &mut Inner) -> Result<(), Problem> {
+    if inner.config.down {
+        inner.audit.totals.unavailable += 1;
+        return Err(unavailable());
+    }
+    Ok(())
+}
+
+/// The result of a charge or notification: an answer, or a lost one.
+type Processed = Result<Handled, AnswerLost>;
+
+/// Waits the request's delay, then answers `handled` unless the answer is to be lost.
+async fn answer(state: &State, injection: Injection, handled: Handled) -> Processed {
+    pause(injection.delay).await;
+    if injection.fault == Some(Fault::LoseAnswer) && handled.is_ok() {
+        state.inner.lock().audit.totals.lost_answers += 1;
+        return Err(AnswerLost);
+    }
+    Ok(handled)
+}
+
+async fn charge(state: &State, req: Request<Incoming>) -> Processed {
+    let key = match idempotency_key(&req) {
+        Ok(key) => key,
+        Err(p) => return Ok(Err(p)),
+    };
+    let body = match read_body(req).await {
+        Ok(body) => body,
+        Err(p) => return Ok(Err(p)),
+    };
+    let request: ChargeRequest<'_> = match parse_json(&body) {
+        Ok(r) => r,
+        Err(p) => return Ok(Err(p)),
+    };
     if request.order_id.is_empty()
         || request.payment_token.is_empty()
         || request.amount_minor < 0
         || request.currency.len() != 3
         || !request.currency.bytes().all(|b| b.is_ascii_uppercase())
     {
-        return Err(invalid_body(
+        return Ok(Err(invalid_body(
             "order_id and payment_token must be non-empty, amount_minor not negative, \
              currency a three-letter code",
-        ));
+        )));
     }
-    let (delay, outcome) = {
-        let mut inner = state.inner.lock();
-        let (delay, fail) = inner.inject();
-        if fail {
-            (delay, Err(injected_error()))
-        } else {
-            (delay, record_charge(&mut inner, key, &request))
-        }
-    };
+    let injection = state.inner.lock().inject();
+    if let Err(p) = apply_fault(state, injection).await {
+        return Ok(Err(p));
+    }
     // The charge is recorded before the delay: a client that times out has been charged
     // anyway, which is what the status lookup is for.
-    pause(delay).await;
-    json_reply(StatusCode::OK, &outcome?)
+    let outcome = record_charge(&mut state.inner.lock(), key, &request);
+    answer(
+        state,
+        injection,
+        outcome.and_then(|c| json_reply(StatusCode::OK, &c)),
+    )
+    .await
 }
 
 fn record_charge(
@@ -353,6 +533,15 @@ fn record_charge(
         let charge = stored.charge.clone();
         inner.order(&request.order_id).charge_attempts += 1;
         return Ok(charge);
+    }
+    if request.payment_token.starts_with("tok_reject") {
+        inner.audit.totals.refused += 1;
+        inner.order(&request.order_id).refused_charges += 1;
+        return Err(problem(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_payment_token",
+            "the payment token was refused",
+        ));
     }
     let declined = request.payment_token.starts_with("tok_decline")
         || (inner.config.decline_rate > 0.0
@@ -394,7 +583,8 @@ fn record_charge(
 }
 
 fn lookup(state: &State, key: &str) -> Handled {
-    let inner = state.inner.lock();
+    let mut inner = state.inner.lock();
+    check_up(&mut inner)?;
     match inner.charges.get(key) {
         Some(stored) => json_reply(StatusCode::OK, &stored.charge),
         None => Err(problem(
@@ -410,6 +600,7 @@ async fn refund(state: &State, req: Request<Incoming>) -> Handled {
     let body = read_body(req).await?;
     let request: RefundRequest<'_> = parse_json(&body)?;
     let mut inner = state.inner.lock();
+    check_up(&mut inner)?;
     if let Some(done) = inner.refunds.get(&key) {
         return json_reply(StatusCode::OK, done);
     }
@@ -451,37 +642,47 @@ async fn refund(state: &State, req: Request<Incoming>) -> Handled {
     json_reply(StatusCode::OK, &refund)
 }
 
-async fn notification(state: &State, req: Request<Incoming>) -> Handled {
-    let key = idempotency_key(&req)?;
-    let body = read_body(req).await?;
-    let request: NotificationRequest<'_> = parse_json(&body)?;
-    if request.order_id.is_empty() || request.user_id.is_empty() {
-        return Err(invalid_body("order_id and user_id must be non-empty"));
-    }
-    let (delay, duplicate) = {
-        let mut inner = state.inner.lock();
-        let (delay, fail) = inner.inject();
-        if fail {
-            (delay, Err(injected_error()))
-        } else {
-            let fresh = inner.notifications.insert(key);
-            let audit = inner.order(&request.order_id);
-            if fresh {
-                audit.notifications.push(request.kind);
-            } else {
-                audit.duplicate_notifications += 1;
-            }
-            if fresh {
-                inner.audit.totals.notifications += 1;
-            }
-            (delay, Ok(!fresh))
-        }
+async fn notification(state: &State, req: Request<Incoming>) -> Processed {
+    let key = match idempotency_key(&req) {
+        Ok(key) => key,
+        Err(p) => return Ok(Err(p)),
     };
-    pause(delay).await;
-    json_reply(
-        StatusCode::ACCEPTED,
-        &serde_json::json!({"status": "accepted", "duplicate": duplicate?}),
+    let body = match read_body(req).await {
+        Ok(body) => body,
+        Err(p) => return Ok(Err(p)),
+    };
+    let request: NotificationRequest<'_> = match parse_json(&body) {
+        Ok(r) => r,
+        Err(p) => return Ok(Err(p)),
+    };
+    if request.order_id.is_empty() || request.user_id.is_empty() {
+        return Ok(Err(invalid_body("order_id and user_id must be non-empty")));
+    }
+    let injection = state.inner.lock().inject();
+    if let Err(p) = apply_fault(state, injection).await {
+        return Ok(Err(p));
+    }
+    let duplicate = {
+        let mut inner = state.inner.lock();
+        let fresh = inner.notifications.insert(key);
+        let audit = inner.order(&request.order_id);
+        if fresh {
+            audit.notifications.push(request.kind);
+            inner.audit.totals.notifications += 1;
+        } else {
+            audit.duplicate_notifications += 1;
+        }
+        !fresh
+    };
+    answer(
+        state,
+        injection,
+        json_reply(
+            StatusCode::ACCEPTED,
+            &serde_json::json!({"status": "accepted", "duplicate": duplicate}),
+        ),
     )
+    .await
 }
 
 async fn set_config(state: &State, req: Request<Incoming>) -> Handled {
@@ -496,7 +697,7 @@ async fn set_config(state: &State, req: Request<Incoming>) -> Handled {
     json_reply(StatusCode::OK, &inner.config)
 }
 
-async fn route(state: Arc<State>, req: Request<Incoming>) -> Reply {
+async fn route(state: Arc<State>, req: Request<Incoming>) -> Result<Reply, AnswerLost> {
     let path = req.uri().path().to_owned();
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     let method = req.method().clone();
@@ -504,10 +705,10 @@ async fn route(state: Arc<State>, req: Request<Incoming>) -> Reply {
         (&Method::GET, ["healthz"]) => {
             json_reply(StatusCode::OK, &serde_json::json!({"status": "ok"}))
         }
-        (&Method::POST, ["v1", "charges"]) => charge(&state, req).await,
+        (&Method::POST, ["v1", "charges"]) => charge(&state, req).await?,
         (&Method::GET, ["v1", "charges", key]) => lookup(&state, key),
         (&Method::POST, ["v1", "refunds"]) => refund(&state, req).await,
-        (&Method::POST, ["v1", "notifications"]) => notification(&state, req).await,
+        (&Method::POST, ["v1", "notifications"]) => notification(&state, req).await?,
         (&Method::GET, ["v1", "audit"]) => json_reply(StatusCode::OK, &state.inner.lock().audit),
         (&Method::GET, ["v1", "audit", order_id]) => {
             let inner = state.inner.lock();
@@ -526,7 +727,7 @@ async fn route(state: Arc<State>, req: Request<Incoming>) -> Reply {
         (&Method::POST | &Method::PUT, ["v1", "admin", "config"]) => set_config(&state, req).await,
         _ => Err(problem(StatusCode::NOT_FOUND, "not_found", "no such route")),
     };
-    handled.unwrap_or_else(Problem::into_reply)
+    Ok(handled.unwrap_or_else(Problem::into_reply))
 }
 
 /// Serves the mock on `listener` until `shutdown` is cancelled, then lets requests under
@@ -541,6 +742,7 @@ pub async fn serve(
         .map_err(|why| std::io::Error::new(std::io::ErrorKind::InvalidInput, why))?;
     let state = Arc::new(State {
         inner: Mutex::new(Inner::new(config)),
+        shutdown: shutdown.clone(),
     });
     let connections = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let tracker = TaskTracker::new();
@@ -573,7 +775,7 @@ pub async fn serve(
             let _permit = permit;
             let service = service_fn(move |req| {
                 let state = Arc::clone(&state);
-                async move { Ok::<_, Infallible>(route(state, req).await) }
+                async move { route(state, req).await }
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -732,10 +934,81 @@ mod tests {
             ..MockConfig::default()
         });
         for _ in 0..100 {
-            let (delay, fail) = inner.inject();
-            assert!(fail);
+            let Injection { delay, fault } = inner.inject();
+            assert_eq!(fault, Some(Fault::Error));
             assert!(delay >= Duration::from_millis(2) && delay <= Duration::from_millis(5));
         }
         assert_eq!(inner.audit.totals.errors, 100);
+    }
+
+    #[test]
+    fn faults_follow_their_rates_and_order() {
+        let mut inner = Inner::new(MockConfig {
+            latency: Duration::from_millis(1),
+            slow_rate: 0.25,
+            slow_latency: Duration::from_millis(500),
+            timeout_rate: 0.1,
+            hang: Duration::from_secs(30),
+            lost_answer_rate: 0.2,
+            seed: Some(3),
+            ..MockConfig::default()
+        });
+        let n = 10_000;
+        let (mut hangs, mut lost, mut slow, mut fast) = (0, 0, 0, 0);
+        for _ in 0..n {
+            let Injection { delay, fault } = inner.inject();
+            match fault {
+                Some(Fault::Hang) => {
+                    hangs += 1;
+                    assert_eq!(delay, Duration::from_secs(30));
+                    continue;
+                }
+                Some(Fault::LoseAnswer) => lost += 1,
+                None => {}
+                other => panic!("unexpected fault {other:?}"),
+            }
+            if delay == Duration::from_millis(500) {
+                slow += 1;
+            } else {
+                assert_eq!(delay, Duration::from_millis(1));
+                fast += 1;
+            }
+        }
+        let near =
+            |count: i32, expected: f64| (f64::from(count) - expected).abs() < expected * 0.15;
+        assert!(near(hangs, 1000.0), "hangs {hangs}");
+        assert!(near(lost, 1800.0), "lost answers {lost}");
+        assert!(near(slow, 2250.0), "slow {slow}");
+        assert_eq!(slow + fast + hangs, n);
+        assert_eq!(inner.audit.totals.timeouts, hangs as u64);
+
+        inner.config.down = true;
+        let Injection { delay, fault } = inner.inject();
+        assert_eq!((delay, fault), (Duration::ZERO, Some(Fault::Down)));
+        assert_eq!(inner.audit.totals.unavailable, 1);
+    }
+
+    #[test]
+    fn every_rate_is_checked() {
+        for json in [
+            r#"{"slow_rate":-0.1}"#,
+            r#"{"timeout_rate":1.01}"#,
+            r#"{"lost_answer_rate":2}"#,
+            r#"{"error_rate":1.5}"#,
+        ] {
+            let c: MockConfig = serde_json::from_str(json).expect("parses");
+            assert!(c.validate().is_err(), "{json} must be refused");
+        }
+        let c = MockConfig {
+            lost_answer_rate: f64::NAN,
+            ..MockConfig::default()
+        };
+        assert!(c.validate().is_err());
+        let c: MockConfig =
+            serde_json::from_str(r#"{"down":true,"hang":"2s","slow_latency":"1s"}"#)
+                .expect("config");
+        assert!(c.down);
+        assert_eq!(c.hang, Duration::from_secs(2));
+        assert!(c.validate().is_ok());
     }
 }

@@ -356,3 +356,172 @@ async fn a_stopped_mock_refuses_connections() {
     let err = pay.lookup("x").await.expect_err("no server");
     assert!(matches!(err, ProviderError::Transport(_)), "{err:?}");
 }
+
+#[tokio::test]
+async fn a_down_provider_answers_503_to_everything_and_records_nothing() {
+    let m = MockProvider::start(MockConfig {
+        down: true,
+        ..MockConfig::default()
+    })
+    .await
+    .expect("start");
+    let url = format!("{}/v1/charges", m.url());
+    let (s, b) = post(url.clone(), Some("o-1"), charge_body("o-1", "tok_visa")).await;
+    assert_eq!(s, 503);
+    assert_eq!(b["code"], "provider_down");
+    let lookup = http()
+        .get(format!("{url}/o-1"))
+        .send()
+        .await
+        .expect("lookup");
+    assert_eq!(lookup.status().as_u16(), 503);
+    let (s, _) = post(
+        format!("{}/v1/refunds", m.url()),
+        Some("o-1:refund"),
+        serde_json::json!({"order_id": "o-1", "charge_id": "ch_x"}),
+    )
+    .await;
+    assert_eq!(s, 503);
+    let (s, _) = post(
+        format!("{}/v1/notifications", m.url()),
+        Some("o-1:order_paid"),
+        serde_json::json!({"order_id": "o-1", "user_id": "u", "kind": "order_paid"}),
+    )
+    .await;
+    assert_eq!(s, 503);
+    // The admin routes still work: the outage ends at run time.
+    mock::update_config(&m.url(), &MockConfig::default())
+        .await
+        .expect("config");
+    let (s, _) = post(url, Some("o-1"), charge_body("o-1", "tok_visa")).await;
+    assert_eq!(s, 200);
+    let audit = mock::fetch_audit(&m.url()).await.expect("audit");
+    assert_eq!(audit.totals.unavailable, 4);
+    assert_eq!(audit.totals.charges, 1);
+    assert_eq!(audit.totals.notifications, 0);
+}
+
+#[tokio::test]
+async fn a_lost_answer_is_charged_and_a_retry_gets_the_same_charge() {
+    let m = MockProvider::start(MockConfig {
+        lost_answer_rate: 1.0,
+        ..MockConfig::default()
+    })
+    .await
+    .expect("start");
+    let url = format!("{}/v1/charges", m.url());
+    let err = http()
+        .post(&url)
+        .header("Idempotency-Key", "o-1")
+        .json(&charge_body("o-1", "tok_visa"))
+        .send()
+        .await
+        .expect_err("the connection closes without an answer");
+    assert!(!err.is_timeout(), "{err:?}");
+    let found: serde_json::Value = http()
+        .get(format!("{url}/o-1"))
+        .send()
+        .await
+        .expect("lookup")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(found["status"], "succeeded", "charged all the same");
+
+    // The client retries the lost answer under the same key: one charge, found again.
+    let pay = PaymentClient::new(&m.url(), Duration::from_secs(2), quick_retry(3)).expect("client");
+    let order = new_order("tok_visa");
+    let err = pay.charge(&order).await.expect_err("every answer is lost");
+    assert!(matches!(err, ProviderError::Transport(_)), "{err:?}");
+    assert!(err.is_retryable());
+    mock::update_config(&m.url(), &MockConfig::default())
+        .await
+        .expect("config");
+    let outcome = pay.charge(&order).await.expect("charge");
+    assert!(matches!(outcome, ChargeOutcome::Succeeded { .. }));
+    let a = mock::fetch_order_audit(&m.url(), &order.order_id.to_string())
+        .await
+        .expect("audit")
+        .expect("seen");
+    assert_eq!(a.successful_charges, 1, "one charge whatever the retries");
+    assert_eq!(a.charge_attempts, 4);
+    let audit = mock::fetch_audit(&m.url()).await.expect("audit");
+    assert_eq!(audit.totals.lost_answers, 4);
+}
+
+#[tokio::test]
+async fn a_hung_request_times_out_records_nothing_and_does_not_hold_up_stop() {
+    let m = MockProvider::start(MockConfig {
+        timeout_rate: 1.0,
+        hang: Duration::from_secs(120),
+        ..MockConfig::default()
+    })
+    .await
+    .expect("start");
+    let pay =
+        PaymentClient::new(&m.url(), Duration::from_millis(100), quick_retry(2)).expect("client");
+    let order = new_order("tok_visa");
+    let err = pay.charge(&order).await.expect_err("hangs");
+    assert!(matches!(err, ProviderError::Timeout), "{err:?}");
+    // The second attempt looked the charge up first (the first timed out): nothing there.
+    let key = PaymentClient::charge_key(order.order_id);
+    assert_eq!(pay.lookup(&key).await.expect("lookup"), None);
+    let audit = mock::fetch_audit(&m.url()).await.expect("audit");
+    assert_eq!(audit.totals.charges, 0);
+    assert_eq!(audit.totals.timeouts, 2, "two attempts, both hung");
+    // A request still hanging does not keep the mock from stopping.
+    let url = m.url();
+    let hanging = tokio::spawn(async move {
+        http()
+            .post(format!("{url}/v1/charges"))
+            .header("Idempotency-Key", "o-h")
+            .json(&charge_body("o-h", "tok_visa"))
+            .send()
+            .await
+            .map(|r| r.status().as_u16())
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let now = mock::fetch_audit(&m.url()).await.expect("audit");
+        if now.totals.timeouts > audit.totals.timeouts {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the request never arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::timeout(Duration::from_secs(10), m.stop())
+        .await
+        .expect("the mock stops promptly");
+    let answered = hanging.await.expect("join");
+    assert_eq!(answered.ok(), Some(504));
+}
+
+#[tokio::test]
+async fn a_rejected_token_is_a_4xx_refusal_not_a_decline() {
+    let m = MockProvider::start(MockConfig::default())
+        .await
+        .expect("start");
+    let pay = PaymentClient::new(&m.url(), Duration::from_secs(2), quick_retry(3)).expect("client");
+    let order = new_order("tok_reject_expired");
+    let err = pay.charge(&order).await.expect_err("refused");
+    assert!(
+        matches!(&err, ProviderError::Rejected { status, code } if status.as_u16() == 422 && code == "invalid_payment_token"),
+        "{err:?}"
+    );
+    assert!(!err.is_retryable());
+    let a = mock::fetch_order_audit(&m.url(), &order.order_id.to_string())
+        .await
+        .expect("audit")
+        .expect("seen");
+    assert_eq!(a.refused_charges, 1, "refused once: a 4xx is not retried");
+    assert_eq!(a.charge_attempts, 0);
+    assert_eq!(
+        pay.lookup(&PaymentClient::charge_key(order.order_id))
+            .await
+            .expect("lookup"),
+        None
+    );
+}

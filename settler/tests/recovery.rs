@@ -4,15 +4,17 @@
 mod common;
 
 use async_trait::async_trait;
-use common::{record, Harness};
+use common::{record, wait_until, Harness, DEADLINE};
 use settler::mock::{self, MockConfig};
 use settler::provider::{ChargeOutcome, NotificationKind, PaymentClient, RetryPolicy};
 use settler::{FileDeadLetter, Settler, StockRelease};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use storage::sqlite::SqliteStore;
 use storage::{
-    Checkpoint, NewOrder, Order, OrderId, OrderStatus, OrderStore, Sale, SaleId, SaleTotals,
+    Checkpoint, NewOrder, Order, OrderEvent, OrderId, OrderStatus, OrderStore, Sale, SaleId,
+    SaleTotals, Timestamp,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -63,9 +65,16 @@ async fn a_pending_order_charged_before_a_crash_is_looked_up_not_charged_again()
     assert_eq!(a.notifications, vec![NotificationKind::OrderPaid]);
 }
 
-/// A store in which every order expires (as if by an expiry sweeper) just before the
-/// settler records its successful charge.
-struct ExpiresBeforePaid(Arc<SqliteStore>);
+/// A store in which every order expires (as if by another settler's expiry sweeper) just
+/// before the settler records its successful charge. With a mock URL, it also takes the
+/// provider down right then (once), so the refund that follows fails.
+struct ExpiresBeforePaid(Arc<SqliteStore>, Option<String>, AtomicBool);
+
+impl ExpiresBeforePaid {
+    fn new(store: Arc<SqliteStore>) -> Self {
+        ExpiresBeforePaid(store, None, AtomicBool::new(false))
+    }
+}
 
 #[async_trait]
 impl OrderStore for ExpiresBeforePaid {
@@ -102,6 +111,15 @@ impl OrderStore for ExpiresBeforePaid {
             self.0
                 .transition(id, OrderStatus::PaymentPending, OrderStatus::Expired, None)
                 .await?;
+            if let Some(url) = &self.1 {
+                if !self.2.swap(true, Ordering::SeqCst) {
+                    let down = MockConfig {
+                        down: true,
+                        ..MockConfig::default()
+                    };
+                    mock::update_config(url, &down).await.expect("mock down");
+                }
+            }
         }
         self.0.transition(id, from, to, charge_id).await
     }
@@ -130,6 +148,15 @@ impl OrderStore for ExpiresBeforePaid {
     async fn sale_totals(&self, sale: &SaleId) -> storage::Result<SaleTotals> {
         self.0.sale_totals(sale).await
     }
+    async fn pending_since(&self, before: Timestamp, limit: usize) -> storage::Result<Vec<Order>> {
+        self.0.pending_since(before, limit).await
+    }
+    async fn unpublished_events(&self, limit: usize) -> storage::Result<Vec<OrderEvent>> {
+        self.0.unpublished_events(limit).await
+    }
+    async fn mark_published(&self, events: &[(OrderId, OrderStatus)]) -> storage::Result<usize> {
+        self.0.mark_published(events).await
+    }
     async fn ping(&self) -> storage::Result<()> {
         self.0.ping().await
     }
@@ -142,7 +169,7 @@ async fn a_late_success_for_an_expired_order_is_refunded_and_its_stock_released(
         .append(vec![record(1, "tok_visa"), record(2, "tok_visa")])
         .await;
     let settler = Settler::new(
-        Arc::new(ExpiresBeforePaid(Arc::clone(&h.store))),
+        Arc::new(ExpiresBeforePaid::new(Arc::clone(&h.store))),
         Box::new(h.log.consumer(0)),
         Arc::clone(&h.release) as Arc<dyn StockRelease>,
         Arc::new(FileDeadLetter::open(h.dir.path().join("dl")).expect("dead letter")),
@@ -177,4 +204,62 @@ async fn a_late_success_for_an_expired_order_is_refunded_and_its_stock_released(
         assert_eq!(a.refunds, 1);
         assert_eq!(a.notifications, vec![NotificationKind::OrderExpired]);
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_refund_of_a_late_charge_is_retried_until_it_lands() {
+    let h = Harness::new(MockConfig::default()).await;
+    let records = h.append(vec![record(1, "tok_visa")]).await;
+    let id = records[0].order_id;
+    let config = settler::SettlerConfig {
+        circuit_failure_threshold: 2,
+        circuit_cool_down: Duration::from_millis(200),
+        ..h.config()
+    };
+    let settler = Settler::new(
+        Arc::new(ExpiresBeforePaid(
+            Arc::clone(&h.store),
+            Some(h.mock.url()),
+            AtomicBool::new(false),
+        )),
+        Box::new(h.log.consumer(0)),
+        Arc::clone(&h.release) as Arc<dyn StockRelease>,
+        Arc::new(FileDeadLetter::open(h.dir.path().join("dl")).expect("dead letter")),
+        config,
+    )
+    .expect("settler");
+    let stats = settler.stats();
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(settler.run(shutdown.clone()));
+
+    // The refund fails while the provider is down, and keeps failing until the circuit
+    // opens; then the provider comes back and the refund is the probe that closes it.
+    wait_until("the refund owed and the circuit open", DEADLINE, || async {
+        let s = stats.snapshot();
+        s.refunds_owed == 1 && s.circuit_open
+    })
+    .await;
+    assert_eq!(stats.snapshot().refunded, 0);
+    mock::update_config(&h.mock.url(), &MockConfig::default())
+        .await
+        .expect("provider back");
+    wait_until("the refund landed", DEADLINE, || async {
+        let s = stats.snapshot();
+        s.refunded == 1 && s.refunds_owed == 0 && !s.circuit_open
+    })
+    .await;
+    h.wait_settled(1).await;
+    shutdown.cancel();
+    task.await.expect("join").expect("run");
+
+    let order = h.store.get_order(id).await.expect("get").expect("order");
+    assert_eq!(order.status, OrderStatus::Expired);
+    assert_eq!(h.release.calls().get(&id), Some(&1));
+    let a = mock::fetch_order_audit(&h.mock.url(), &id.to_string())
+        .await
+        .expect("audit")
+        .expect("seen");
+    assert_eq!(a.successful_charges, 1);
+    assert_eq!(a.refunds, 1);
+    assert_eq!(a.notifications, vec![NotificationKind::OrderExpired]);
 }

@@ -87,46 +87,70 @@ async fn dead_letters_a_poison_record_and_moves_on() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_provider_outage_leaves_orders_pending_until_it_ends() {
+async fn a_provider_outage_opens_the_circuit_and_fails_no_order() {
     let h = Harness::new(MockConfig {
-        error_rate: 1.0,
+        down: true,
         ..MockConfig::default()
     })
     .await;
-    let records = h.append(records(50)).await;
-    let running = h.start(h.config()).await;
+    let records = h.append(records(200)).await;
+    let config = settler::SettlerConfig {
+        circuit_failure_threshold: 3,
+        circuit_cool_down: Duration::from_millis(300),
+        ..h.config()
+    };
+    let running = h.start(config).await;
 
-    // Every order reaches payment_pending and the provider keeps failing: nothing may be
-    // failed because the provider is down. Wait for a second round of charges (the sweep).
-    wait_until("all orders pending and charged twice", DEADLINE, || async {
-        let pending = h
-            .store
-            .orders_in_status(&[OrderStatus::PaymentPending], 1000)
-            .await
-            .expect("orders")
-            .len();
-        let errors = mock::fetch_audit(&h.mock.url())
-            .await
-            .map(|a| a.totals.errors)
-            .unwrap_or(0);
-        pending == records.len() && errors >= 2 * 2 * records.len() as u64
+    // The circuit opens; every order is persisted all the same and none is failed.
+    wait_until(
+        "circuit open and every order persisted",
+        DEADLINE,
+        || async {
+            let s = running.stats.snapshot();
+            s.circuit_open && s.persisted == records.len() as u64
+        },
+    )
+    .await;
+    // While it is open the provider is left alone: one probe per cool-down, not a charge
+    // per order per sweep (that would be 200 orders x 2 attempts x 10 sweeps here).
+    let seen = |a: mock::Audit| a.totals.unavailable;
+    let before = seen(mock::fetch_audit(&h.mock.url()).await.expect("audit"));
+    let sweeps = running.stats.snapshot().sweeps;
+    wait_until("ten sweeps while the circuit is open", DEADLINE, || async {
+        running.stats.snapshot().sweeps >= sweeps + 10
     })
     .await;
+    let after = seen(mock::fetch_audit(&h.mock.url()).await.expect("audit"));
+    assert!(
+        after - before <= 60,
+        "{} provider requests during ten sweeps of an open circuit",
+        after - before
+    );
     let orders = h.orders().await;
-    assert!(orders
-        .iter()
-        .all(|o| o.status == OrderStatus::PaymentPending));
+    assert_eq!(orders.len(), records.len());
+    assert!(
+        orders.iter().all(|o| matches!(
+            o.status,
+            OrderStatus::Persisted | OrderStatus::PaymentPending
+        )),
+        "no order may be failed or expired because the provider is down"
+    );
     let stats = running.stats.snapshot();
-    assert_eq!(stats.paid + stats.payment_failed, 0);
-    assert!(stats.provider_errors >= records.len() as u64);
+    assert_eq!(stats.paid + stats.payment_failed + stats.expired, 0);
+    assert!(stats.circuit_opened_total >= 1);
     let audit = mock::fetch_audit(&h.mock.url()).await.expect("audit");
-    assert_eq!(audit.totals.charges, 0, "a 500 records no charge");
+    assert_eq!(audit.totals.charges, 0, "a 503 records no charge");
 
     mock::update_config(&h.mock.url(), &MockConfig::default())
         .await
         .expect("end the outage");
     h.wait_settled(records.len()).await;
+    let stats = running.stats.snapshot();
     running.stop().await;
+    assert!(
+        !stats.circuit_open,
+        "the circuit closed once the provider answered"
+    );
     h.check_exactly_once(&records).await;
 }
 

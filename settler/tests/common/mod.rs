@@ -169,6 +169,15 @@ impl Harness {
 
     /// Starts a settler reading from the store's checkpoint.
     pub async fn start(&self, config: SettlerConfig) -> Running {
+        self.start_with_sink(config, None).await
+    }
+
+    /// A settler reading from the store's checkpoint, publishing to `sink` if given.
+    pub async fn settler(
+        &self,
+        config: SettlerConfig,
+        sink: Option<Arc<dyn settler::EventSink>>,
+    ) -> Settler {
         let from = self
             .store
             .checkpoint(&config.consumer_name, 0)
@@ -183,6 +192,19 @@ impl Harness {
             config,
         )
         .expect("settler");
+        match sink {
+            Some(sink) => settler.with_event_sink(sink),
+            None => settler,
+        }
+    }
+
+    /// Starts a settler reading from the store's checkpoint, publishing to `sink` if given.
+    pub async fn start_with_sink(
+        &self,
+        config: SettlerConfig,
+        sink: Option<Arc<dyn settler::EventSink>>,
+    ) -> Running {
+        let settler = self.settler(config, sink).await;
         let stats = settler.stats();
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(settler.run(shutdown.clone()));
