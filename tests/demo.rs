@@ -24,7 +24,47 @@ fn demo_on_redis_and_kafka_passes() {
     demo_passes(&["--admission", &redis.url(), "--log", &log]);
 }
 
-fn demo_passes(extra: &[&str]) {
+#[cfg(feature = "kafka")]
+#[test]
+fn demo_on_redis_kafka_and_sharded_postgres_passes_and_reconciles() {
+    let redis = testkit::RedisServer::start();
+    let broker = testkit::TansuBroker::start();
+    let pg = testkit::PostgresCluster::start(2);
+    let log = format!("kafka://{}", broker.bootstrap());
+    let store = pg.shard_urls().join(",");
+    let backends = [
+        "--admission",
+        &redis.url(),
+        "--log",
+        &log,
+        "--store",
+        &store,
+    ];
+    let catalog = ("FLASHSALE_STORE__CATALOG_URL", pg.catalog_url());
+    let r = demo_passes_with(&backends, std::slice::from_ref(&catalog));
+    assert!(r["paid"].as_u64().unwrap_or(0) > 0, "{r}");
+    // Afterwards the distributed state checks out.
+    let out = Command::new(env!("CARGO_BIN_EXE_flashsale"))
+        .arg("reconcile")
+        .args(backends)
+        .env_remove("FLASHSALE_CONFIG")
+        .env(catalog.0, catalog.1)
+        .output()
+        .expect("run reconcile");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "reconcile: {text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("consistent"), "{text}");
+}
+
+fn demo_passes(extra: &[&str]) -> Value {
+    demo_passes_with(extra, &[])
+}
+
+fn demo_passes_with(extra: &[&str], env: &[(&str, String)]) -> Value {
     let out = Command::new(env!("CARGO_BIN_EXE_flashsale"))
         .args([
             "demo",
@@ -42,6 +82,7 @@ fn demo_passes(extra: &[&str]) {
         ])
         .args(extra)
         .env_remove("FLASHSALE_CONFIG")
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .output()
         .expect("run demo");
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -100,4 +141,5 @@ fn demo_passes(extra: &[&str]) {
         r["rejected"]["malformed_json"].as_u64().unwrap_or(0) > 0,
         "bad requests were sent"
     );
+    r
 }
