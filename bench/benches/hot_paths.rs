@@ -1,7 +1,9 @@
 //! Criterion benchmarks of the hot paths that do no I/O: the admission decision, the order
-//! body fingerprint, buyer JWT verification, record encode/decode and the partitioner.
+//! body fingerprint, buyer JWT verification, request parsing and validation, record
+//! encode/decode, batch building (the embedded log's group commit, the settler's persist
+//! batch) and the partitioner.
 
-use criterion::{black_box, criterion_group, criterion_main, Criterion};
+use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
 use ingest::model::{AdmitRequest, SaleRules, SaleState};
 use sequencer::partition::partition_for;
 use sequencer::{decode, encode, OrderRecord, RECORD_VERSION};
@@ -80,5 +82,129 @@ fn record(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, admission, jwt, record);
+/// The order body as ingest parses it. `ingest::api`'s `OrderBody` and its header checks
+/// (`idempotency_key`, `require_json`) are private, so this is a copy of the same serde
+/// definition and the same checks, in the order `post_order` runs them; the JWT check is
+/// the real `Auth::buyer`.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+struct OrderBody {
+    quantity: i64,
+    payment_token: String,
+}
+
+fn idempotency_key(headers: &http::HeaderMap) -> Option<String> {
+    let s = headers.get("idempotency-key")?.to_str().ok()?;
+    (!s.is_empty() && s.len() <= 128 && s.bytes().all(|b| b.is_ascii_graphic()))
+        .then(|| s.to_owned())
+}
+
+fn is_json(headers: &http::HeaderMap) -> bool {
+    headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"))
+}
+
+fn parse_order(body: &[u8]) -> Option<(u32, String)> {
+    let b: OrderBody = serde_json::from_slice(body).ok()?;
+    let token_ok = !b.payment_token.is_empty()
+        && b.payment_token.len() <= 256
+        && b.payment_token.bytes().all(|c| c.is_ascii_graphic());
+    let q = u32::try_from(b.quantity).ok().filter(|q| *q >= 1)?;
+    token_ok.then(|| (q, ingest::api::fingerprint(q, &b.payment_token)))
+}
+
+fn request(c: &mut Criterion) {
+    let config = ingest::auth::AuthConfig {
+        jwt_secret: secrecy::SecretString::from("bench-secret-of-enough-length"),
+        issuer: "flashsale".into(),
+        audience: "flashsale-buyers".into(),
+        algorithms: vec![jsonwebtoken::Algorithm::HS256],
+        leeway: std::time::Duration::from_secs(5),
+        operator_token: secrecy::SecretString::from("operator"),
+    };
+    let auth = ingest::auth::Auth::new(&config).expect("auth");
+    let token = ingest::auth::issue_token(&config, "buyer-1", std::time::Duration::from_secs(3600))
+        .expect("token");
+    let mut headers = http::HeaderMap::new();
+    headers.insert(
+        http::header::AUTHORIZATION,
+        format!("Bearer {token}").parse().expect("header"),
+    );
+    headers.insert(
+        http::header::CONTENT_TYPE,
+        "application/json".parse().expect("header"),
+    );
+    headers.insert("idempotency-key", "c3f1d2e4-5b6a-4c7d-8e9f-0a1b2c3d4e5f".parse().expect("header"));
+    let body = br#"{"quantity":1,"payment_token":"tok_visa"}"#;
+    c.bench_function("request/parse_body", |b| {
+        b.iter(|| parse_order(black_box(body)).expect("valid"))
+    });
+    c.bench_function("request/headers_and_body", |b| {
+        b.iter(|| {
+            let headers = black_box(&headers);
+            let user = auth.buyer(headers).expect("buyer");
+            let key = idempotency_key(headers).expect("key");
+            assert!(is_json(headers));
+            (user, key, parse_order(black_box(body)).expect("valid"))
+        })
+    });
+    let unknown = br#"{"quantity":1,"payment_token":"tok_visa","coupon":"x"}"#;
+    c.bench_function("request/parse_body_refused", |b| {
+        b.iter(|| parse_order(black_box(unknown)).is_none())
+    });
+}
+
+fn batch(c: &mut Criterion) {
+    const N: usize = 512;
+    let records: Vec<OrderRecord> = (0..N as u64)
+        .map(|i| OrderRecord {
+            v: RECORD_VERSION,
+            order_id: OrderId::new(),
+            sale_id: SaleId::parse("bench-sale").expect("id"),
+            user_id: UserId::parse(format!("buyer-{i}")).expect("user"),
+            quantity: 1,
+            amount_minor: 1999,
+            currency: Currency::parse("EUR").expect("eur"),
+            sequence: i,
+            idempotency_key: format!("key-{i}"),
+            fingerprint: "5d41402abc4b2a76b9719d911017c592".into(),
+            payment_token: "tok_visa".into(),
+            accepted_at: Timestamp::now(),
+        })
+        .collect();
+    let mut group = c.benchmark_group("batch");
+    group.throughput(Throughput::Elements(N as u64));
+    // The embedded log's group commit: each record encoded, framed `len | crc32 | payload`
+    // into one buffer written at once.
+    group.bench_function("encode_frame_512", |b| {
+        let mut buf = Vec::with_capacity(N * 400);
+        b.iter(|| {
+            buf.clear();
+            for r in &records {
+                let payload = encode(black_box(r)).expect("encode");
+                buf.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+                buf.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
+                buf.extend_from_slice(&payload);
+            }
+            buf.len()
+        })
+    });
+    // The settler's persist batch: each log entry decoded and turned into a `NewOrder`.
+    let payloads: Vec<Vec<u8>> = records.iter().map(|r| encode(r).expect("encode")).collect();
+    group.bench_function("decode_to_new_order_512", |b| {
+        b.iter(|| {
+            payloads
+                .iter()
+                .map(|p| decode(black_box(p)).expect("decode").to_new_order())
+                .collect::<Vec<_>>()
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, admission, jwt, request, record, batch);
 criterion_main!(benches);

@@ -1,2 +1,11 @@
-//! flashsale benchmarks. `benches/hot_paths.rs` measures the pure hot paths with criterion;
-//! the end-to-end harness (ceilings and ratios in one run) arrives with the benchmark issue.
+//! flashsale benchmarks. `benches/hot_paths.rs` and `benches/redis_admission.rs` are the
+//! criterion micro-benchmarks; the `e2e` binary (`src/bin/e2e.rs`) measures the whole
+//! system and its ceilings with the open-loop load generator of [`loadgen`]. See
+//! `bench/README.md`.
+
+pub mod chart;
+pub mod cpu;
+pub mod loadgen;
+pub mod report;
+pub mod search;
+pub mod systems;
