@@ -138,7 +138,12 @@ fn request(c: &mut Criterion) {
         http::header::CONTENT_TYPE,
         "application/json".parse().expect("header"),
     );
-    headers.insert("idempotency-key", "c3f1d2e4-5b6a-4c7d-8e9f-0a1b2c3d4e5f".parse().expect("header"));
+    headers.insert(
+        "idempotency-key",
+        "c3f1d2e4-5b6a-4c7d-8e9f-0a1b2c3d4e5f"
+            .parse()
+            .expect("header"),
+    );
     let body = br#"{"quantity":1,"payment_token":"tok_visa"}"#;
     c.bench_function("request/parse_body", |b| {
         b.iter(|| parse_order(black_box(body)).expect("valid"))

@@ -47,21 +47,26 @@ fn register_font() -> bool {
 /// Draws the chart to `path`; returns whether it has text (a font was found).
 pub fn draw(report: &Report, path: &Path) -> anyhow::Result<bool> {
     let text = register_font();
-    let series: Vec<(String, Vec<(f64, f64)>)> = report
-        .systems
-        .iter()
-        .filter(|s| !s.steps.is_empty())
-        .map(|s| {
-            let mut pts: Vec<(f64, f64)> = s
-                .steps
-                .iter()
-                .chain(s.half.iter())
-                .map(|st| (st.offered_per_s as f64, st.p99_ms.clamp(0.01, 100_000.0)))
-                .collect();
-            pts.sort_by(|a, b| a.0.total_cmp(&b.0));
-            (s.name.clone(), pts)
-        })
-        .collect();
+    let series: Vec<(String, Vec<(f64, f64)>)> =
+        report
+            .systems
+            .iter()
+            .filter(|s| !s.steps.is_empty())
+            .map(|s| {
+                // The search steps, and the half-rate step unless a search step ran at that rate.
+                let mut pts: Vec<(f64, f64)> =
+                    s.steps
+                        .iter()
+                        .chain(s.half.iter().filter(|h| {
+                            s.steps.iter().all(|st| st.offered_per_s != h.offered_per_s)
+                        }))
+                        .map(|st| (st.offered_per_s as f64, st.p99_ms.clamp(0.01, 100_000.0)))
+                        .collect();
+                pts.sort_by(|a, b| a.0.total_cmp(&b.0));
+                pts.dedup_by(|a, b| a.0 == b.0);
+                (s.name.clone(), pts)
+            })
+            .collect();
     let x_max = series
         .iter()
         .flat_map(|(_, p)| p.iter().map(|q| q.0))
@@ -92,15 +97,22 @@ pub fn draw(report: &Report, path: &Path) -> anyhow::Result<bool> {
             .y_label_area_size(70);
     }
     let mut chart = builder
-        .build_cartesian_2d(
-            (x_min..x_max).log_scale(),
-            (0.05f64..y_max).log_scale(),
-        )
+        .build_cartesian_2d((x_min..x_max).log_scale(), (0.05f64..y_max).log_scale())
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let mut mesh = chart.configure_mesh();
     if text {
         mesh.x_desc("offered rate, requests/s (log)")
             .y_desc("p99 latency, ms (log)")
+            .x_labels(12)
+            .y_labels(12)
+            .x_label_formatter(&|v| format!("{v:.0}"))
+            .y_label_formatter(&|v| {
+                if *v >= 1.0 {
+                    format!("{v:.0}")
+                } else {
+                    format!("{v:.2}")
+                }
+            })
             .label_style(("sans-serif", 14));
     } else {
         mesh.x_labels(0).y_labels(0);

@@ -409,7 +409,14 @@ mod tests {
         let times: Vec<u64> = (0..6).map(|i| s.intended_ns(i)).collect();
         assert_eq!(
             times,
-            [0, 250_000_000, 500_000_000, 750_000_000, 1_000_000_000, 1_250_000_000]
+            [
+                0,
+                250_000_000,
+                500_000_000,
+                750_000_000,
+                1_000_000_000,
+                1_250_000_000
+            ]
         );
         // A rate that does not divide a second: monotonic, and n requests per second.
         let s = Schedule::new(3);

@@ -294,9 +294,24 @@ impl Report {
                 margin,
             });
         };
-        ratio_target(&mut out, "flashsale-distributed-accepted", "distributed, accepted path", 0.30);
-        ratio_target(&mut out, "flashsale-embedded-accepted", "embedded, accepted path", 0.50);
-        ratio_target(&mut out, "flashsale-embedded-soldout", "embedded, sold-out path", 0.70);
+        ratio_target(
+            &mut out,
+            "flashsale-distributed-accepted",
+            "distributed, accepted path",
+            0.30,
+        );
+        ratio_target(
+            &mut out,
+            "flashsale-embedded-accepted",
+            "embedded, accepted path",
+            0.50,
+        );
+        ratio_target(
+            &mut out,
+            "flashsale-embedded-soldout",
+            "embedded, sold-out path",
+            0.70,
+        );
         ratio_target(
             &mut out,
             "flashsale-distributed-soldout",
@@ -319,7 +334,11 @@ impl Report {
                 margin,
             });
         }
-        for s in self.systems.iter().filter(|s| s.settler.is_some() || s.name.ends_with("accepted") && !s.ceiling) {
+        for s in self
+            .systems
+            .iter()
+            .filter(|s| s.settler.is_some() || s.name.ends_with("accepted") && !s.ceiling)
+        {
             let (measured, met, margin) = match &s.settler {
                 Some(st) => (
                     format!(
@@ -339,7 +358,10 @@ impl Report {
                 None => ("not measured".into(), None, "-".into()),
             };
             out.push(TargetCheck {
-                target: format!("{}: settler keeps up at the max rate (lag not growing)", s.name),
+                target: format!(
+                    "{}: settler keeps up at the max rate (lag not growing)",
+                    s.name
+                ),
                 measured,
                 met,
                 margin,
@@ -413,10 +435,17 @@ impl Report {
                 Some(false) => "**missed**",
                 None => "not measured",
             };
-            let _ = writeln!(s, "| {} | {} | {} | {} |", t.target, t.measured, met, t.margin);
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {} |",
+                t.target, t.measured, met, t.margin
+            );
         }
-        let settlers: Vec<&SystemReport> =
-            self.systems.iter().filter(|s| s.settler.is_some()).collect();
+        let settlers: Vec<&SystemReport> = self
+            .systems
+            .iter()
+            .filter(|s| s.settler.is_some())
+            .collect();
         if !settlers.is_empty() {
             let _ = writeln!(s, "\n## Settler at the max ingest rate\n");
             let _ = writeln!(
@@ -442,7 +471,10 @@ impl Report {
                 }
             }
         }
-        let _ = writeln!(s, "\n## CPU at half the max rate (seconds over the window)\n");
+        let _ = writeln!(
+            s,
+            "\n## CPU at half the max rate (seconds over the window)\n"
+        );
         let _ = writeln!(s, "| system | window s | process | generator | servers | system under test | cores busy (SUT) |");
         let _ = writeln!(s, "|---|---:|---:|---:|---|---:|---:|");
         for sys in &self.systems {
@@ -481,7 +513,10 @@ impl Report {
             }
         }
         if let Some(c) = chart {
-            let _ = writeln!(s, "\n## p99 against offered rate\n\n![p99 latency against offered rate]({c})");
+            let _ = writeln!(
+                s,
+                "\n## p99 against offered rate\n\n![p99 latency against offered rate]({c})"
+            );
         }
         let _ = writeln!(s, "\n## Systems\n");
         for sys in &self.systems {

@@ -50,9 +50,8 @@ pub async fn start_plain_hyper() -> anyhow::Result<(SocketAddr, tokio::task::Joi
             conns.spawn(async move {
                 let service = hyper::service::service_fn(|req: Request<Incoming>| async move {
                     let _ = req.into_body().collect().await;
-                    let mut resp = Response::new(Full::new(Bytes::from_static(
-                        PLAIN_ANSWER.as_bytes(),
-                    )));
+                    let mut resp =
+                        Response::new(Full::new(Bytes::from_static(PLAIN_ANSWER.as_bytes())));
                     *resp.status_mut() = StatusCode::ACCEPTED;
                     resp.headers_mut().insert(
                         header::CONTENT_TYPE,
@@ -409,7 +408,9 @@ impl Flashsale {
     /// Starts the servers it needs (testkit) and the system (`App::start`), in the
     /// context of the server runtime (call through its `block_on`).
     pub async fn start(backends: Backends) -> anyhow::Result<Self> {
-        let data = tempfile::Builder::new().prefix("flashsale-e2e-").tempdir()?;
+        let data = tempfile::Builder::new()
+            .prefix("flashsale-e2e-")
+            .tempdir()?;
         let mut config = flashsale::config::Config {
             data_dir: data.path().to_path_buf(),
             ..Default::default()
@@ -475,7 +476,10 @@ impl Flashsale {
             body.to_string(),
         )
         .await?;
-        anyhow::ensure!(status == StatusCode::CREATED, "creating sale {id}: {status} {text}");
+        anyhow::ensure!(
+            status == StatusCode::CREATED,
+            "creating sale {id}: {status} {text}"
+        );
         Ok(())
     }
 

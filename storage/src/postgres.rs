@@ -65,6 +65,18 @@ enum Db {
     Shard(usize),
 }
 
+impl Db {
+    /// refinery's history table of this kind of database. The catalog and a shard may be
+    /// one database (the default `catalog_url` is the first shard's), so each schema keeps
+    /// its own history.
+    fn history_table(self) -> &'static str {
+        match self {
+            Db::Catalog => "flashsale_catalog_schema_history",
+            Db::Shard(_) => "flashsale_shard_schema_history",
+        }
+    }
+}
+
 impl std::fmt::Display for Db {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
@@ -140,7 +152,8 @@ fn latest_version(runner: &refinery::Runner) -> i64 {
         .unwrap_or(0)
 }
 
-async fn migrate_one(url: &str, db: Db, runner: refinery::Runner) -> Result<()> {
+async fn migrate_one(url: &str, db: Db, mut runner: refinery::Runner) -> Result<()> {
+    runner.set_migration_table_name(db.history_table());
     let (mut client, connection) = pg_config(url, db)?
         .connect(NoTls)
         .await
@@ -193,6 +206,37 @@ impl PgStore {
         for (i, url) in shard_urls.iter().enumerate() {
             migrate_one(url, Db::Shard(i), shard_schema::migrations::runner()).await?;
         }
+        // The first migrate records the number of shards; later ones must agree.
+        let (client, connection) = pg_config(catalog_url, Db::Catalog)?
+            .connect(NoTls)
+            .await
+            .map_err(|e| unavailable(Db::Catalog, e))?;
+        let conn = tokio::spawn(connection);
+        let shards = i32::try_from(shard_urls.len()).unwrap_or(i32::MAX);
+        let recorded = async {
+            client
+                .execute(
+                    "INSERT INTO store_layout (id, shards) VALUES (1, $1) \
+                     ON CONFLICT (id) DO NOTHING",
+                    &[&shards],
+                )
+                .await?;
+            client
+                .query_one("SELECT shards FROM store_layout WHERE id = 1", &[])
+                .await?
+                .try_get::<_, i32>(0)
+        }
+        .await
+        .map_err(|e| unavailable(Db::Catalog, e));
+        drop(client);
+        let _ = conn.await;
+        let recorded = recorded?;
+        if recorded != shards {
+            return Err(Error::Unavailable(format!(
+                "the catalog records {recorded} shard(s) but {shards} are configured: adding \
+                 shards moves orders (see storage/src/shard.rs); nothing was changed"
+            )));
+        }
         Ok(())
     }
 
@@ -227,22 +271,50 @@ impl PgStore {
             checks.push(store.check_schema(Db::Shard(i), shard_want));
         }
         try_join_all(checks).await?;
+        store.check_layout().await?;
         Ok(store)
+    }
+
+    /// Refuses a shard list whose length differs from the one the catalog recorded.
+    async fn check_layout(&self) -> Result<()> {
+        let rows = self
+            .query(
+                Db::Catalog,
+                "SELECT shards FROM store_layout WHERE id = 1",
+                &[],
+            )
+            .await?;
+        let recorded: Option<i32> = rows
+            .first()
+            .map(|r| r.try_get(0))
+            .transpose()
+            .map_err(corrupt)?;
+        match recorded {
+            Some(n) if usize::try_from(n).ok() == Some(self.shard_count()) => Ok(()),
+            Some(n) => Err(Error::Unavailable(format!(
+                "the catalog records {n} shard(s) but {} are configured: order ids would be \
+                 looked for on the wrong shards (adding shards: see storage/src/shard.rs)",
+                self.shard_count()
+            ))),
+            None => Err(Error::Unavailable(
+                "the catalog records no shard layout: run `flashsale migrate` first".into(),
+            )),
+        }
     }
 
     async fn check_schema(&self, db: Db, want: i64) -> Result<()> {
         let client = self.client(db).await?;
         let row = client
-            .query_one(
-                "SELECT to_regclass('refinery_schema_history') IS NOT NULL",
-                &[],
-            )
+            .query_one("SELECT to_regclass($1) IS NOT NULL", &[&db.history_table()])
             .await
             .map_err(|e| unavailable(db, e))?;
         let have: i64 = if row.try_get::<_, bool>(0).map_err(corrupt)? {
             client
                 .query_one(
-                    "SELECT coalesce(max(version), 0)::int8 FROM refinery_schema_history",
+                    &format!(
+                        "SELECT coalesce(max(version), 0)::int8 FROM {}",
+                        db.history_table()
+                    ),
                     &[],
                 )
                 .await
@@ -879,7 +951,7 @@ mod tests {
 
     #[test]
     fn both_schemas_are_embedded() {
-        assert_eq!(latest_version(&catalog_schema::migrations::runner()), 1);
+        assert_eq!(latest_version(&catalog_schema::migrations::runner()), 2);
         assert_eq!(latest_version(&shard_schema::migrations::runner()), 1);
     }
 

@@ -631,6 +631,41 @@ mod postgres {
         assert!(started.elapsed() < Duration::from_secs(10));
     }
 
+    #[tokio::test]
+    async fn the_catalog_and_a_shard_share_a_database_and_the_shard_count_is_kept() {
+        let pg = testkit::PostgresCluster::start(1);
+        // The default layout: the catalog lives in the first shard's database.
+        let shard = pg.shard_urls()[0].clone();
+        PgStore::migrate(&shard, std::slice::from_ref(&shard))
+            .await
+            .expect("migrate catalog and shard into one database");
+        PgStore::migrate(&shard, std::slice::from_ref(&shard))
+            .await
+            .expect("again");
+        let store = PgStore::connect(&shard, std::slice::from_ref(&shard), 2)
+            .await
+            .expect("connect");
+        check(&store).await;
+        // Another shard list would send every order id to the wrong shard: refused, by
+        // migrate and by connect, and nothing changes.
+        pg.server(0).create_database("second");
+        let two = vec![shard.clone(), pg.server(0).url("second")];
+        let err = PgStore::migrate(&shard, &two)
+            .await
+            .expect_err("two shards over a one-shard catalog");
+        assert!(
+            matches!(&err, Error::Unavailable(m) if m.contains("records 1 shard")),
+            "{err}"
+        );
+        let err = PgStore::connect(&shard, &two, 2)
+            .await
+            .expect_err("connect with two");
+        assert!(
+            matches!(&err, Error::Unavailable(m) if m.contains("records 1 shard")),
+            "{err}"
+        );
+    }
+
     /// Polls `f` until it returns `Ok`, failing after `within`.
     async fn eventually<T, F, Fut>(within: Duration, what: &str, mut f: F) -> T
     where

@@ -32,6 +32,8 @@ struct Opts {
     settle_wait: Duration,
     start_rate: u64,
     max_rate: u64,
+    /// Diagnostic mode: one step per system at this rate (sustain-long), nothing written.
+    fixed_rate: Option<u64>,
 }
 
 impl Opts {
@@ -40,12 +42,15 @@ impl Opts {
         let mut only = None;
         let mut out = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/results"));
         let mut max_rate = 200_000;
+        let mut fixed_rate = None;
         let mut args = std::env::args().skip(1);
         while let Some(a) = args.next() {
             match a.as_str() {
                 "--quick" => quick = true,
                 "--only" => {
-                    let v = args.next().ok_or_else(|| anyhow::anyhow!("--only needs a list"))?;
+                    let v = args
+                        .next()
+                        .ok_or_else(|| anyhow::anyhow!("--only needs a list"))?;
                     only = Some(v.split(',').map(str::to_owned).collect());
                 }
                 "--out" => {
@@ -60,12 +65,20 @@ impl Opts {
                         .ok_or_else(|| anyhow::anyhow!("--max-rate needs a number"))?
                         .parse()?;
                 }
+                "--fixed-rate" => {
+                    fixed_rate = Some(
+                        args.next()
+                            .ok_or_else(|| anyhow::anyhow!("--fixed-rate needs a number"))?
+                            .parse()?,
+                    );
+                }
                 "-h" | "--help" => {
                     println!(
                         "e2e [--quick] [--only plain-hyper,redis-raw,admission-only,kafka-produce,\
                          flashsale-embedded-soldout,flashsale-embedded-accepted,\
                          flashsale-distributed-soldout,flashsale-distributed-accepted] \
-                         [--out DIR] [--max-rate N]"
+                         [--out DIR] [--max-rate N] [--fixed-rate N (one step per system, for \
+                         profiling; writes nothing)]"
                     );
                     std::process::exit(0);
                 }
@@ -84,6 +97,7 @@ impl Opts {
                 settle_wait: Duration::from_secs(3),
                 start_rate: 1000,
                 max_rate,
+                fixed_rate,
             }
         } else {
             Opts {
@@ -97,6 +111,7 @@ impl Opts {
                 settle_wait: Duration::from_secs(20),
                 start_rate: 1000,
                 max_rate,
+                fixed_rate,
             }
         })
     }
@@ -164,6 +179,27 @@ impl Harness {
     ) -> SystemReport {
         eprintln!("== {name}: {description}");
         let mut steps = Vec::new();
+        if let Some(rate) = self.opts.fixed_rate {
+            let r = self.step(make_target(), rate, self.opts.sustain, None);
+            let s = StepSummary::of(&r);
+            log_step(name, &s);
+            if let Some(c) = &s.cpu {
+                eprintln!("   cpu: {c:?}");
+            }
+            steps.push(s);
+            return SystemReport {
+                name: name.to_owned(),
+                description: description.to_owned(),
+                ceiling,
+                ceiling_name: ceiling_name.map(str::to_owned),
+                max_rate: 0,
+                ratio_to_ceiling: None,
+                half: None,
+                steps,
+                settler: None,
+                notes: vec![format!("diagnostic step at {rate}/s")],
+            };
+        }
         let pause = |rate: u64| {
             if let Some(s) = settler {
                 let slack = (rate as i64 / 100).max(20);
@@ -173,7 +209,7 @@ impl Harness {
         };
         let plan = SearchPlan {
             start: self.opts.start_rate,
-            min: 100,
+            min: 50,
             max: self.opts.max_rate,
             bisections: self.opts.bisections,
             resolution: 0.05,
@@ -198,7 +234,7 @@ impl Harness {
             s
         });
         if max_rate == 0 {
-            notes.push("no step passed, down to 100 requests/s".to_owned());
+            notes.push("no step passed, down to 50 requests/s".to_owned());
         }
         let settler_summary = match settler {
             Some(sp) if max_rate > 0 => {
@@ -319,12 +355,18 @@ fn flashsale_systems(
             return;
         }
     };
-    eprintln!("   {label} started in {:.1} s", started.elapsed().as_secs_f64());
+    eprintln!(
+        "   {label} started in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
     let setup = server_rt.block_on(async {
         fs.create_sale("bench-soldout", 1).await?;
         fs.create_sale("bench-accepted", 0).await?;
         let status = fs.order("bench-soldout", "holder").await?;
-        anyhow::ensure!(status == StatusCode::ACCEPTED, "selling the last unit: {status}");
+        anyhow::ensure!(
+            status == StatusCode::ACCEPTED,
+            "selling the last unit: {status}"
+        );
         anyhow::Ok(())
     });
     let tokens = fs.tokens("buyer-", USERS);
@@ -351,9 +393,8 @@ fn flashsale_systems(
         match HttpOrders::new(addr, "bench-accepted", tokens, StatusCode::ACCEPTED) {
             Ok(t) => {
                 let stats = fs.running.settler_stats.clone();
-                let persisted: Arc<dyn Fn() -> u64 + Send + Sync> = Arc::new(move || {
-                    stats.as_ref().map_or(0, |s| s.snapshot().persisted)
-                });
+                let persisted: Arc<dyn Fn() -> u64 + Send + Sync> =
+                    Arc::new(move || stats.as_ref().map_or(0, |s| s.snapshot().persisted));
                 // The holder's order first: the lag counts this sale's orders only.
                 let t0 = Instant::now();
                 while persisted() < 1 && t0.elapsed() < Duration::from_secs(10) {
@@ -365,7 +406,14 @@ fn flashsale_systems(
                     persisted,
                 };
                 let make = || Arc::new(t.fresh()) as Arc<dyn Target>;
-                out.push(h.measure(&accepted, &acc_desc, false, Some(PLAIN), &make, Some(&probe)));
+                out.push(h.measure(
+                    &accepted,
+                    &acc_desc,
+                    false,
+                    Some(PLAIN),
+                    &make,
+                    Some(&probe),
+                ));
             }
             Err(e) => out.push(not_run(&accepted, &acc_desc, Some(PLAIN), format!("{e:#}"))),
         }
@@ -398,7 +446,9 @@ fn run() -> anyhow::Result<()> {
     if opts.wants(PLAIN) {
         let auth = flashsale::config::Config::default().auth.to_auth_config()?;
         let tokens = (0..USERS)
-            .map(|u| ingest::auth::issue_token(&auth, &format!("buyer-{u}"), Duration::from_secs(7200)))
+            .map(|u| {
+                ingest::auth::issue_token(&auth, &format!("buyer-{u}"), Duration::from_secs(7200))
+            })
             .collect::<Result<Vec<_>, _>>()?;
         let (addr, task) = server_rt.block_on(systems::start_plain_hyper())?;
         let t = HttpOrders::new(addr, "bench-accepted", tokens, StatusCode::ACCEPTED)?;
@@ -408,12 +458,16 @@ fn run() -> anyhow::Result<()> {
     }
 
     // 2. Redis: raw commands, then the admission script alone.
-    let raw_desc = "redis-server (testkit) and one multiplexed connection: INCR per call, no script, no HTTP";
+    let raw_desc =
+        "redis-server (testkit) and one multiplexed connection: INCR per call, no script, no HTTP";
     let adm_desc = "RedisAdmission::admit (admit.lua, EVALSHA) of a new order on an open sale, no HTTP, no log";
     if opts.wants(REDIS_RAW) || opts.wants("admission-only") {
         let redis = testkit::RedisServer::start();
         if opts.wants(REDIS_RAW) {
-            match server_rt.block_on(systems::RedisRaw::connect(&redis.url(), server_rt.handle().clone())) {
+            match server_rt.block_on(systems::RedisRaw::connect(
+                &redis.url(),
+                server_rt.handle().clone(),
+            )) {
                 Ok(t) => {
                     let t = Arc::new(t);
                     let make = || Arc::clone(&t) as Arc<dyn Target>;
@@ -463,9 +517,18 @@ fn run() -> anyhow::Result<()> {
                 Ok(t) => {
                     let t = Arc::new(t);
                     let make = || Arc::clone(&t) as Arc<dyn Target>;
-                    systems_out.push(h.measure("kafka-produce", kafka_desc, true, None, &make, None));
+                    systems_out.push(h.measure(
+                        "kafka-produce",
+                        kafka_desc,
+                        true,
+                        None,
+                        &make,
+                        None,
+                    ));
                 }
-                Err(e) => systems_out.push(not_run("kafka-produce", kafka_desc, None, format!("{e:#}"))),
+                Err(e) => {
+                    systems_out.push(not_run("kafka-produce", kafka_desc, None, format!("{e:#}")))
+                }
             }
         }
         #[cfg(not(feature = "kafka"))]
@@ -508,6 +571,10 @@ fn run() -> anyhow::Result<()> {
     report.compute_ratios();
     report.compute_targets();
 
+    if opts.fixed_rate.is_some() {
+        eprintln!("diagnostic run: nothing written");
+        return Ok(());
+    }
     std::fs::create_dir_all(&opts.out)?;
     let date = started_wall.date();
     let stem = format!(
