@@ -211,5 +211,19 @@ fn batch(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, admission, jwt, request, record, batch);
+/// plotters is built with `ab_glyph` (for the e2e chart) and criterion shares it, so its
+/// plots need a registered font; without one on this machine, criterion runs without plots.
+fn config() -> Criterion {
+    if bench::chart::register_font() {
+        Criterion::default()
+    } else {
+        Criterion::default().without_plots()
+    }
+}
+
+criterion_group! {
+    name = benches;
+    config = config();
+    targets = admission, jwt, request, record, batch
+}
 criterion_main!(benches);

@@ -31,17 +31,23 @@ const FONT_PATHS: [&str; 5] = [
     "/usr/share/fonts/TTF/DejaVuSans.ttf",
 ];
 
-/// Registers the first font found as "sans-serif"; whether text can be drawn.
-fn register_font() -> bool {
-    for p in FONT_PATHS {
-        if let Ok(bytes) = std::fs::read(p) {
-            let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
-            if plotters::style::register_font("sans-serif", FontStyle::Normal, bytes).is_ok() {
-                return true;
+/// Registers the first font found as "sans-serif" (once per process); whether text can
+/// be drawn. plotters is built with `ab_glyph` for this chart, and cargo unifies features,
+/// so criterion's own plots need it too: the benches call it and turn their plots off
+/// when it says no.
+pub fn register_font() -> bool {
+    static REGISTERED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *REGISTERED.get_or_init(|| {
+        for p in FONT_PATHS {
+            if let Ok(bytes) = std::fs::read(p) {
+                let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
+                if plotters::style::register_font("sans-serif", FontStyle::Normal, bytes).is_ok() {
+                    return true;
+                }
             }
         }
-    }
-    false
+        false
+    })
 }
 
 /// Draws the chart to `path`; returns whether it has text (a font was found).
@@ -54,9 +60,12 @@ pub fn draw(report: &Report, path: &Path) -> anyhow::Result<bool> {
             .filter(|s| !s.steps.is_empty())
             .map(|s| {
                 // The search steps, and the half-rate step unless a search step ran at that rate.
+                // A re-run comes after its first run: the later one is kept (reverse,
+                // stable sort, dedup keeps the first of equal rates).
                 let mut pts: Vec<(f64, f64)> =
                     s.steps
                         .iter()
+                        .rev()
                         .chain(s.half.iter().filter(|h| {
                             s.steps.iter().all(|st| st.offered_per_s != h.offered_per_s)
                         }))

@@ -123,6 +123,8 @@ pub struct StepConfig {
     /// Probes sampled every `probe_every` during the step (e.g. the settler's count of
     /// persisted orders).
     pub probe_every: Duration,
+    /// Requests at least this slow are listed in [`StepResult::slow`].
+    pub slow: Duration,
 }
 
 impl StepConfig {
@@ -137,6 +139,7 @@ impl StepConfig {
             request_timeout: Duration::from_secs(5),
             drain_timeout: Duration::from_secs(6),
             probe_every: Duration::from_millis(500),
+            slow: Duration::from_millis(5),
         }
     }
 }
@@ -185,6 +188,10 @@ pub struct StepResult {
     pub window_s: f64,
     /// Probe samples.
     pub probes: Vec<ProbeSample>,
+    /// The slow requests of the window (latency at least `slow_ms`), at most 2000: seconds
+    /// from the step's start to the intended send time, and latency in ms. Their spacing
+    /// shows a periodic stall.
+    pub slow: Vec<(f64, f64)>,
 }
 
 impl StepResult {
@@ -204,6 +211,7 @@ impl StepResult {
 
 struct Recorder {
     hist: Histogram<u64>,
+    slow: Vec<(f64, f64)>,
     expected: u64,
     unexpected: std::collections::BTreeMap<u16, u64>,
     errors: u64,
@@ -236,6 +244,7 @@ pub fn run_step(
     let shared = Arc::new(Shared {
         recorder: Mutex::new(Recorder {
             hist: new_histogram(),
+            slow: Vec::new(),
             expected: 0,
             unexpected: Default::default(),
             errors: 0,
@@ -333,6 +342,7 @@ pub fn run_step(
                 let intended = start + schedule.intended(i);
                 let in_window = window.contains(&i);
                 let cutoff = config.overload_cutoff;
+                let slow = config.slow;
                 let timeout = config.request_timeout;
                 tasks.spawn(async move {
                     let Ok(_permit) = semaphore.acquire().await else {
@@ -357,6 +367,10 @@ pub fn run_step(
                         let mut r = shared.recorder.lock().expect("recorder");
                         r.done += 1;
                         r.hist.saturating_record(latency.as_micros().max(1) as u64);
+                        if latency >= slow && r.slow.len() < 2000 {
+                            let at = intended.saturating_duration_since(start).as_secs_f64();
+                            r.slow.push((at, latency.as_secs_f64() * 1000.0));
+                        }
                         match outcome {
                             Outcome::Expected => r.expected += 1,
                             Outcome::Unexpected(s) => *r.unexpected.entry(s).or_default() += 1,
@@ -396,6 +410,7 @@ pub fn run_step(
         cpu,
         window_s,
         probes,
+        slow: r.slow.clone(),
     }
 }
 

@@ -128,8 +128,17 @@ pub struct SettlerSummary {
 
 impl SettlerSummary {
     /// From the probe samples of a step (probe = persisted so far) and the number of
-    /// orders accepted before the step.
-    pub fn from_probes(rate: u64, accepted_before: u64, probes: &[ProbeSample]) -> Option<Self> {
+    /// orders accepted before the step, leaving out the samples of the first `skip_s`
+    /// seconds (the warm-up, while the pipeline fills: records in flight between the 202
+    /// and the settler's next poll are lag too, a constant one).
+    pub fn from_probes(
+        rate: u64,
+        accepted_before: u64,
+        probes: &[ProbeSample],
+        skip_s: f64,
+    ) -> Option<Self> {
+        let probes: Vec<ProbeSample> = probes.iter().filter(|p| p.t_s >= skip_s).copied().collect();
+        let probes = probes.as_slice();
         let first = probes.first()?;
         let last = probes.last()?;
         let lag = |p: &ProbeSample| (accepted_before + p.expected_so_far) as i64 - p.value as i64;
@@ -540,7 +549,7 @@ mod tests {
                 value: i * 450,
             })
             .collect();
-        let s = SettlerSummary::from_probes(1000, 0, &probes).expect("summary");
+        let s = SettlerSummary::from_probes(1000, 0, &probes, 0.0).expect("summary");
         assert!((s.lag_slope_per_s - 100.0).abs() < 1e-6);
         assert!(!s.keeps_up);
         assert!((s.persisted_per_s - 900.0).abs() < 1e-6);

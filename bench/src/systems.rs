@@ -317,8 +317,10 @@ pub struct KafkaProduce {
 
 #[cfg(feature = "kafka")]
 impl KafkaProduce {
-    /// Creates the topics on `bootstrap` and a producer.
-    pub async fn start(bootstrap: &str, handle: Handle) -> anyhow::Result<Self> {
+    /// Creates the topics on `bootstrap` and a producer; with `consumer`, also a
+    /// consumer group reading the topic as the settler does (poll up to 512 records or
+    /// 20 ms, commit), to see what a reader costs the producer.
+    pub async fn start(bootstrap: &str, handle: Handle, consumer: bool) -> anyhow::Result<Self> {
         let config = sequencer::kafka::KafkaConfig {
             bootstrap: bootstrap.to_owned(),
             ..Default::default()
@@ -329,6 +331,23 @@ impl KafkaProduce {
         let log = sequencer::kafka::KafkaLog::new(&config).context("producer")?;
         log.check_topics().await.context("topics")?;
         let payload = Bytes::from(sequencer::encode(&sample_record())?);
+        if consumer {
+            use sequencer::LogConsumer;
+            let mut c = sequencer::kafka::KafkaConsumer::new(&config, "bench-reader")
+                .context("consumer")?;
+            handle.spawn(async move {
+                loop {
+                    match c.poll(512, Duration::from_millis(20)).await {
+                        Ok(entries) if !entries.is_empty() => {
+                            let positions: Vec<_> = entries.iter().map(|e| e.position).collect();
+                            let _ = c.commit(&positions).await;
+                        }
+                        Ok(_) => {}
+                        Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+                    }
+                }
+            });
+        }
         Ok(KafkaProduce {
             log: Arc::new(log),
             topic: config.orders_topic(),
@@ -392,6 +411,17 @@ pub enum Backends {
     Distributed,
 }
 
+/// Settings changed for a diagnosis (`e2e --fixed-rate`), never in a measured run.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Diagnostics {
+    /// `log.fsync = false`.
+    pub no_fsync: bool,
+    /// `settler.enabled = false`.
+    pub no_settler: bool,
+    /// `kafka-produce` with a consumer group reading the topic as the settler does.
+    pub kafka_consumer: bool,
+}
+
 /// flashsale running in this process on the server runtime, and the servers it uses.
 pub struct Flashsale {
     /// The running system.
@@ -407,7 +437,7 @@ pub struct Flashsale {
 impl Flashsale {
     /// Starts the servers it needs (testkit) and the system (`App::start`), in the
     /// context of the server runtime (call through its `block_on`).
-    pub async fn start(backends: Backends) -> anyhow::Result<Self> {
+    pub async fn start(backends: Backends, diag: Diagnostics) -> anyhow::Result<Self> {
         let data = tempfile::Builder::new()
             .prefix("flashsale-e2e-")
             .tempdir()?;
@@ -415,6 +445,8 @@ impl Flashsale {
             data_dir: data.path().to_path_buf(),
             ..Default::default()
         };
+        config.log.fsync = !diag.no_fsync;
+        config.settler.enabled = !diag.no_settler;
         let mut redis = None;
         let mut postgres = None;
         #[cfg(feature = "kafka")]

@@ -10,7 +10,7 @@
 use bench::loadgen::{run_step, Probe, StepConfig, StepResult, Target};
 use bench::report::{Machine, Report, SettlerSummary, StepSummary, SystemReport};
 use bench::search::{find_max_rate, round_rate, SearchPlan};
-use bench::systems::{self, Backends, Flashsale, HttpOrders};
+use bench::systems::{self, Backends, Diagnostics, Flashsale, HttpOrders};
 use http::StatusCode;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
@@ -34,6 +34,8 @@ struct Opts {
     max_rate: u64,
     /// Diagnostic mode: one step per system at this rate (sustain-long), nothing written.
     fixed_rate: Option<u64>,
+    /// Diagnostic settings (only with `--fixed-rate`).
+    diag: Diagnostics,
 }
 
 impl Opts {
@@ -43,6 +45,7 @@ impl Opts {
         let mut out = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/results"));
         let mut max_rate = 200_000;
         let mut fixed_rate = None;
+        let mut diag = Diagnostics::default();
         let mut args = std::env::args().skip(1);
         while let Some(a) = args.next() {
             match a.as_str() {
@@ -72,19 +75,26 @@ impl Opts {
                             .parse()?,
                     );
                 }
+                "--diag-no-fsync" => diag.no_fsync = true,
+                "--diag-no-settler" => diag.no_settler = true,
+                "--diag-kafka-consumer" => diag.kafka_consumer = true,
                 "-h" | "--help" => {
                     println!(
                         "e2e [--quick] [--only plain-hyper,redis-raw,admission-only,kafka-produce,\
                          flashsale-embedded-soldout,flashsale-embedded-accepted,\
                          flashsale-distributed-soldout,flashsale-distributed-accepted] \
                          [--out DIR] [--max-rate N] [--fixed-rate N (one step per system, for \
-                         profiling; writes nothing)]"
+                         profiling; writes nothing) [--diag-no-fsync] [--diag-no-settler] [--diag-kafka-consumer]]"
                     );
                     std::process::exit(0);
                 }
                 other => anyhow::bail!("unknown argument {other:?} (try --help)"),
             }
         }
+        anyhow::ensure!(
+            fixed_rate.is_some() || (!diag.no_fsync && !diag.no_settler && !diag.kafka_consumer),
+            "--diag-* only with --fixed-rate (a measured run uses the real settings)"
+        );
         Ok(if quick {
             Opts {
                 quick,
@@ -98,6 +108,7 @@ impl Opts {
                 start_rate: 1000,
                 max_rate,
                 fixed_rate,
+                diag,
             }
         } else {
             Opts {
@@ -112,6 +123,7 @@ impl Opts {
                 start_rate: 1000,
                 max_rate,
                 fixed_rate,
+                diag,
             }
         })
     }
@@ -186,6 +198,25 @@ impl Harness {
             if let Some(c) = &s.cpu {
                 eprintln!("   cpu: {c:?}");
             }
+            // When the slow requests were intended: a periodic stall shows as clusters.
+            let mut slow = r.slow.clone();
+            slow.sort_by(|a, b| a.0.total_cmp(&b.0));
+            let mut clusters: Vec<(f64, f64, usize, f64)> = Vec::new(); // from, to, n, max ms
+            for (at, ms) in slow {
+                match clusters.last_mut() {
+                    Some(c) if at - c.1 < 0.05 => {
+                        c.1 = at;
+                        c.2 += 1;
+                        c.3 = c.3.max(ms);
+                    }
+                    _ => clusters.push((at, at, 1, ms)),
+                }
+            }
+            for (from, to, n, max) in clusters.iter().take(40) {
+                eprintln!(
+                    "   slow (>= 5 ms): intended {from:.3}..{to:.3} s, {n} requests, max {max:.1} ms"
+                );
+            }
             steps.push(s);
             return SystemReport {
                 name: name.to_owned(),
@@ -214,16 +245,35 @@ impl Harness {
             bisections: self.opts.bisections,
             resolution: 0.05,
         };
+        let mut reruns = 0u32;
         let max_rate = find_max_rate(plan, |rate| {
             let r = self.step(make_target(), rate, self.opts.measure, None);
             let s = StepSummary::of(&r);
             log_step(name, &s);
-            let pass = s.pass;
+            let mut pass = s.pass;
             steps.push(s);
             pause(rate);
+            // A failed step that was not overloaded is run once more: one transient stall
+            // of the VM in a 3 s window should not set a ceiling. A periodic stall fails
+            // both runs.
+            if !pass && !r.aborted {
+                reruns += 1;
+                let r = self.step(make_target(), rate, self.opts.measure, None);
+                let s = StepSummary::of(&r);
+                eprint!("   re-run: ");
+                log_step(name, &s);
+                pass = s.pass;
+                steps.push(s);
+                pause(rate);
+            }
             pass
         });
         let mut notes = Vec::new();
+        if reruns > 0 {
+            notes.push(format!(
+                "{reruns} failed step(s) run a second time; the second run decided"
+            ));
+        }
         let half = (max_rate > 0).then(|| {
             let rate = round_rate((max_rate / 2).max(1));
             let r = self.step(make_target(), rate, self.opts.measure, None);
@@ -247,14 +297,19 @@ impl Harness {
                 let s = StepSummary::of(&r);
                 eprint!("   sustain: ");
                 log_step(name, &s);
-                let summary = SettlerSummary::from_probes(max_rate, accepted_before, &r.probes)
-                    .map(|mut st| {
-                        let slack = (max_rate as i64 / 100).max(20);
-                        st.drained_after_s = sp
-                            .wait_drained(slack, self.opts.settle_wait * 2)
-                            .map(|d| d.as_secs_f64());
-                        st
-                    });
+                let summary = SettlerSummary::from_probes(
+                    max_rate,
+                    accepted_before,
+                    &r.probes,
+                    self.opts.warmup.as_secs_f64(),
+                )
+                .map(|mut st| {
+                    let slack = (max_rate as i64 / 100).max(20);
+                    st.drained_after_s = sp
+                        .wait_drained(slack, self.opts.settle_wait * 2)
+                        .map(|d| d.as_secs_f64());
+                    st
+                });
                 if let Some(st) = &summary {
                     eprintln!(
                         "   settler: persisted {:.0}/s, accepted {:.0}/s, lag {} -> {} ({:+.0}/s), drained after {:?} s",
@@ -347,7 +402,7 @@ fn flashsale_systems(
         "{what}; accepted path (stock 100 M, 1000 per user, bucket 1 M/s, {USERS} users; every request 202)"
     );
     let started = Instant::now();
-    let fs = match server_rt.block_on(Flashsale::start(backends)) {
+    let fs = match server_rt.block_on(Flashsale::start(backends, h.opts.diag)) {
         Ok(f) => f,
         Err(e) => {
             out.push(not_run(&soldout, &so_desc, Some(PLAIN), format!("{e:#}")));
@@ -392,12 +447,13 @@ fn flashsale_systems(
     if h.opts.wants(&accepted) {
         match HttpOrders::new(addr, "bench-accepted", tokens, StatusCode::ACCEPTED) {
             Ok(t) => {
+                let has_settler = fs.running.settler_stats.is_some();
                 let stats = fs.running.settler_stats.clone();
                 let persisted: Arc<dyn Fn() -> u64 + Send + Sync> =
                     Arc::new(move || stats.as_ref().map_or(0, |s| s.snapshot().persisted));
                 // The holder's order first: the lag counts this sale's orders only.
                 let t0 = Instant::now();
-                while persisted() < 1 && t0.elapsed() < Duration::from_secs(10) {
+                while has_settler && persisted() < 1 && t0.elapsed() < Duration::from_secs(10) {
                     std::thread::sleep(Duration::from_millis(20));
                 }
                 let probe = SettlerProbe {
@@ -513,6 +569,7 @@ fn run() -> anyhow::Result<()> {
             match server_rt.block_on(systems::KafkaProduce::start(
                 &broker.bootstrap(),
                 server_rt.handle().clone(),
+                opts.diag.kafka_consumer,
             )) {
                 Ok(t) => {
                     let t = Arc::new(t);
