@@ -41,7 +41,8 @@ fn admission(c: &mut Criterion) {
     });
 }
 
-fn jwt(c: &mut Criterion) {
+/// HS256 buyer authentication as ingest configures it, and a valid buyer token.
+fn buyer_auth() -> (ingest::auth::Auth, String) {
     let config = ingest::auth::AuthConfig {
         jwt_secret: secrecy::SecretString::from("bench-secret-of-enough-length"),
         issuer: "flashsale".into(),
@@ -53,6 +54,11 @@ fn jwt(c: &mut Criterion) {
     let auth = ingest::auth::Auth::new(&config).expect("auth");
     let token = ingest::auth::issue_token(&config, "buyer-1", std::time::Duration::from_secs(3600))
         .expect("token");
+    (auth, token)
+}
+
+fn jwt(c: &mut Criterion) {
+    let (auth, token) = buyer_auth();
     c.bench_function("jwt/verify_hs256", |b| {
         b.iter(|| auth.verify(black_box(&token)).expect("valid"))
     });
@@ -118,17 +124,7 @@ fn parse_order(body: &[u8]) -> Option<(u32, String)> {
 }
 
 fn request(c: &mut Criterion) {
-    let config = ingest::auth::AuthConfig {
-        jwt_secret: secrecy::SecretString::from("bench-secret-of-enough-length"),
-        issuer: "flashsale".into(),
-        audience: "flashsale-buyers".into(),
-        algorithms: vec![jsonwebtoken::Algorithm::HS256],
-        leeway: std::time::Duration::from_secs(5),
-        operator_token: secrecy::SecretString::from("operator"),
-    };
-    let auth = ingest::auth::Auth::new(&config).expect("auth");
-    let token = ingest::auth::issue_token(&config, "buyer-1", std::time::Duration::from_secs(3600))
-        .expect("token");
+    let (auth, token) = buyer_auth();
     let mut headers = http::HeaderMap::new();
     headers.insert(
         http::header::AUTHORIZATION,

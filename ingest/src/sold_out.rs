@@ -125,7 +125,11 @@ impl SoldOutFlags {
             && Timestamp::now().micros() < flag.ends_at_us - END_MARGIN_US
             && !flag.holders.contains(req.user.as_str());
         if local {
-            *self.shared.unflushed.entry(sale.clone()).or_default() += 1;
+            // The sale's counter exists after its first local answer: no id clone after.
+            match self.shared.unflushed.get_mut(sale) {
+                Some(mut n) => *n += 1,
+                None => *self.shared.unflushed.entry(sale.clone()).or_default() += 1,
+            }
             self.shared.answered.fetch_add(1, Ordering::Relaxed);
         }
         local
