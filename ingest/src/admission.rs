@@ -51,6 +51,24 @@ pub trait Admission: Send + Sync + 'static {
     async fn claim(&self, sale: &SaleId, order_id: OrderId) -> Result<bool>;
     /// Gives an order's units back, exactly once per order id. `Ok(true)` if this call did.
     async fn release(&self, sale: &SaleId, order: &OrderRef) -> Result<bool>;
+    /// [`claim`](Self::claim) for many orders in one call (one round trip where the
+    /// backend is remote); one result per order, in order.
+    async fn claim_batch(&self, orders: &[(SaleId, OrderId)]) -> Vec<Result<bool>> {
+        let mut out = Vec::with_capacity(orders.len());
+        for (sale, id) in orders {
+            out.push(self.claim(sale, *id).await);
+        }
+        out
+    }
+    /// [`release`](Self::release) for many orders in one call (one round trip where the
+    /// backend is remote); one result per order, in order.
+    async fn release_batch(&self, orders: &[(SaleId, OrderRef)]) -> Vec<Result<bool>> {
+        let mut out = Vec::with_capacity(orders.len());
+        for (sale, order) in orders {
+            out.push(self.release(sale, order).await);
+        }
+        out
+    }
     /// The sale's counters, or `None` if the backend does not know the sale.
     async fn counters(&self, sale: &SaleId) -> Result<Option<Counters>>;
     /// Cheap liveness check.

@@ -52,6 +52,37 @@ pub struct Checkpoint {
     pub next_offset: u64,
 }
 
+/// One change to one order, applied by [`OrderStore::apply_batch`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// Moves the order from `from` to `to` if it is in `from` (and the move is legal),
+    /// recording `charge_id` when given and a history (outbox) row for `to`.
+    Status {
+        /// The order.
+        id: OrderId,
+        /// The status it must be in.
+        from: OrderStatus,
+        /// The status it moves to.
+        to: OrderStatus,
+        /// The provider's charge id (set with `paid`).
+        charge_id: Option<String>,
+    },
+    /// Records that admission took back the stock of a failed or expired order (only if
+    /// the order is in such a status and not released yet).
+    Released(OrderId),
+    /// Records that the buyer was notified of the order's final outcome (only once).
+    Notified(OrderId),
+}
+
+impl Change {
+    /// The order this change is about.
+    pub fn order_id(&self) -> OrderId {
+        match self {
+            Change::Status { id, .. } | Change::Released(id) | Change::Notified(id) => *id,
+        }
+    }
+}
+
 /// The sale catalog and the order store.
 ///
 /// Writes are idempotent: persisting an order twice keeps one row; a status change is
@@ -91,6 +122,16 @@ pub trait OrderStore: Send + Sync + 'static {
         to: OrderStatus,
         charge_id: Option<&str>,
     ) -> Result<bool>;
+    /// Applies a batch of changes: in order, each seeing the changes before it (so one
+    /// batch may move an order `persisted -> payment_pending -> paid` and mark it notified),
+    /// atomically per database (all of a database's changes commit together, or none).
+    /// Returns, per change and in the same order, whether it applied: a change whose
+    /// precondition does not hold (another status, already released or notified, unknown
+    /// order) or whose move is illegal is skipped, exactly as the single-order calls skip
+    /// it; a replayed batch applies nothing. An error means the batch (or, sharded, the
+    /// failing databases' part of it) changed nothing.
+    async fn apply_batch(&self, changes: &[Change]) -> Result<Vec<bool>>;
+
     /// Records that the admission backend took back the stock of a failed or expired order.
     async fn mark_released(&self, id: OrderId) -> Result<bool>;
     /// Records that the buyer was notified of the order's final outcome.
