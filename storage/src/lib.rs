@@ -130,7 +130,29 @@ pub trait OrderStore: Send + Sync + 'static {
     /// order) or whose move is illegal is skipped, exactly as the single-order calls skip
     /// it; a replayed batch applies nothing. An error means the batch (or, sharded, the
     /// failing databases' part of it) changed nothing.
-    async fn apply_batch(&self, changes: &[Change]) -> Result<Vec<bool>>;
+    ///
+    /// The default applies the changes one by one through the single-order calls (not
+    /// atomic); backends override it.
+    async fn apply_batch(&self, changes: &[Change]) -> Result<Vec<bool>> {
+        let mut out = Vec::with_capacity(changes.len());
+        for change in changes {
+            out.push(match change {
+                Change::Status {
+                    id,
+                    from,
+                    to,
+                    charge_id,
+                } => match self.transition(*id, *from, *to, charge_id.as_deref()).await {
+                    Ok(applied) => applied,
+                    Err(Error::IllegalTransition(_)) => false,
+                    Err(e) => return Err(e),
+                },
+                Change::Released(id) => self.mark_released(*id).await?,
+                Change::Notified(id) => self.mark_notified(*id).await?,
+            });
+        }
+        Ok(out)
+    }
 
     /// Records that the admission backend took back the stock of a failed or expired order.
     async fn mark_released(&self, id: OrderId) -> Result<bool>;
