@@ -35,14 +35,8 @@ struct AdmissionRelease(Arc<dyn Admission>);
 #[async_trait]
 impl settler::StockRelease for AdmissionRelease {
     async fn release(&self, order: &Order) -> Result<bool, settler::Error> {
-        let oref = OrderRef {
-            order_id: order.new.order_id,
-            user: order.new.user_id.clone(),
-            quantity: order.new.quantity,
-            key: order.new.idempotency_key.clone(),
-        };
         self.0
-            .release(&order.new.sale_id, &oref)
+            .release(&order.new.sale_id, &order_ref(order))
             .await
             .map_err(|e| settler::Error::Release(e.to_string()))
     }
@@ -52,6 +46,41 @@ impl settler::StockRelease for AdmissionRelease {
             .claim(&order.new.sale_id, order.new.order_id)
             .await
             .map_err(|e| settler::Error::Release(e.to_string()))
+    }
+
+    async fn release_batch(&self, orders: &[Order]) -> Vec<Result<bool, settler::Error>> {
+        let refs: Vec<_> = orders
+            .iter()
+            .map(|o| (o.new.sale_id.clone(), order_ref(o)))
+            .collect();
+        self.0
+            .release_batch(&refs)
+            .await
+            .into_iter()
+            .map(|r| r.map_err(|e| settler::Error::Release(e.to_string())))
+            .collect()
+    }
+
+    async fn claim_batch(&self, orders: &[Order]) -> Vec<Result<bool, settler::Error>> {
+        let ids: Vec<_> = orders
+            .iter()
+            .map(|o| (o.new.sale_id.clone(), o.new.order_id))
+            .collect();
+        self.0
+            .claim_batch(&ids)
+            .await
+            .into_iter()
+            .map(|r| r.map_err(|e| settler::Error::Release(e.to_string())))
+            .collect()
+    }
+}
+
+fn order_ref(order: &Order) -> OrderRef {
+    OrderRef {
+        order_id: order.new.order_id,
+        user: order.new.user_id.clone(),
+        quantity: order.new.quantity,
+        key: order.new.idempotency_key.clone(),
     }
 }
 
@@ -73,6 +102,8 @@ pub struct Running {
     server: JoinHandle<std::io::Result<()>>,
     settler: Option<JoinHandle<Result<(), settler::Error>>>,
     mock: Option<MockProvider>,
+    /// Dropped last: the settler and the mock provider run on it.
+    settler_rt: SettlerRuntime,
 }
 
 impl std::fmt::Debug for Running {
@@ -107,6 +138,7 @@ impl Running {
         if let Some(m) = self.mock {
             m.stop().await;
         }
+        drop(self.settler_rt);
         Ok(())
     }
 
@@ -260,6 +292,19 @@ impl LogParts {
             LogParts::Kafka { config, .. } => Ok(Box::new(
                 KafkaConsumer::new(config, name).context("settler consumer")?,
             )),
+        }
+    }
+
+    /// The settler's side of the log: the same file, or a producer of its own for the
+    /// events and dead-letter topics.
+    fn settler_producer(&self) -> anyhow::Result<LogParts> {
+        match self {
+            LogParts::Embedded(log) => Ok(LogParts::Embedded(log.clone())),
+            #[cfg(feature = "kafka")]
+            LogParts::Kafka { config, .. } => Ok(LogParts::Kafka {
+                log: Arc::new(KafkaLog::new(config).context("settler producer")?),
+                config: config.clone(),
+            }),
         }
     }
 
@@ -473,32 +518,106 @@ async fn build_settler(
     config: &Config,
     store: &Arc<dyn OrderStore>,
     log: &LogParts,
-    admission: &Arc<dyn Admission>,
+    admission: Arc<dyn Admission>,
     providers: &Providers,
 ) -> anyhow::Result<settler::Settler> {
     let settler_config = settler::SettlerConfig {
-        batch_size: config.settler.batch_size,
-        poll_wait: config.settler.poll_wait,
-        charge_concurrency: config.settler.charge_concurrency,
-        consumer_name: config.settler.consumer.clone(),
         payment_url: providers.payment_url.clone(),
         notification_url: providers.notification_url.clone(),
         provider_timeout: config.providers.timeout,
-        payment_ttl: config.settler.payment_ttl,
-        circuit_failure_threshold: config.settler.circuit_failure_threshold,
-        circuit_cool_down: config.settler.circuit_cool_down,
-        sweep_interval: config.settler.sweep_interval,
-        ..settler::SettlerConfig::default()
+        ..config.settler.clone()
     };
+    // The settler's own producer: event and dead-letter sends never queue in front of
+    // order appends.
+    let producer = log.settler_producer()?;
     Ok(settler::Settler::new(
         Arc::clone(store),
         log.consumer(store.as_ref(), &config.settler.consumer, &config.data_dir)
             .await?,
-        Arc::new(AdmissionRelease(Arc::clone(admission))),
-        log.dead_letter(&config.data_dir)?,
+        Arc::new(AdmissionRelease(admission)),
+        producer.dead_letter(&config.data_dir)?,
         settler_config,
     )?
-    .with_event_sink(log.event_sink()))
+    .with_event_sink(producer.event_sink()))
+}
+
+/// The admission backend the settler uses: its own Redis connection (claims and releases
+/// never queue behind order decisions); the embedded backend is shared (no connection).
+async fn settler_admission(
+    config: &Config,
+    ingest_side: &Arc<dyn Admission>,
+) -> anyhow::Result<Arc<dyn Admission>> {
+    if config.admission.url.starts_with("redis://") {
+        let redis = RedisAdmission::connect(
+            &config.admission.url,
+            &config.admission.key_prefix,
+            config.admission.decision_timeout,
+        )
+        .await
+        .with_context(|| format!("admission.url: cannot use {}", config.admission.url))?;
+        return Ok(Arc::new(redis));
+    }
+    Ok(Arc::clone(ingest_side))
+}
+
+/// A runtime of its own for the settler and the built-in mock provider inside `serve` and
+/// `demo`, its threads reniced by `settler.nice`: settlement never runs on the threads
+/// that answer orders, and when both want the CPU the order path wins. Shut down in the
+/// background when dropped (it may be dropped on an async thread).
+struct SettlerRuntime(Option<tokio::runtime::Runtime>);
+
+impl SettlerRuntime {
+    fn new(threads: usize, nice: u8) -> anyhow::Result<Self> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads.max(1))
+            .max_blocking_threads(8)
+            .thread_name("fs-settler")
+            .on_thread_start(move || lower_priority(nice))
+            .enable_all()
+            .build()
+            .context("starting the settler's runtime")?;
+        Ok(SettlerRuntime(Some(rt)))
+    }
+
+    fn handle(&self) -> tokio::runtime::Handle {
+        match &self.0 {
+            Some(rt) => rt.handle().clone(),
+            None => tokio::runtime::Handle::current(),
+        }
+    }
+}
+
+impl Drop for SettlerRuntime {
+    fn drop(&mut self) {
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+/// Adds `nice` to the calling thread's nice value (Linux keeps one per thread). A refusal
+/// leaves the thread as it was: slower to yield, never wrong.
+fn lower_priority(nice: u8) {
+    use thread_priority::{
+        set_thread_priority_and_policy, thread_native_id, NormalThreadSchedulePolicy,
+        ThreadPriority, ThreadPriorityValue, ThreadSchedulePolicy,
+    };
+    if nice == 0 {
+        return;
+    }
+    // thread-priority maps 0..=99 onto nice 19..=-20.
+    let nice = f32::from(nice.min(19));
+    let value = (99.0 * (1.0 - (nice + 20.0) / 39.0)).round().clamp(0.0, 99.0) as u8;
+    let Ok(value) = ThreadPriorityValue::try_from(value) else {
+        return;
+    };
+    if let Err(e) = set_thread_priority_and_policy(
+        thread_native_id(),
+        ThreadPriority::Crossplatform(value),
+        ThreadSchedulePolicy::Normal(NormalThreadSchedulePolicy::Other),
+    ) {
+        tracing::debug!(error = ?e, "settler thread keeps its priority");
+    }
 }
 
 /// Entry point of the composition.
@@ -517,7 +636,16 @@ impl App {
         let store = open_store(config).await?;
         let log = LogParts::open(config).await?;
         let admission = open_admission(config, store.as_ref(), &log).await?;
-        let providers = providers(config).await?;
+        // The settler and the built-in mock provider run on their own runtime.
+        let settler_rt = SettlerRuntime::new(config.settler.threads, config.settler.nice)?;
+        let providers = {
+            let config = config.clone();
+            settler_rt
+                .handle()
+                .spawn(async move { providers(&config).await })
+                .await
+                .context("starting the providers")??
+        };
 
         let ingest = Arc::new(Ingest::new(
             Arc::clone(&admission),
@@ -534,10 +662,11 @@ impl App {
 
         let shutdown = CancellationToken::new();
         let (settler, settler_stats) = if config.settler.enabled {
-            let s = build_settler(config, &store, &log, &admission, &providers).await?;
+            let release = settler_admission(config, &admission).await?;
+            let s = build_settler(config, &store, &log, release, &providers).await?;
             let stats = s.stats();
             (
-                Some(tokio::spawn(s.run(shutdown.child_token()))),
+                Some(settler_rt.handle().spawn(s.run(shutdown.child_token()))),
                 Some(stats),
             )
         } else {
@@ -574,6 +703,7 @@ impl App {
             server,
             settler,
             mock: providers.mock,
+            settler_rt,
         })
     }
 
@@ -590,7 +720,7 @@ impl App {
         }
         let admission = open_admission(config, store.as_ref(), &log).await?;
         let providers = providers(config).await?;
-        let s = build_settler(config, &store, &log, &admission, &providers).await?;
+        let s = build_settler(config, &store, &log, admission, &providers).await?;
         s.run(shutdown).await?;
         if let Some(m) = providers.mock {
             m.stop().await;

@@ -318,51 +318,9 @@ impl StoreSection {
     }
 }
 
-/// `[settler]`
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct SettlerSection {
-    /// Run the settler inside `serve` (always, for the embedded log).
-    pub enabled: bool,
-    /// Most records persisted per transaction.
-    pub batch_size: usize,
-    /// Longest wait for new records before a partial batch is persisted.
-    #[serde(with = "humantime_serde")]
-    pub poll_wait: Duration,
-    /// Most charges in flight.
-    pub charge_concurrency: usize,
-    /// Consumer (group) name; also the key of the embedded checkpoint.
-    pub consumer: String,
-    /// Orders waiting for the payment provider longer than this are looked up and, if not
-    /// charged, expired (their stock goes back).
-    #[serde(with = "humantime_serde")]
-    pub payment_ttl: Duration,
-    /// Consecutive provider failures (timeouts, transport errors, 5xx) that open the
-    /// circuit: charging pauses, no order fails.
-    pub circuit_failure_threshold: u32,
-    /// How long the circuit stays open before one probe is let through.
-    #[serde(with = "humantime_serde")]
-    pub circuit_cool_down: Duration,
-    /// How often unfinished orders are looked for (crash, outage, backoff).
-    #[serde(with = "humantime_serde")]
-    pub sweep_interval: Duration,
-}
-
-impl Default for SettlerSection {
-    fn default() -> Self {
-        SettlerSection {
-            enabled: true,
-            batch_size: 512,
-            poll_wait: Duration::from_millis(20),
-            charge_concurrency: 64,
-            consumer: "settler".into(),
-            payment_ttl: Duration::from_secs(15 * 60),
-            circuit_failure_threshold: 5,
-            circuit_cool_down: Duration::from_secs(5),
-            sweep_interval: Duration::from_secs(1),
-        }
-    }
-}
+/// `[settler]`: the settler's own settings type (one definition, in the settler crate);
+/// the provider endpoints in it are filled from `[providers]`.
+pub type SettlerSection = settler::SettlerConfig;
 
 /// `[providers]`
 #[derive(Debug, Clone, Deserialize)]

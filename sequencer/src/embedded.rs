@@ -48,6 +48,9 @@ impl Default for FileLogOptions {
     }
 }
 
+/// How long a consumer's poll waits for its batch to fill once the first record is there.
+const BATCH_LINGER: Duration = Duration::from_millis(2);
+
 struct Pending {
     payload: Vec<u8>,
     reply: oneshot::Sender<Result<u64>>,
@@ -191,29 +194,55 @@ impl FileLog {
         self.len() == 0
     }
 
-    /// Reads up to `max` records from `from` without waiting.
+    /// Reads up to `max` records from `from` without waiting: one read of the whole span
+    /// (frames are contiguous), payloads sliced out of it without copies.
     pub fn read_from(&self, from: u64, max: usize) -> Result<Vec<LogEntry>> {
-        let positions: Vec<u64> = {
+        let (positions, span_end) = {
             let index = self.shared.index.read();
             let start = (from as usize).min(index.len());
             let end = start.saturating_add(max).min(index.len());
-            index[start..end].to_vec()
+            (index[start..end].to_vec(), index.get(end).copied())
         };
+        let (Some(&first), Some(&last)) = (positions.first(), positions.last()) else {
+            return Ok(Vec::new());
+        };
+        let span_end = match span_end {
+            Some(end) => end,
+            None => {
+                // The last committed frame ends where its header says.
+                let mut header = [0u8; FRAME_HEADER];
+                self.shared.reader.read_exact_at(&mut header, last)?;
+                let n = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
+                last + FRAME_HEADER as u64 + u64::from(n)
+            }
+        };
+        let len = usize::try_from(span_end - first).map_err(|_| {
+            std::io::Error::new(std::io::ErrorKind::InvalidData, "log span too large")
+        })?;
+        let mut buf = vec![0u8; len];
+        self.shared.reader.read_exact_at(&mut buf, first)?;
+        let buf = Bytes::from(buf);
         let mut out = Vec::with_capacity(positions.len());
-        let mut header = [0u8; FRAME_HEADER];
         for (i, pos) in positions.into_iter().enumerate() {
-            self.shared.reader.read_exact_at(&mut header, pos)?;
+            let at = (pos - first) as usize;
+            let header = buf.get(at..at + FRAME_HEADER).ok_or_else(|| {
+                std::io::Error::new(std::io::ErrorKind::InvalidData, "frame past the span")
+            })?;
             let n = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
-            let mut payload = vec![0u8; n];
-            self.shared
-                .reader
-                .read_exact_at(&mut payload, pos + FRAME_HEADER as u64)?;
+            let body = at + FRAME_HEADER;
+            if body + n > buf.len() {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    "frame past the span",
+                )
+                .into());
+            }
             out.push(LogEntry {
                 position: LogPosition {
                     partition: 0,
                     offset: from + i as u64,
                 },
-                payload: Bytes::from(payload),
+                payload: buf.slice(body..body + n),
             });
         }
         Ok(out)
@@ -369,10 +398,21 @@ impl LogConsumer for FileLogConsumer {
     async fn poll(&mut self, max: usize, wait: Duration) -> Result<Vec<LogEntry>> {
         let next = self.next;
         if *self.committed.borrow_and_update() <= next {
-            let waited = tokio::time::timeout(wait, self.committed.wait_for(|c| *c > next)).await;
-            if waited.is_err() {
+            let timed_out = tokio::time::timeout(wait, self.committed.wait_for(|c| *c > next))
+                .await
+                .is_err();
+            if timed_out {
                 return Ok(Vec::new());
             }
+            // Records arrive in group commits of a few at moderate rates: let the batch
+            // fill for a moment (at most `BATCH_LINGER`) rather than take them one by one.
+            let want = next.saturating_add(max as u64);
+            let _filled = tokio::time::timeout(
+                BATCH_LINGER.min(wait),
+                self.committed.wait_for(|c| *c >= want),
+            )
+            .await
+            .is_ok();
         }
         let entries = self.log.read_from(next, max)?;
         self.next += entries.len() as u64;

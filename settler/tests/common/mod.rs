@@ -180,7 +180,7 @@ impl Harness {
     ) -> Settler {
         let from = self
             .store
-            .checkpoint(&config.consumer_name, 0)
+            .checkpoint(&config.consumer, 0)
             .await
             .expect("checkpoint")
             .unwrap_or(0);

@@ -1,0 +1,135 @@
+//! The intake: reads the log in batches, dead-letters what does not decode, persists the
+//! rest with the checkpoint, commits the consumer and hands the orders to the charge
+//! stage without waiting.
+
+use super::core::{claim, Core, Job, Work};
+use super::stats::SettlerStats;
+use super::{pause, until_done};
+use crate::dead_letter::DeadLetter;
+use sequencer::{LogConsumer, LogEntry, LogPosition};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+use storage::{Checkpoint, NewOrder};
+use tokio::sync::mpsc::{self, error::TrySendError};
+use tokio_util::sync::CancellationToken;
+
+/// The log-reading stage.
+pub(crate) struct Intake {
+    pub(crate) core: Arc<Core>,
+    pub(crate) consumer: Box<dyn LogConsumer>,
+    pub(crate) dead_letter: Arc<dyn DeadLetter>,
+    pub(crate) jobs: mpsc::Sender<Job>,
+    pub(crate) consumer_name: String,
+    pub(crate) batch_size: usize,
+    pub(crate) poll_wait: Duration,
+}
+
+impl Intake {
+    pub(crate) async fn run(mut self, shutdown: &CancellationToken) {
+        let mut failures = 0u32;
+        loop {
+            let polled = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => return,
+                polled = self.consumer.poll(self.batch_size, self.poll_wait) => polled,
+            };
+            let entries = match polled {
+                Ok(entries) => {
+                    failures = 0;
+                    entries
+                }
+                Err(e) => {
+                    failures = failures.saturating_add(1);
+                    let delay = Duration::from_millis(20 << failures.min(8));
+                    tracing::warn!(error = %e, retry_in = ?delay, "log poll failed");
+                    if !pause(shutdown, delay).await {
+                        return;
+                    }
+                    continue;
+                }
+            };
+            if entries.is_empty() {
+                continue;
+            }
+            let Some(orders) = self.settle_batch(&entries, shutdown).await else {
+                return;
+            };
+            // Hand the orders over without waiting: charging must never hold persisting up.
+            // What is not handed over stays `persisted` for the sweep.
+            for order in orders {
+                if !self.core.breaker.is_closed() {
+                    SettlerStats::add(&self.core.counters().deferred, 1);
+                    continue;
+                }
+                let Some(claim) = claim(&self.core, order.order_id) else {
+                    continue; // the sweep has it
+                };
+                let job = Job {
+                    claim,
+                    work: Work::Fresh(order),
+                };
+                match self.jobs.try_send(job) {
+                    Ok(()) => {}
+                    // The job (and its claim) is dropped.
+                    Err(TrySendError::Full(_)) => {
+                        SettlerStats::add(&self.core.counters().deferred, 1)
+                    }
+                    Err(TrySendError::Closed(_)) => return,
+                }
+            }
+        }
+    }
+
+    /// Dead-letters what does not decode, persists the rest with the checkpoint and commits
+    /// the consumer. `None` if shutdown came before the batch was durable.
+    async fn settle_batch(
+        &mut self,
+        entries: &[LogEntry],
+        shutdown: &CancellationToken,
+    ) -> Option<Vec<NewOrder>> {
+        // Per partition: its orders and the next offset to read.
+        let mut partitions: BTreeMap<u32, (Vec<NewOrder>, u64)> = BTreeMap::new();
+        for entry in entries {
+            let slot = partitions
+                .entry(entry.position.partition)
+                .or_insert_with(|| (Vec::new(), 0));
+            slot.1 = slot.1.max(entry.position.offset + 1);
+            match sequencer::decode(&entry.payload) {
+                Ok(record) => slot.0.push(record.to_new_order()),
+                Err(error) => {
+                    let sink = &self.dead_letter;
+                    until_done(shutdown, "dead-letter", || sink.send(entry, &error)).await?;
+                    SettlerStats::add(&self.core.counters().dead_lettered, 1);
+                }
+            }
+        }
+        let mut orders = Vec::with_capacity(entries.len());
+        for (partition, (batch, next_offset)) in partitions {
+            let checkpoint = Checkpoint {
+                consumer: self.consumer_name.clone(),
+                partition,
+                next_offset,
+            };
+            let store = &self.core.store;
+            let (batch_ref, cp) = (&batch, &checkpoint);
+            let inserted = until_done(shutdown, "persist", || {
+                store.persist_batch(batch_ref, Some(cp))
+            })
+            .await?;
+            SettlerStats::add(&self.core.counters().persisted, inserted as u64);
+            if inserted > 0 {
+                self.core.changed();
+            }
+            orders.extend(batch);
+        }
+        let positions: Vec<LogPosition> = entries.iter().map(|e| e.position).collect();
+        if let Err(e) = self.consumer.commit(&positions).await {
+            // The store holds the checkpoint and persisting is idempotent: a redelivery
+            // after this costs time, not correctness.
+            tracing::warn!(error = %e, "log commit failed");
+        }
+        Some(orders)
+    }
+}
+

@@ -1,0 +1,326 @@
+//! The settle loop: from the log to a paid (or released) and notified order, exactly once,
+//! with every status change published.
+//!
+//! Stages, each a module, joined by bounded queues and sharing one [`core`]:
+//! - [`intake`]: polls a batch from the [`LogConsumer`], decodes each record (an
+//!   undecodable one goes to the [`DeadLetter`] sink and the partition moves on), persists
+//!   the batch with the log checkpoint, commits the consumer's position, then offers the
+//!   orders to the charge stage without waiting: when the hand-over queue
+//!   (`charge_queue`) is full or the circuit is open, the order is left `persisted` for the
+//!   sweep (counted as `deferred`), so persisting goes on at full speed through a provider
+//!   outage.
+//! - [`charge`]: at most `charge_concurrency` orders at once, each claimed at admission and
+//!   moved `persisted -> payment_pending`, charged (Idempotency-Key = order id; retries with
+//!   jittered exponential backoff; a charge whose request timed out is looked up before it
+//!   is sent again), its stock released (failed), moved to `paid` or `payment_failed`
+//!   (with `released_at` in the same write), then its buyer notified.
+//! - [`sweep`] (at start and every `sweep_interval`): retries refunds of late charges that
+//!   failed, expires stale orders, and picks up what a crash, an outage, a full queue or a
+//!   store error left behind.
+//! - [`publisher`]: drains the store's outbox of status changes into the [`EventSink`]
+//!   (`flashsale.order-events.v1`), soon after each change and every `publish_interval`.
+//!
+//! **Batches.** Every store write and every admission call of the charge stage goes
+//! through a group-commit [`batcher`]: the changes of all orders under way are written in
+//! one [`OrderStore::apply_batch`] (one transaction per database), and their claims and
+//! releases go to admission in one call each ([`StockRelease::claim_batch`],
+//! [`StockRelease::release_batch`]). An idle settler adds no wait; a busy one pays each
+//! commit and round trip once per batch. [`core::Core::step`] is the one status step every
+//! stage takes.
+//!
+//! **Circuit breaker.** Every payment-provider call asks the [`CircuitBreaker`] first.
+//! After `circuit_failure_threshold` consecutive calls that failed with a timeout, a
+//! transport error or a 5xx (after their own retries), the circuit opens: nothing is
+//! charged, no order is failed or expired, orders stay `persisted` or `payment_pending`.
+//! After `circuit_cool_down` the sweep lets one order through as a probe; its success
+//! closes the circuit and the sweep takes up the backlog.
+//!
+//! **Fairness.** An order whose charge failed waits before its next attempt, from
+//! `sweep_interval` doubling up to `order_retry_max`, with jitter (kept in memory). The
+//! sweep reads past the orders waiting, so a pile of orders the provider refuses cannot
+//! starve the others; the expiry ends them.
+//!
+//! **Expiry.** An order in `payment_pending` for longer than `payment_ttl` is looked up at
+//! the provider instead of being charged again: a charge found settles it; none found
+//! moves it `payment_pending -> expired`, its stock is released once and its buyer told. A
+//! charge that succeeds for an order already void (another worker expired it) is refunded;
+//! a refund that fails is retried by the sweep (in memory only, see
+//! [`StatsSnapshot::refunds_owed`]).
+//!
+//! **Notifications go through an outbox.** The order row's `notified_at` is the outbox:
+//! NULL from the write that makes the order final until the notification provider took
+//! the notification (recorded by a later, batched write). The buyer is told only after the
+//! final status is written, because another process may have moved the order to another
+//! outcome meanwhile (an expiry); a crash between telling and recording repeats the
+//! notification with the same provider key `"{order_id}:{outcome}"`, which the provider
+//! answers once. A failed notification leaves `notified_at` NULL for the sweep.
+//!
+//! An in-flight set (claimed from hand-over until the order's work ends) keeps two tasks
+//! from working on one order. The store's conditional status moves keep two *processes*
+//! from moving one order twice, and the provider's idempotency key (the order id) makes a
+//! repeated charge return the first outcome.
+
+mod batcher;
+mod charge;
+mod config;
+mod core;
+mod intake;
+mod publisher;
+mod stats;
+mod sweep;
+
+pub use config::SettlerConfig;
+pub use stats::{SettlerStats, StatsSnapshot};
+
+use crate::breaker::CircuitBreaker;
+use crate::dead_letter::DeadLetter;
+use crate::events::{EventSink, TracingEventSink};
+use crate::provider::{NotificationClient, PaymentClient};
+use crate::{Error, Result};
+use async_trait::async_trait;
+use sequencer::LogConsumer;
+use std::sync::Arc;
+use std::time::Duration;
+use storage::{Order, OrderStore};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// Gives the stock of a failed or expired order back to admission. Implemented by the
+/// binary on top of the admission backend; the settler never admits.
+#[async_trait]
+pub trait StockRelease: Send + Sync + 'static {
+    /// Returns `order.quantity` units to `order.sale_id` for `order.user_id`. `Ok(true)` if
+    /// this call released them, `Ok(false)` if they had been released before: a crash
+    /// between the release and the store's record of it repeats the call, so it must be
+    /// idempotent per order id. Failures are [`Error::Release`]; the order is retried by
+    /// the next sweep.
+    async fn release(&self, order: &Order) -> Result<bool>;
+
+    /// Takes an order read from the log before it is charged: `Ok(true)` to go on,
+    /// `Ok(false)` if ingest aborted its admission first (the buyer got 503 and the stock
+    /// went back), in which case the order is cancelled (`expired`) without a charge.
+    async fn claim(&self, order: &Order) -> Result<bool>;
+
+    /// [`release`](Self::release) of many orders in one call; one result per order, in
+    /// order. The default calls `release` per order.
+    async fn release_batch(&self, orders: &[Order]) -> Vec<Result<bool>> {
+        let mut out = Vec::with_capacity(orders.len());
+        for order in orders {
+            out.push(self.release(order).await);
+        }
+        out
+    }
+
+    /// [`claim`](Self::claim) of many orders in one call; one result per order, in order.
+    /// The default calls `claim` per order.
+    async fn claim_batch(&self, orders: &[Order]) -> Vec<Result<bool>> {
+        let mut out = Vec::with_capacity(orders.len());
+        for order in orders {
+            out.push(self.claim(order).await);
+        }
+        out
+    }
+}
+
+/// Waits `delay` unless shutdown comes first; `false` on shutdown.
+async fn pause(shutdown: &CancellationToken, delay: Duration) -> bool {
+    tokio::select! {
+        biased;
+        _ = shutdown.cancelled() => false,
+        _ = tokio::time::sleep(delay) => true,
+    }
+}
+
+/// Runs `op` until it succeeds, backing off between failures; `None` on shutdown.
+async fn until_done<T, E, F, Fut>(
+    shutdown: &CancellationToken,
+    what: &'static str,
+    mut op: F,
+) -> Option<T>
+where
+    E: std::fmt::Display,
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = std::result::Result<T, E>>,
+{
+    let mut delay = Duration::from_millis(20);
+    loop {
+        match op().await {
+            Ok(v) => return Some(v),
+            Err(e) => {
+                tracing::warn!(error = %e, what, retry_in = ?delay, "settler step failed; retrying")
+            }
+        }
+        if !pause(shutdown, delay).await {
+            return None;
+        }
+        delay = (delay * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// The settler: reads the order log and settles every order in it exactly once.
+pub struct Settler {
+    store: Arc<dyn OrderStore>,
+    release: Arc<dyn StockRelease>,
+    payments: PaymentClient,
+    notifications: NotificationClient,
+    breaker: CircuitBreaker,
+    stats: SettlerStats,
+    consumer: Box<dyn LogConsumer>,
+    dead_letter: Arc<dyn DeadLetter>,
+    sink: Arc<dyn EventSink>,
+    config: SettlerConfig,
+}
+
+impl std::fmt::Debug for Settler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Settler")
+            .field("config", &self.config)
+            .finish()
+    }
+}
+
+impl Settler {
+    /// A settler reading `consumer` (positioned at the store's checkpoint for
+    /// `config.consumer`), writing to `store`, releasing stock through `release` and
+    /// keeping undecodable records in `dead_letter` (a [`FileDeadLetter`](crate::FileDeadLetter),
+    /// or [`LogDeadLetter`](crate::LogDeadLetter) to only log them). Status changes go to a
+    /// [`TracingEventSink`] unless [`with_event_sink`](Self::with_event_sink) names
+    /// another. Fails if a provider URL is invalid.
+    pub fn new(
+        store: Arc<dyn OrderStore>,
+        consumer: Box<dyn LogConsumer>,
+        release: Arc<dyn StockRelease>,
+        dead_letter: Arc<dyn DeadLetter>,
+        config: SettlerConfig,
+    ) -> Result<Self> {
+        let retry = config.retry();
+        let breaker =
+            CircuitBreaker::new(config.circuit_failure_threshold, config.circuit_cool_down);
+        Ok(Settler {
+            store,
+            release,
+            payments: PaymentClient::new(&config.payment_url, config.provider_timeout, retry)?,
+            notifications: NotificationClient::new(
+                &config.notification_url,
+                config.provider_timeout,
+                retry,
+            )?,
+            stats: SettlerStats {
+                counters: Arc::default(),
+                breaker: Some(breaker.clone()),
+            },
+            breaker,
+            consumer,
+            dead_letter,
+            sink: Arc::new(TracingEventSink::default()),
+            config,
+        })
+    }
+
+    /// Publishes status changes to `sink` instead of only logging them.
+    pub fn with_event_sink(mut self, sink: Arc<dyn EventSink>) -> Self {
+        self.sink = sink;
+        self
+    }
+
+    /// This settler's progress counters (a shared handle, valid after `run` consumed it).
+    pub fn stats(&self) -> SettlerStats {
+        self.stats.clone()
+    }
+
+    /// The circuit breaker in front of the payment provider (a shared handle).
+    pub fn circuit_breaker(&self) -> CircuitBreaker {
+        self.breaker.clone()
+    }
+
+    /// Settles until `shutdown` is cancelled: stops reading, lets orders under way finish
+    /// and publishes their changes within `shutdown_grace` each, then returns. Errors only
+    /// if one of its tasks panicked. Its tasks run on the runtime that polls this future.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<()> {
+        let Settler {
+            store,
+            release,
+            payments,
+            notifications,
+            breaker,
+            stats,
+            consumer,
+            dead_letter,
+            sink,
+            config,
+        } = self;
+        let core = core::Core::start(core::CoreParts {
+            store,
+            release,
+            payments,
+            notifications,
+            notify_breaker: CircuitBreaker::new(
+                config.circuit_failure_threshold,
+                config.circuit_cool_down,
+            ),
+            breaker,
+            stats,
+            payment_ttl: config.payment_ttl,
+            sweep_interval: config.sweep_interval,
+            order_retry_max: config.order_retry_max,
+            write_batch: config.write_batch,
+            admission_batch: config.admission_batch,
+        });
+        // Cancelled by the caller or when the intake ends on its own (the charge stage
+        // ended: a panic).
+        let stop = shutdown.child_token();
+        let (jobs, queue) = mpsc::channel(config.charge_queue.max(1));
+        let stage = tokio::spawn(charge::charge_stage(
+            Arc::clone(&core),
+            queue,
+            config.charge_concurrency,
+            config.shutdown_grace,
+            stop.clone(),
+        ));
+        let sweeper = tokio::spawn(sweep::sweep(
+            Arc::clone(&core),
+            jobs.clone(),
+            sweep::SweepSettings {
+                interval: config.sweep_interval,
+                limit: config.sweep_limit.max(1),
+            },
+            stop.clone(),
+        ));
+        let publish_batch = config.publish_batch.max(1);
+        let publishing = tokio::spawn(publisher::publisher(
+            Arc::clone(&core),
+            Arc::clone(&sink),
+            config.publish_interval,
+            publish_batch,
+            stop.clone(),
+        ));
+        let intake = intake::Intake {
+            core: Arc::clone(&core),
+            consumer,
+            dead_letter,
+            jobs,
+            consumer_name: config.consumer,
+            batch_size: config.batch_size.max(1),
+            poll_wait: config.poll_wait,
+        };
+        intake.run(&stop).await;
+        stop.cancel();
+        let swept = sweeper.await;
+        let staged = stage.await;
+        let published = publishing.await;
+        // The last changes of the orders that finished during the grace.
+        if tokio::time::timeout(
+            config.shutdown_grace,
+            publisher::publish_pending(&core, &*sink, publish_batch),
+        )
+        .await
+        .is_err()
+        {
+            tracing::warn!("shutdown grace over; unpublished events wait for the next start");
+        }
+        swept.map_err(Error::Task)?;
+        staged.map_err(Error::Task)?;
+        published.map_err(Error::Task)?;
+        Ok(())
+    }
+}

@@ -1,0 +1,73 @@
+//! The publisher: drains the store's outbox of status changes into the [`EventSink`].
+
+use super::core::Core;
+use super::stats::SettlerStats;
+use super::pause;
+use crate::events::EventSink;
+use std::sync::Arc;
+use std::time::Duration;
+use storage::{OrderId, OrderStatus};
+use tokio_util::sync::CancellationToken;
+
+/// Hands what the outbox holds to `sink`, batch by batch, marking each published once the
+/// sink took it. `false` if a step failed (the rest waits for the next round).
+pub(crate) async fn publish_pending(core: &Core, sink: &dyn EventSink, batch: usize) -> bool {
+    loop {
+        let events = match core.store.unpublished_events(batch).await {
+            Ok(events) => events,
+            Err(e) => {
+                tracing::warn!(error = %e, "publisher: outbox not read");
+                return false;
+            }
+        };
+        if events.is_empty() {
+            return true;
+        }
+        if let Err(e) = sink.publish(&events).await {
+            tracing::warn!(error = %e, events = events.len(), "publisher: events not published; retrying later");
+            return false;
+        }
+        let keys: Vec<(OrderId, OrderStatus)> =
+            events.iter().map(|e| (e.order_id, e.status)).collect();
+        if let Err(e) = core.store.mark_published(&keys).await {
+            // Published but not marked: they go out again (at least once).
+            tracing::warn!(error = %e, "publisher: published events not marked");
+            return false;
+        }
+        SettlerStats::add(&core.counters().events_published, events.len() as u64);
+        if events.len() < batch {
+            return true;
+        }
+    }
+}
+
+/// Publishes status changes soon after they happen (woken by the core) and every
+/// `interval`, until shutdown; after a failure it waits `interval`.
+pub(crate) async fn publisher(
+    core: Arc<Core>,
+    sink: Arc<dyn EventSink>,
+    interval: Duration,
+    batch: usize,
+    shutdown: CancellationToken,
+) {
+    let interval = interval.max(Duration::from_millis(1));
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => return,
+            _ = core.events_ready.notified() => {}
+            _ = ticker.tick() => {}
+        }
+        let published = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => return,
+            ok = publish_pending(&core, &*sink, batch) => ok,
+        };
+        if !published && !pause(&shutdown, interval).await {
+            return;
+        }
+    }
+}
+
