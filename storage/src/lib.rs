@@ -5,6 +5,8 @@
 //! one database and the orders in N shard databases ([`shard`] says which). Both are on by
 //! default and behave the same behind the trait.
 
+#[cfg(any(feature = "embedded", feature = "postgres"))]
+mod batch;
 pub mod model;
 #[cfg(feature = "postgres")]
 pub mod postgres;
@@ -51,6 +53,11 @@ pub struct Checkpoint {
     /// Next offset to read.
     pub next_offset: u64,
 }
+
+/// The longest charge id the stores keep. The schema itself refuses a longer one: a batch
+/// carrying one fails with [`Error::Invalid`] (field `charge_id`) and changes nothing in that
+/// database, so retrying it as it is cannot succeed.
+pub const MAX_CHARGE_ID: usize = 200;
 
 /// One change to one order, applied by [`OrderStore::apply_batch`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -129,7 +136,8 @@ pub trait OrderStore: Send + Sync + 'static {
     /// precondition does not hold (another status, already released or notified, unknown
     /// order) or whose move is illegal is skipped, exactly as the single-order calls skip
     /// it; a replayed batch applies nothing. An error means the batch (or, sharded, the
-    /// failing databases' part of it) changed nothing.
+    /// failing databases' part of it) changed nothing; a charge id longer than
+    /// [`MAX_CHARGE_ID`] fails it with [`Error::Invalid`].
     ///
     /// The default applies the changes one by one through the single-order calls (not
     /// atomic); backends override it.

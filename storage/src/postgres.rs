@@ -24,6 +24,16 @@
 //! checkpoint never moves past a record whose order is not committed. If any shard fails
 //! the call returns [`Error::Unavailable`] and the caller retries the whole batch.
 //!
+//! # Applying a batch of changes
+//!
+//! [`OrderStore::apply_batch`] groups the changes by shard and runs the shards at once, one
+//! transaction each: `SELECT ... WHERE order_id = ANY($1) ORDER BY order_id FOR UPDATE` (the
+//! rows are locked in id order, so two batches cannot deadlock on each other), the plan
+//! ([`crate::batch::plan`]), then one `UPDATE orders ... FROM UNNEST(...)` carrying each changed
+//! order's final values and one `INSERT INTO order_history ... SELECT * FROM UNNEST(...)`,
+//! and the commit. A shard that fails changes nothing and the call returns its error; the
+//! other shards' parts are committed (and a replay of the batch applies nothing there).
+//!
 //! # Failures
 //!
 //! Connecting is bounded by [`CONNECT_TIMEOUT`] and waiting for, creating or recycling a pooled
@@ -31,9 +41,11 @@
 //! [`Error::Unavailable`] (naming the shard) within seconds instead of hanging; the pools
 //! reconnect by themselves once it is back.
 
+use crate::batch::{self, Current};
 use crate::shard;
 use crate::{
-    model::*, Checkpoint, Error, Order, OrderStore, Result, Sale, SaleId, SaleTotals, StatusCount,
+    model::*, Change, Checkpoint, Error, Order, OrderStore, Result, Sale, SaleId, SaleTotals,
+    StatusCount,
 };
 use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
@@ -514,6 +526,134 @@ impl PgStore {
         tx.commit().await.map_err(err)?;
         Ok(new.len())
     }
+
+    /// Applies one shard's part of a batch in one transaction (see the module doc).
+    async fn apply_on_shard(
+        &self,
+        shard: usize,
+        changes: &[&Change],
+        now: i64,
+    ) -> Result<Vec<bool>> {
+        let db = Db::Shard(shard);
+        let err = |e: tokio_postgres::Error| write_error(db, e);
+        let ids: Vec<Uuid> = batch::touched(changes.iter().copied())
+            .into_iter()
+            .map(|id| id.0)
+            .collect();
+        let mut client = self.client(db).await?;
+        let tx = client.transaction().await.map_err(err)?;
+        let select = tx
+            .prepare_cached(
+                "SELECT order_id, status, released_at IS NOT NULL, notified_at IS NOT NULL \
+                 FROM orders WHERE order_id = ANY($1) ORDER BY order_id FOR UPDATE",
+            )
+            .await
+            .map_err(err)?;
+        let mut current = HashMap::with_capacity(ids.len());
+        for row in tx.query(&select, &[&ids]).await.map_err(err)? {
+            let status: String = row.try_get(1).map_err(corrupt)?;
+            current.insert(
+                OrderId(row.try_get(0).map_err(corrupt)?),
+                Current {
+                    status: status.parse().map_err(corrupt)?,
+                    released: row.try_get(2).map_err(corrupt)?,
+                    notified: row.try_get(3).map_err(corrupt)?,
+                },
+            );
+        }
+        let plan = batch::plan(changes.iter().copied(), &current, now);
+        if !plan.updates.is_empty() {
+            let n = plan.updates.len();
+            let mut u_ids = Vec::with_capacity(n);
+            let mut u_status = Vec::with_capacity(n);
+            let mut u_updated = Vec::with_capacity(n);
+            let mut u_charge = Vec::with_capacity(n);
+            let mut u_released = Vec::with_capacity(n);
+            let mut u_notified = Vec::with_capacity(n);
+            for u in &plan.updates {
+                u_ids.push(u.id.0);
+                u_status.push(u.status.as_str());
+                u_updated.push(u.updated_at);
+                u_charge.push(u.charge_id.as_deref());
+                u_released.push(u.released_at);
+                u_notified.push(u.notified_at);
+            }
+            let update = tx
+                .prepare_cached(
+                    "UPDATE orders o SET status = u.status, \
+                     updated_at = coalesce(u.updated_at, o.updated_at), \
+                     charge_id = coalesce(u.charge_id, o.charge_id), \
+                     released_at = coalesce(u.released_at, o.released_at), \
+                     notified_at = coalesce(u.notified_at, o.notified_at) \
+                     FROM UNNEST($1::uuid[], $2::text[], $3::int8[], $4::text[], $5::int8[], \
+                     $6::int8[]) AS u(order_id, status, updated_at, charge_id, released_at, \
+                     notified_at) \
+                     WHERE o.order_id = u.order_id",
+                )
+                .await
+                .map_err(err)?;
+            tx.execute(
+                &update,
+                &[
+                    &u_ids,
+                    &u_status,
+                    &u_updated,
+                    &u_charge,
+                    &u_released,
+                    &u_notified,
+                ],
+            )
+            .await
+            .map_err(err)?;
+        }
+        if !plan.history.is_empty() {
+            let n = plan.history.len();
+            let mut h_ids = Vec::with_capacity(n);
+            let mut h_status = Vec::with_capacity(n);
+            let mut h_at = Vec::with_capacity(n);
+            for h in &plan.history {
+                h_ids.push(h.id.0);
+                h_status.push(h.status.as_str());
+                h_at.push(h.at);
+            }
+            let history = tx
+                .prepare_cached(
+                    "INSERT INTO order_history (order_id, status, at) \
+                     SELECT h.order_id, h.status, h.at \
+                     FROM UNNEST($1::uuid[], $2::text[], $3::int8[]) WITH ORDINALITY \
+                     AS h(order_id, status, at, n) ORDER BY h.n \
+                     ON CONFLICT DO NOTHING",
+                )
+                .await
+                .map_err(err)?;
+            tx.execute(&history, &[&h_ids, &h_status, &h_at])
+                .await
+                .map_err(err)?;
+        }
+        tx.commit().await.map_err(err)?;
+        Ok(plan.applied)
+    }
+
+    /// One change, as the single-order calls make it.
+    async fn apply_one(&self, change: Change) -> Result<bool> {
+        let applied = self.apply_batch(std::slice::from_ref(&change)).await?;
+        Ok(applied.first().copied().unwrap_or(false))
+    }
+}
+
+/// A database error of a write: the charge-id limit (`orders_charge_id_length`) becomes
+/// [`Error::Invalid`].
+fn write_error(db: Db, e: tokio_postgres::Error) -> Error {
+    let charge_id = e.code() == Some(&SqlState::CHECK_VIOLATION)
+        && e.as_db_error().and_then(|d| d.constraint()) == Some("orders_charge_id_length");
+    if charge_id {
+        Error::Invalid(InvalidValue {
+            field: "charge_id",
+            reason: "longer than 200 characters",
+        })
+    } else {
+        unavailable(db, e)
+    }
 }
 
 const ORDER_COLUMNS: &str = "order_id, sale_id, user_id, quantity, amount_minor, currency, \
@@ -558,6 +698,50 @@ fn sale_from_row(row: &Row) -> Result<Sale> {
     sale.stock = u32::try_from(stock).map_err(corrupt)?;
     Ok(sale)
 }
+
+/// `orders_in_status` (`$1` = limit). The statuses are written into the query as literals
+/// (they come from the enum, never from input): the planner proves a partial index usable
+/// only from constants (`status = ANY($1)` says nothing about `orders_open`), and a
+/// repeated condition would spoil its row estimates.
+fn orders_in_status_sql(statuses: &[OrderStatus]) -> String {
+    let list = statuses
+        .iter()
+        .map(|s| format!("'{}'", s.as_str()))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let condition = if statuses.is_empty() {
+        "false".to_owned()
+    } else {
+        format!("status IN ({list})")
+    };
+    format!(
+        "SELECT {ORDER_COLUMNS}, accepted_at FROM orders WHERE {condition} \
+         ORDER BY accepted_at, order_id LIMIT $1"
+    )
+}
+
+/// `unfinished_followups` (`$1` = limit); the condition is `orders_followups`'s.
+fn followups_sql() -> String {
+    format!(
+        "SELECT {ORDER_COLUMNS}, accepted_at FROM orders WHERE \
+         (status IN ('payment_failed', 'expired') AND released_at IS NULL) OR \
+         (status IN ('paid', 'payment_failed', 'expired') AND notified_at IS NULL) \
+         ORDER BY accepted_at, order_id LIMIT $1"
+    )
+}
+
+/// `pending_since` (`$1` = before, `$2` = limit), through `orders_pending`.
+fn pending_sql() -> String {
+    format!(
+        "SELECT {ORDER_COLUMNS}, updated_at FROM orders WHERE status = 'payment_pending' \
+         AND updated_at < $1 ORDER BY updated_at, order_id LIMIT $2"
+    )
+}
+
+/// `unpublished_events` (`$1` = limit), through `order_history_unpublished`.
+const UNPUBLISHED_SQL: &str = "SELECT h.order_id, o.sale_id, o.user_id, o.quantity, h.status, \
+     h.at, o.charge_id FROM order_history h JOIN orders o ON o.order_id = h.order_id \
+     WHERE NOT h.published ORDER BY h.at, h.id LIMIT $1";
 
 fn sql_limit(limit: usize) -> i64 {
     i64::try_from(limit).unwrap_or(i64::MAX)
@@ -709,62 +893,48 @@ impl OrderStore for PgStore {
         charge_id: Option<&str>,
     ) -> Result<bool> {
         transition(from, to)?;
-        let db = Db::Shard(self.shard_of(id));
-        let err = |e| unavailable(db, e);
-        let now = Timestamp::now().millis();
-        let mut client = self.client(db).await?;
-        let tx = client.transaction().await.map_err(err)?;
-        let update = tx
-            .prepare_cached(
-                "UPDATE orders SET status = $3, updated_at = $4, \
-                 charge_id = coalesce($5, charge_id) WHERE order_id = $1 AND status = $2",
-            )
-            .await
-            .map_err(err)?;
-        let n = tx
-            .execute(
-                &update,
-                &[&id.0, &from.as_str(), &to.as_str(), &now, &charge_id],
-            )
-            .await
-            .map_err(err)?;
-        if n == 1 {
-            let history = tx
-                .prepare_cached(
-                    "INSERT INTO order_history (order_id, status, at) VALUES ($1, $2, $3) \
-                     ON CONFLICT DO NOTHING",
-                )
-                .await
-                .map_err(err)?;
-            tx.execute(&history, &[&id.0, &to.as_str(), &now])
-                .await
-                .map_err(err)?;
+        self.apply_one(Change::Status {
+            id,
+            from,
+            to,
+            charge_id: charge_id.map(str::to_owned),
+        })
+        .await
+    }
+
+    async fn apply_batch(&self, changes: &[Change]) -> Result<Vec<bool>> {
+        // Group by shard, keeping batch order within each shard.
+        let mut by_shard: BTreeMap<usize, (Vec<usize>, Vec<&Change>)> = BTreeMap::new();
+        for (i, change) in changes.iter().enumerate() {
+            let (index, part) = by_shard
+                .entry(self.shard_of(change.order_id()))
+                .or_default();
+            index.push(i);
+            part.push(change);
         }
-        tx.commit().await.map_err(err)?;
-        Ok(n == 1)
+        let now = Timestamp::now().millis();
+        // Every shard runs to its end (no half-cancelled transaction); the first error wins.
+        let results = join_all(
+            by_shard
+                .iter()
+                .map(|(&shard, (_, part))| self.apply_on_shard(shard, part, now)),
+        )
+        .await;
+        let mut applied = vec![false; changes.len()];
+        for ((index, _), result) in by_shard.values().zip(results) {
+            for (&i, done) in index.iter().zip(result?) {
+                applied[i] = done;
+            }
+        }
+        Ok(applied)
     }
 
     async fn mark_released(&self, id: OrderId) -> Result<bool> {
-        let n = self
-            .execute(
-                Db::Shard(self.shard_of(id)),
-                "UPDATE orders SET released_at = $2 WHERE order_id = $1 \
-                 AND released_at IS NULL AND status IN ('payment_failed', 'expired')",
-                &[&id.0, &Timestamp::now().millis()],
-            )
-            .await?;
-        Ok(n == 1)
+        self.apply_one(Change::Released(id)).await
     }
 
     async fn mark_notified(&self, id: OrderId) -> Result<bool> {
-        let n = self
-            .execute(
-                Db::Shard(self.shard_of(id)),
-                "UPDATE orders SET notified_at = $2 WHERE order_id = $1 AND notified_at IS NULL",
-                &[&id.0, &Timestamp::now().millis()],
-            )
-            .await?;
-        Ok(n == 1)
+        self.apply_one(Change::Notified(id)).await
     }
 
     async fn get_order(&self, id: OrderId) -> Result<Option<Order>> {
@@ -802,23 +972,13 @@ impl OrderStore for PgStore {
     }
 
     async fn orders_in_status(&self, statuses: &[OrderStatus], limit: usize) -> Result<Vec<Order>> {
-        let names: Vec<&str> = statuses.iter().map(|s| s.as_str()).collect();
-        let sql = format!(
-            "SELECT {ORDER_COLUMNS}, accepted_at FROM orders WHERE status = ANY($1) \
-             ORDER BY accepted_at, order_id LIMIT $2"
-        );
-        self.merged_orders(&sql, &[&names, &sql_limit(limit)], limit)
-            .await
+        let sql = orders_in_status_sql(statuses);
+        self.merged_orders(&sql, &[&sql_limit(limit)], limit).await
     }
 
     async fn unfinished_followups(&self, limit: usize) -> Result<Vec<Order>> {
-        let sql = format!(
-            "SELECT {ORDER_COLUMNS}, accepted_at FROM orders WHERE \
-             (status IN ('payment_failed', 'expired') AND released_at IS NULL) OR \
-             (status IN ('paid', 'payment_failed', 'expired') AND notified_at IS NULL) \
-             ORDER BY accepted_at, order_id LIMIT $1"
-        );
-        self.merged_orders(&sql, &[&sql_limit(limit)], limit).await
+        self.merged_orders(&followups_sql(), &[&sql_limit(limit)], limit)
+            .await
     }
 
     async fn orders_of_sale(&self, sale: &SaleId) -> Result<Vec<Order>> {
@@ -868,22 +1028,17 @@ impl OrderStore for PgStore {
     }
 
     async fn pending_since(&self, before: Timestamp, limit: usize) -> Result<Vec<Order>> {
-        let sql = format!(
-            "SELECT {ORDER_COLUMNS}, updated_at FROM orders WHERE status = 'payment_pending' \
-             AND updated_at < $1 ORDER BY updated_at, order_id LIMIT $2"
-        );
-        self.merged_orders(&sql, &[&before.millis(), &sql_limit(limit)], limit)
-            .await
+        self.merged_orders(
+            &pending_sql(),
+            &[&before.millis(), &sql_limit(limit)],
+            limit,
+        )
+        .await
     }
 
     async fn unpublished_events(&self, limit: usize) -> Result<Vec<OrderEvent>> {
         let per_shard = self
-            .query_every_shard(
-                "SELECT h.order_id, o.sale_id, o.user_id, o.quantity, h.status, h.at, \
-                 o.charge_id FROM order_history h JOIN orders o ON o.order_id = h.order_id \
-                 WHERE NOT h.published ORDER BY h.at, h.id LIMIT $1",
-                &[&sql_limit(limit)],
-            )
+            .query_every_shard(UNPUBLISHED_SQL, &[&sql_limit(limit)])
             .await?;
         let mut out = Vec::new();
         for row in per_shard.iter().flatten() {
@@ -952,7 +1107,99 @@ mod tests {
     #[test]
     fn both_schemas_are_embedded() {
         assert_eq!(latest_version(&catalog_schema::migrations::runner()), 2);
-        assert_eq!(latest_version(&shard_schema::migrations::runner()), 1);
+        assert_eq!(latest_version(&shard_schema::migrations::runner()), 2);
+    }
+
+    /// Every sweep query reads through its partial index on a shard holding mostly settled
+    /// orders (no sequential scan of the orders, no sort of them).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sweep_queries_use_partial_indexes() {
+        use OrderStatus::*;
+        let pg = testkit::PostgresCluster::start(1);
+        PgStore::migrate(&pg.catalog_url(), &pg.shard_urls())
+            .await
+            .expect("migrate");
+        let store = PgStore::connect(&pg.catalog_url(), &pg.shard_urls(), 2)
+            .await
+            .expect("connect");
+        let now = Timestamp::now();
+        let orders: Vec<_> = (0..5000u64)
+            .map(|i| NewOrder {
+                order_id: OrderId::new(),
+                sale_id: SaleId::parse("s").expect("sale"),
+                user_id: UserId::parse(format!("u{i}")).expect("user"),
+                quantity: 1,
+                amount: Money {
+                    minor: 100,
+                    currency: Currency::parse("EUR").expect("eur"),
+                },
+                sequence: i,
+                idempotency_key: format!("k{i}"),
+                payment_token: "tok".into(),
+                accepted_at: Timestamp(now.millis() + i as i64),
+            })
+            .collect();
+        store.persist_batch(&orders, None).await.expect("persist");
+        let mut changes = Vec::new();
+        // A backlog (an outage): 500 persisted, 500 payment_pending, the rest settled.
+        for (i, o) in orders.iter().enumerate().skip(500) {
+            let id = o.order_id;
+            changes.push(Change::Status {
+                id,
+                from: Persisted,
+                to: PaymentPending,
+                charge_id: None,
+            });
+            if i >= 1000 {
+                changes.push(Change::Status {
+                    id,
+                    from: PaymentPending,
+                    to: Paid,
+                    charge_id: Some(format!("ch_{i}")),
+                });
+                changes.push(Change::Notified(id));
+            }
+        }
+        let applied = store.apply_batch(&changes).await.expect("settle");
+        assert!(applied.iter().all(|a| *a));
+        let events: Vec<_> = store
+            .unpublished_events(100_000)
+            .await
+            .expect("events")
+            .iter()
+            .skip(30)
+            .map(|e| (e.order_id, e.status))
+            .collect();
+        store.mark_published(&events).await.expect("publish");
+        let client = store.client(Db::Shard(0)).await.expect("client");
+        client.batch_execute("ANALYZE").await.expect("analyze");
+
+        let limit = 100i64;
+        let before = Timestamp::now().plus_millis(60_000).millis();
+        let open_sql = orders_in_status_sql(&[Persisted, PaymentPending]);
+        let persisted_sql = orders_in_status_sql(&[Persisted]);
+        let (followups, pending) = (followups_sql(), pending_sql());
+        let queries: [(&str, &[&(dyn ToSql + Sync)], &str); 5] = [
+            (&open_sql, &[&limit], "orders_open"),
+            (&persisted_sql, &[&limit], "orders_open"),
+            (&followups, &[&limit], "orders_followups"),
+            (&pending, &[&before, &limit], "orders_pending"),
+            (UNPUBLISHED_SQL, &[&limit], "order_history_unpublished"),
+        ];
+        for (sql, params, index) in queries {
+            let plan: Vec<String> = client
+                .query(&format!("EXPLAIN {sql}"), params)
+                .await
+                .expect("explain")
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            let plan = plan.join("\n");
+            eprintln!("{index}:\n{plan}");
+            assert!(plan.contains(index), "{sql}:\n{plan}");
+            assert!(!plan.contains("Seq Scan on orders"), "{sql}:\n{plan}");
+            assert!(!plan.contains("Sort"), "{sql}:\n{plan}");
+        }
     }
 
     #[test]

@@ -46,11 +46,220 @@ fn ids(orders: &[Order]) -> Vec<OrderId> {
     orders.iter().map(|o| o.new.order_id).collect()
 }
 
+/// Which database of the store holds an order (always 0 for a store of one database).
+type ShardOf<'a> = &'a (dyn Fn(OrderId) -> usize + Sync);
+
 /// Every behaviour of [`OrderStore`], on a fresh store.
-async fn check(store: &dyn OrderStore) {
+async fn check(store: &dyn OrderStore, shard_of: ShardOf<'_>) {
     single_sale(store).await;
     catalog(store).await;
     many_orders(store).await;
+    batches(store, shard_of).await;
+}
+
+/// Marks every outbox entry published, so a section starts from an empty outbox.
+async fn publish_all(store: &dyn OrderStore) {
+    let all: Vec<_> = store
+        .unpublished_events(100_000)
+        .await
+        .expect("events")
+        .iter()
+        .map(|e| (e.order_id, e.status))
+        .collect();
+    store.mark_published(&all).await.expect("publish");
+    assert!(store.unpublished_events(10).await.expect("none").is_empty());
+}
+
+fn status(id: OrderId, from: OrderStatus, to: OrderStatus, charge_id: Option<&str>) -> Change {
+    Change::Status {
+        id,
+        from,
+        to,
+        charge_id: charge_id.map(str::to_owned),
+    }
+}
+
+/// The orders as stored (with their history), in the order of `ids`.
+async fn snapshot(store: &dyn OrderStore, ids: &[OrderId]) -> Vec<Option<Order>> {
+    let mut out = Vec::with_capacity(ids.len());
+    for &id in ids {
+        out.push(store.get_order(id).await.expect("get"));
+    }
+    out
+}
+
+/// `apply_batch`: legal and illegal changes in one batch, its replay, and a batch that the
+/// database refuses midway.
+async fn batches(store: &dyn OrderStore, shard_of: ShardOf<'_>) {
+    use OrderStatus::*;
+    store.create_sale(&sale("batch")).await.expect("create");
+    let orders: Vec<_> = (0..4)
+        .map(|i| order("batch", i, 1, Timestamp::now()))
+        .collect();
+    assert_eq!(
+        store.persist_batch(&orders, None).await.expect("persist"),
+        4
+    );
+    publish_all(store).await;
+    let [a, b, c, d] = [0, 1, 2, 3].map(|i| orders[i].order_id);
+    let unknown = OrderId::new();
+    assert_eq!(
+        store.apply_batch(&[]).await.expect("empty"),
+        Vec::<bool>::new()
+    );
+
+    // (a) Exactly the legal changes whose preconditions hold apply, each seeing the ones
+    // before it.
+    let changes = vec![
+        status(a, Persisted, PaymentPending, None),       // yes
+        status(a, PaymentPending, Paid, Some("ch_a")),    // yes: moved twice in one batch
+        Change::Notified(a),                              // yes
+        Change::Notified(a),                              // no: notified twice
+        Change::Released(a),                              // no: a paid order keeps its stock
+        status(b, PaymentPending, Paid, None),            // no: b is persisted
+        status(b, Persisted, Paid, None),                 // no: illegal move
+        status(b, Accepted, Persisted, None),             // no: legal, but b is not accepted
+        status(unknown, Persisted, PaymentPending, None), // no: unknown order
+        Change::Notified(unknown),                        // no
+        Change::Released(unknown),                        // no
+        Change::Released(c),                              // no: not final yet
+        status(c, Persisted, Expired, None),              // yes
+        Change::Released(c),                              // yes: sees the expiry
+        Change::Released(c),                              // no: released twice
+        status(d, Persisted, PaymentPending, None),       // yes
+        status(d, Persisted, PaymentPending, None),       // no: moved already
+        status(d, PaymentPending, Persisted, None),       // no: illegal move back
+    ];
+    let want = vec![
+        true, true, true, false, false, false, false, false, false, false, false, false, true,
+        true, false, true, false, false,
+    ];
+    let b_before = store.get_order(b).await.expect("get b");
+    assert_eq!(store.apply_batch(&changes).await.expect("batch"), want);
+
+    let got_a = store.get_order(a).await.expect("get").expect("a");
+    assert_eq!(got_a.status, Paid);
+    assert_eq!(got_a.charge_id.as_deref(), Some("ch_a"));
+    assert!(got_a.notified_at.is_some());
+    assert_eq!(got_a.released_at, None);
+    assert_eq!(
+        got_a.history.iter().map(|h| h.status).collect::<Vec<_>>(),
+        vec![Accepted, Persisted, PaymentPending, Paid]
+    );
+    assert_eq!(store.get_order(b).await.expect("get b"), b_before);
+    let got_c = store.get_order(c).await.expect("get").expect("c");
+    assert_eq!(got_c.status, Expired);
+    assert!(got_c.released_at.is_some());
+    assert_eq!(got_c.notified_at, None);
+    assert_eq!(got_c.charge_id, None);
+    let got_d = store.get_order(d).await.expect("get").expect("d");
+    assert_eq!(got_d.status, PaymentPending);
+    assert_eq!((got_d.released_at, got_d.notified_at), (None, None));
+    assert!(store
+        .pending_since(Timestamp::now().plus_millis(1_000), 1000)
+        .await
+        .expect("pending")
+        .iter()
+        .any(|o| o.new.order_id == d));
+    // One history (outbox) row per applied move, and only those.
+    let events = store.unpublished_events(100).await.expect("events");
+    let moved: BTreeSet<_> = events.iter().map(|e| (e.order_id, e.status)).collect();
+    assert_eq!(events.len(), 4, "{events:?}");
+    assert_eq!(
+        moved,
+        BTreeSet::from([
+            (a, PaymentPending),
+            (a, Paid),
+            (c, Expired),
+            (d, PaymentPending)
+        ])
+    );
+    let pos = |st| {
+        events
+            .iter()
+            .position(|e| e.order_id == a && e.status == st)
+            .expect("event")
+    };
+    assert!(pos(PaymentPending) < pos(Paid), "{events:?}");
+    for e in &events {
+        let want = (e.status == Paid).then_some("ch_a");
+        assert_eq!(e.charge_id.as_deref(), want, "{e:?}");
+    }
+
+    // (b) A replay applies nothing and changes nothing.
+    let touched = [a, b, c, d, unknown];
+    let before = snapshot(store, &touched).await;
+    assert_eq!(
+        store.apply_batch(&changes).await.expect("replay"),
+        vec![false; changes.len()]
+    );
+    assert_eq!(snapshot(store, &touched).await, before);
+    assert_eq!(store.unpublished_events(100).await.expect("events"), events);
+    // The single-order calls agree.
+    assert!(!store.mark_notified(a).await.expect("notified"));
+    assert!(!store.mark_released(c).await.expect("released"));
+    assert!(!store
+        .transition(d, Persisted, PaymentPending, None)
+        .await
+        .expect("moved"));
+    publish_all(store).await;
+
+    // (c) A batch that the database refuses midway (a charge id above the schema's limit,
+    // on the batch's last change) changes nothing, not even its earlier changes. The orders
+    // share one database, since a sharded store is atomic per database.
+    let mut same_db = Vec::new();
+    let mut seq = 10;
+    while same_db.len() < 3 {
+        let o = order("batch", seq, 1, Timestamp::now());
+        seq += 1;
+        if same_db
+            .first()
+            .is_none_or(|f: &NewOrder| shard_of(f.order_id) == shard_of(o.order_id))
+        {
+            same_db.push(o);
+        }
+    }
+    store.persist_batch(&same_db, None).await.expect("persist");
+    publish_all(store).await;
+    let [e, f, g] = [0, 1, 2].map(|i| same_db[i].order_id);
+    let long = "c".repeat(201);
+    let mut failing = vec![
+        status(e, Persisted, PaymentPending, None),
+        status(e, PaymentPending, Paid, Some("ch_e")),
+        Change::Notified(e),
+        status(f, Persisted, Expired, None),
+        Change::Released(f),
+        Change::Notified(f),
+        status(g, Persisted, PaymentPending, None),
+        status(g, PaymentPending, Paid, Some(&long)),
+    ];
+    let before = snapshot(store, &[e, f, g]).await;
+    let err = store
+        .apply_batch(&failing)
+        .await
+        .expect_err("the database refuses the charge id");
+    assert!(
+        matches!(&err, Error::Invalid(v) if v.field == "charge_id"),
+        "{err}"
+    );
+    assert_eq!(snapshot(store, &[e, f, g]).await, before);
+    assert!(store.unpublished_events(10).await.expect("none").is_empty());
+    // With a charge id the database takes, the same batch applies in full.
+    failing[7] = status(g, PaymentPending, Paid, Some("ch_g"));
+    assert_eq!(
+        store.apply_batch(&failing).await.expect("batch"),
+        vec![true; failing.len()]
+    );
+    let got_g = store.get_order(g).await.expect("get").expect("g");
+    assert_eq!(
+        (got_g.status, got_g.charge_id.as_deref()),
+        (Paid, Some("ch_g"))
+    );
+    assert_eq!(
+        store.unpublished_events(100).await.expect("events").len(),
+        5
+    );
+    publish_all(store).await;
 }
 
 /// The life of a few orders of one sale (the embedded store's original test).
@@ -551,7 +760,105 @@ async fn many_orders(store: &dyn OrderStore) {
 async fn sqlite_store_conforms() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = storage::sqlite::SqliteStore::open(dir.path().join("db.sqlite")).expect("open");
-    check(&store).await;
+    check(&store, &|_| 0).await;
+}
+
+/// (d) Group commit: many concurrent callers, each with its own batches and a command that
+/// fails, all get their own right answers, and writes share transactions.
+#[cfg(feature = "embedded")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_concurrent_batches_commit_in_groups() {
+    use std::sync::Arc;
+    use std::time::Duration;
+    use OrderStatus::*;
+    const TASKS: usize = 32;
+    const ORDERS: u64 = 10; // 5 changes each: 50 changes per batch
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = storage::sqlite::SqliteStore::open(dir.path().join("db.sqlite")).expect("open");
+    let s = sale("crowd");
+    store.create_sale(&s).await.expect("sale");
+    let orders: Vec<_> = (0..TASKS as u64 * ORDERS)
+        .map(|i| order("crowd", i, 1, Timestamp::now()))
+        .collect();
+    store.persist_batch(&orders, None).await.expect("persist");
+    publish_all(&store).await;
+    let start = store.writer_stats();
+
+    let barrier = Arc::new(tokio::sync::Barrier::new(TASKS));
+    let tasks: Vec<_> = orders
+        .chunks(ORDERS as usize)
+        .map(|chunk| {
+            let ids: Vec<_> = chunk.iter().map(|o| o.order_id).collect();
+            let (store, barrier, s) = (store.clone(), Arc::clone(&barrier), s.clone());
+            tokio::spawn(async move {
+                let mut changes = Vec::new();
+                let mut want = Vec::new();
+                for (i, &id) in ids.iter().enumerate() {
+                    let paid = i % 2 == 0;
+                    let charge = format!("ch_{id}");
+                    changes.push(status(id, Persisted, PaymentPending, None));
+                    changes.push(if paid {
+                        status(id, PaymentPending, Paid, Some(&charge))
+                    } else {
+                        status(id, PaymentPending, PaymentFailed, None)
+                    });
+                    changes.push(Change::Released(id));
+                    changes.push(Change::Notified(id));
+                    changes.push(Change::Notified(id));
+                    want.extend([true, true, !paid, true, false]);
+                }
+                barrier.wait().await;
+                let first = store.apply_batch(&changes).await.expect("batch");
+                let refused = store.create_sale(&s).await;
+                let replay = store.apply_batch(&changes).await.expect("replay");
+                (
+                    ids,
+                    first == want,
+                    matches!(refused, Err(Error::SaleExists(_))),
+                    replay,
+                )
+            })
+        })
+        .collect();
+    let deadline = Duration::from_secs(60);
+    for task in tasks {
+        let (ids, right, refused, replay) = tokio::time::timeout(deadline, task)
+            .await
+            .expect("in time")
+            .expect("task");
+        assert!(right, "wrong answers for {ids:?}");
+        assert!(refused, "create_sale of an existing sale must fail alone");
+        assert!(replay.iter().all(|a| !a), "a replay applies nothing");
+        for (i, id) in ids.into_iter().enumerate() {
+            let o = store.get_order(id).await.expect("get").expect("some");
+            let want = if i % 2 == 0 { Paid } else { PaymentFailed };
+            assert_eq!(o.status, want);
+            assert_eq!(o.released_at.is_some(), want == PaymentFailed);
+            assert!(o.notified_at.is_some());
+            assert_eq!(o.history.len(), 4, "{:?}", o.history);
+        }
+    }
+    let totals = store.sale_totals(&s.id).await.expect("totals");
+    let half = (TASKS as u64 * ORDERS) / 2;
+    assert_eq!(totals.get(Paid).orders, half);
+    assert_eq!(totals.get(PaymentFailed).orders, half);
+    assert_eq!(totals.released_orders, half);
+    assert_eq!(
+        store
+            .unpublished_events(100_000)
+            .await
+            .expect("events")
+            .len(),
+        TASKS * ORDERS as usize * 2
+    );
+    let stats = store.writer_stats();
+    let commands = stats.commands - start.commands;
+    let groups = stats.groups - start.groups;
+    assert_eq!(commands, 3 * TASKS as u64, "{stats:?}");
+    assert!(
+        groups < commands,
+        "no two writes shared a commit: {stats:?}"
+    );
 }
 
 /// The sharded Postgres store: two servers, one shard each.
@@ -575,7 +882,7 @@ mod postgres {
         let pg = testkit::PostgresCluster::start(2);
         let store = migrated(&pg).await;
         assert_eq!(store.shard_count(), 2);
-        check(&store).await;
+        check(&store, &|id| store.shard_of(id)).await;
         // The orders did spread: every shard holds some, each on the shard its id says.
         let orders = store
             .orders_of_sale(&SaleId::parse("many").expect("id"))
@@ -645,7 +952,7 @@ mod postgres {
         let store = PgStore::connect(&shard, std::slice::from_ref(&shard), 2)
             .await
             .expect("connect");
-        check(&store).await;
+        check(&store, &|id| store.shard_of(id)).await;
         // Another shard list would send every order id to the wrong shard: refused, by
         // migrate and by connect, and nothing changes.
         pg.server(0).create_database("second");
@@ -664,6 +971,61 @@ mod postgres {
             matches!(&err, Error::Unavailable(m) if m.contains("records 1 shard")),
             "{err}"
         );
+    }
+
+    /// A batch over two shards that one shard refuses: that shard's part changes nothing,
+    /// the other's commits (a sharded store is atomic per database), and the retried batch
+    /// applies exactly the refused part.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_refused_shard_keeps_its_part_of_a_batch_unchanged() {
+        use OrderStatus::*;
+        let pg = testkit::PostgresCluster::start(2);
+        let store = migrated(&pg).await;
+        store.create_sale(&sale("split")).await.expect("sale");
+        let orders: Vec<_> = (0..40)
+            .map(|i| order("split", i, 1, Timestamp::now()))
+            .collect();
+        store.persist_batch(&orders, None).await.expect("persist");
+        let on = |shard: usize| -> Vec<OrderId> {
+            orders
+                .iter()
+                .map(|o| o.order_id)
+                .filter(|&id| store.shard_of(id) == shard)
+                .take(2)
+                .collect()
+        };
+        let (zero, one) = (on(0), on(1));
+        assert_eq!((zero.len(), one.len()), (2, 2));
+        let long = "x".repeat(201);
+        let mut changes = vec![
+            status(zero[0], Persisted, PaymentPending, None),
+            status(one[0], Persisted, PaymentPending, None),
+            status(zero[0], PaymentPending, Paid, Some("ch_0")),
+            status(one[1], Persisted, PaymentPending, None),
+            status(one[1], PaymentPending, Paid, Some(&long)),
+            status(zero[1], Persisted, Expired, None),
+            Change::Released(zero[1]),
+        ];
+        let one_before = snapshot(&store, &one).await;
+        let err = store
+            .apply_batch(&changes)
+            .await
+            .expect_err("shard 1 refuses the charge id");
+        assert!(matches!(&err, Error::Invalid(_)), "{err}");
+        assert_eq!(snapshot(&store, &one).await, one_before);
+        let z0 = store.get_order(zero[0]).await.expect("get").expect("z0");
+        assert_eq!((z0.status, z0.charge_id.as_deref()), (Paid, Some("ch_0")));
+        let z1 = store.get_order(zero[1]).await.expect("get").expect("z1");
+        assert_eq!(z1.status, Expired);
+        assert!(z1.released_at.is_some());
+        // The retry applies shard 1's part only: shard 0's is done.
+        changes[4] = status(one[1], PaymentPending, Paid, Some("ch_1"));
+        assert_eq!(
+            store.apply_batch(&changes).await.expect("retry"),
+            vec![false, true, false, true, true, false, false]
+        );
+        let o1 = store.get_order(one[1]).await.expect("get").expect("o1");
+        assert_eq!((o1.status, o1.charge_id.as_deref()), (Paid, Some("ch_1")));
     }
 
     /// Polls `f` until it returns `Ok`, failing after `within`.

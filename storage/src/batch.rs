@@ -1,0 +1,280 @@
+//! The planning of [`OrderStore::apply_batch`](crate::OrderStore::apply_batch), shared by
+//! every backend so they cannot disagree on what a batch does.
+//!
+//! A backend locks and reads the rows a batch touches ([`Current`]: status, whether it is
+//! released, whether it is notified), calls [`plan`], and writes what the plan says: one
+//! update per changed order carrying its final values ([`RowUpdate`]), and the history
+//! (outbox) rows of the applied status changes ([`HistoryRow`]), in batch order. The plan
+//! folds the changes in order, each seeing the earlier ones of the batch, and skips (never
+//! fails) a change whose precondition does not hold:
+//!
+//! - `Status { from, to }`: the order is in `from` and [`transition`]`(from, to)` allows the
+//!   move; the charge id, when given, is recorded (the last one given wins), as
+//!   `coalesce(new, stored)`.
+//! - `Released`: the order is in a status that releases stock (`payment_failed`,
+//!   `expired`) and is not released yet.
+//! - `Notified`: the order is not notified yet.
+//!
+//! A change about an order the store does not hold is skipped.
+
+use crate::{transition, Change, OrderId, OrderStatus};
+use std::collections::HashMap;
+
+/// What the store holds of an order, as far as a batch's preconditions go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Current {
+    /// Its status.
+    pub status: OrderStatus,
+    /// `released_at IS NOT NULL`.
+    pub released: bool,
+    /// `notified_at IS NOT NULL`.
+    pub notified: bool,
+}
+
+/// The final values of one order changed by a batch. `None` keeps the stored value (the
+/// backends write `coalesce(new, stored)`), so one statement updates every changed order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct RowUpdate {
+    /// The order.
+    pub id: OrderId,
+    /// Its status after the batch.
+    pub status: OrderStatus,
+    /// `now` if its status changed (the instant `pending_since` compares).
+    pub updated_at: Option<i64>,
+    /// The charge id of the last applied status change that carried one.
+    pub charge_id: Option<String>,
+    /// `now` if the batch released it.
+    pub released_at: Option<i64>,
+    /// `now` if the batch marked it notified.
+    pub notified_at: Option<i64>,
+}
+
+/// One history (outbox) row: the order entered `status` at `at`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct HistoryRow {
+    /// The order.
+    pub id: OrderId,
+    /// The status entered.
+    pub status: OrderStatus,
+    /// When (milliseconds).
+    pub at: i64,
+}
+
+/// What a batch does.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(crate) struct Plan {
+    /// Per change, in input order: whether it applies.
+    pub applied: Vec<bool>,
+    /// One entry per order that at least one change applies to, in the order of each
+    /// order's first applied change.
+    pub updates: Vec<RowUpdate>,
+    /// One row per applied status change, in batch order.
+    pub history: Vec<HistoryRow>,
+}
+
+/// The distinct orders of a batch, in order of first appearance (what a backend reads).
+pub(crate) fn touched<'a>(changes: impl IntoIterator<Item = &'a Change>) -> Vec<OrderId> {
+    let mut seen = std::collections::HashSet::new();
+    changes
+        .into_iter()
+        .map(Change::order_id)
+        .filter(|id| seen.insert(*id))
+        .collect()
+}
+
+/// Folds `changes` over the stored rows `current` (orders absent from it are unknown) at
+/// instant `now` (milliseconds).
+pub(crate) fn plan<'a>(
+    changes: impl IntoIterator<Item = &'a Change>,
+    current: &HashMap<OrderId, Current>,
+    now: i64,
+) -> Plan {
+    let mut plan = Plan::default();
+    // The working state of each order touched so far, and its index in `plan.updates`.
+    let mut state: HashMap<OrderId, (Current, Option<usize>)> = HashMap::new();
+    for change in changes {
+        let id = change.order_id();
+        let Some((cur, slot)) = (match state.entry(id) {
+            std::collections::hash_map::Entry::Occupied(e) => Some(e.into_mut()),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                current.get(&id).map(|c| e.insert((*c, None)))
+            }
+        }) else {
+            plan.applied.push(false);
+            continue;
+        };
+        let applies = match change {
+            Change::Status { from, to, .. } => {
+                cur.status == *from && transition(*from, *to).is_ok()
+            }
+            Change::Released(_) => cur.status.releases_stock() && !cur.released,
+            Change::Notified(_) => !cur.notified,
+        };
+        plan.applied.push(applies);
+        if !applies {
+            continue;
+        }
+        let index = *slot.get_or_insert_with(|| {
+            plan.updates.push(RowUpdate {
+                id,
+                status: cur.status,
+                updated_at: None,
+                charge_id: None,
+                released_at: None,
+                notified_at: None,
+            });
+            plan.updates.len() - 1
+        });
+        let update = &mut plan.updates[index];
+        match change {
+            Change::Status { to, charge_id, .. } => {
+                cur.status = *to;
+                update.status = *to;
+                update.updated_at = Some(now);
+                if charge_id.is_some() {
+                    update.charge_id.clone_from(charge_id);
+                }
+                plan.history.push(HistoryRow {
+                    id,
+                    status: *to,
+                    at: now,
+                });
+            }
+            Change::Released(_) => {
+                cur.released = true;
+                update.released_at = Some(now);
+            }
+            Change::Notified(_) => {
+                cur.notified = true;
+                update.notified_at = Some(now);
+            }
+        }
+    }
+    plan
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use OrderStatus::*;
+
+    fn status(id: OrderId, from: OrderStatus, to: OrderStatus, charge: Option<&str>) -> Change {
+        Change::Status {
+            id,
+            from,
+            to,
+            charge_id: charge.map(str::to_owned),
+        }
+    }
+
+    fn row(status: OrderStatus) -> Current {
+        Current {
+            status,
+            released: false,
+            notified: false,
+        }
+    }
+
+    #[test]
+    fn an_order_moved_several_times_is_one_update() {
+        let a = OrderId::new();
+        let changes = vec![
+            status(a, Persisted, PaymentPending, None),
+            status(a, PaymentPending, Paid, Some("ch_1")),
+            Change::Notified(a),
+            Change::Notified(a),
+            Change::Released(a),
+        ];
+        let current = HashMap::from([(a, row(Persisted))]);
+        let plan = plan(&changes, &current, 7);
+        assert_eq!(plan.applied, vec![true, true, true, false, false]);
+        assert_eq!(
+            plan.updates,
+            vec![RowUpdate {
+                id: a,
+                status: Paid,
+                updated_at: Some(7),
+                charge_id: Some("ch_1".into()),
+                released_at: None,
+                notified_at: Some(7),
+            }]
+        );
+        assert_eq!(
+            plan.history,
+            vec![
+                HistoryRow {
+                    id: a,
+                    status: PaymentPending,
+                    at: 7
+                },
+                HistoryRow {
+                    id: a,
+                    status: Paid,
+                    at: 7
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn preconditions_and_illegal_moves_skip() {
+        let (a, b, c, unknown) = (
+            OrderId::new(),
+            OrderId::new(),
+            OrderId::new(),
+            OrderId::new(),
+        );
+        let current = HashMap::from([
+            (a, row(Persisted)),
+            (
+                b,
+                Current {
+                    status: Expired,
+                    released: true,
+                    notified: false,
+                },
+            ),
+            (c, row(PaymentFailed)),
+        ]);
+        let changes = vec![
+            status(a, PaymentPending, Paid, None), // a is persisted
+            status(a, Persisted, Paid, None),      // illegal
+            status(a, Accepted, Persisted, None),  // wrong from
+            Change::Released(a),                   // not final
+            Change::Released(b),                   // already released
+            Change::Notified(b),                   // applies
+            status(unknown, Persisted, PaymentPending, None),
+            Change::Notified(unknown),
+            Change::Released(c),                     // applies
+            status(c, PaymentFailed, Expired, None), // final
+        ];
+        let plan = plan(&changes, &current, 1);
+        assert_eq!(
+            plan.applied,
+            vec![false, false, false, false, false, true, false, false, true, false]
+        );
+        assert!(plan.history.is_empty());
+        let ids: Vec<_> = plan.updates.iter().map(|u| u.id).collect();
+        assert_eq!(ids, vec![b, c]);
+        assert_eq!(plan.updates[0].status, Expired);
+        assert_eq!(plan.updates[0].updated_at, None);
+        assert_eq!(plan.updates[1].released_at, Some(1));
+        assert_eq!(touched(&changes), vec![a, b, unknown, c]);
+    }
+
+    #[test]
+    fn a_release_sees_the_failure_before_it() {
+        let a = OrderId::new();
+        let changes = vec![
+            Change::Released(a),
+            status(a, PaymentPending, PaymentFailed, None),
+            Change::Released(a),
+            Change::Released(a),
+        ];
+        let current = HashMap::from([(a, row(PaymentPending))]);
+        assert_eq!(
+            plan(&changes, &current, 1).applied,
+            vec![false, true, true, false]
+        );
+    }
+}
