@@ -51,8 +51,19 @@ pub trait Admission: Send + Sync + 'static {
     async fn claim(&self, sale: &SaleId, order_id: OrderId) -> Result<bool>;
     /// Gives an order's units back, exactly once per order id. `Ok(true)` if this call did.
     async fn release(&self, sale: &SaleId, order: &OrderRef) -> Result<bool>;
+    /// [`confirm`](Self::confirm) for many orders in one call (one round trip where the
+    /// backend is remote); one result per order, in order. An error of one order does not
+    /// fail the others.
+    async fn confirm_batch(&self, orders: &[(SaleId, OrderRef)]) -> Vec<Result<()>> {
+        let mut out = Vec::with_capacity(orders.len());
+        for (sale, order) in orders {
+            out.push(self.confirm(sale, order).await);
+        }
+        out
+    }
     /// [`claim`](Self::claim) for many orders in one call (one round trip where the
-    /// backend is remote); one result per order, in order.
+    /// backend is remote); one result per order, in order. An error of one order (such as
+    /// its sale's keys missing) does not fail the others.
     async fn claim_batch(&self, orders: &[(SaleId, OrderId)]) -> Vec<Result<bool>> {
         let mut out = Vec::with_capacity(orders.len());
         for (sale, id) in orders {
@@ -61,7 +72,8 @@ pub trait Admission: Send + Sync + 'static {
         out
     }
     /// [`release`](Self::release) for many orders in one call (one round trip where the
-    /// backend is remote); one result per order, in order.
+    /// backend is remote); one result per order, in order. An error of one order does not
+    /// fail the others.
     async fn release_batch(&self, orders: &[(SaleId, OrderRef)]) -> Vec<Result<bool>> {
         let mut out = Vec::with_capacity(orders.len());
         for (sale, order) in orders {

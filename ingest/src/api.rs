@@ -1,16 +1,26 @@
 //! The v1 HTTP API: routing, request validation, and the order path.
 //!
 //! The order path is: authenticate, check headers, read at most `order_body_limit` bytes,
-//! parse, look the sale up (cached), decide in the admission backend (one call), append the
-//! record to the log and answer 202 only once the log has it. If the log refuses the
-//! record, the admission is aborted (stock back, idempotency answer forgotten) and the
-//! buyer gets 503. Every error is problem+json with a stable code and changes nothing.
+//! parse, look the sale up (from memory, see `sale_cache.rs`), decide in the admission
+//! backend (one call), append the record to the log and answer 202 only once the log has
+//! it. The idempotency answer is then confirmed in the background, in batches (see
+//! `confirmer.rs`): one admission round trip per accepted order while the buyer waits. If
+//! the log refuses the record, the admission is aborted (stock back, idempotency answer
+//! forgotten) and the buyer gets 503. Every error is problem+json with a stable code and
+//! changes nothing.
+//!
+//! A retry that arrives after the append returned but before the confirmation landed gets
+//! `request_in_progress` from the backend; this instance remembers the durable answers it
+//! gave and answers such a retry with the order's 202 instead. Another instance answers it
+//! 409 `request_in_progress` with `Retry-After` (never a 202 for an order not yet durable).
 
 use crate::admission::{self, Admission};
 use crate::auth::Auth;
+use crate::confirmer::{ConfirmConfig, Confirmer};
 use crate::metrics::{Metrics, OutcomeLabel, RateWindow, ResponseLabel};
-use crate::model::{AbortOutcome, AdmitRequest, Decision, OrderRef, Rejection};
+use crate::model::{AbortOutcome, AdmitRequest, Answer, Decision, OrderRef, Rejection};
 use crate::problem::ApiError;
+use crate::sale_cache::SaleCache;
 use bytes::Bytes;
 use dashmap::DashMap;
 use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
@@ -38,8 +48,16 @@ pub struct ApiConfig {
     /// Deadline to receive a request body once its head arrived; past it the client gets
     /// 408 and the connection's slot is freed.
     pub body_read_timeout: Duration,
-    /// How long a sale's definition is cached.
+    /// Age past which a cached sale definition is refreshed in the background (requests
+    /// keep getting the cached one meanwhile); also how long an unknown sale id is cached.
     pub sale_cache_ttl: Duration,
+    /// Most sale definitions cached.
+    pub sale_cache_capacity: u64,
+    /// Most idempotency confirmations waiting for the background confirmer; when full, the
+    /// order path confirms inline.
+    pub confirm_queue: usize,
+    /// Most confirmations sent in one batch (one admission round trip).
+    pub confirm_batch_max: usize,
 }
 
 impl Default for ApiConfig {
@@ -50,6 +68,9 @@ impl Default for ApiConfig {
             decision_timeout: Duration::from_millis(250),
             body_read_timeout: Duration::from_secs(5),
             sale_cache_ttl: Duration::from_secs(2),
+            sale_cache_capacity: 10_000,
+            confirm_queue: 16_384,
+            confirm_batch_max: 512,
         }
     }
 }
@@ -67,6 +88,21 @@ struct RecentOrder {
     accepted_at: Timestamp,
 }
 
+/// Identifies an idempotency answer: sale, user, key.
+type IdemKey = (SaleId, UserId, String);
+
+/// An answer this instance gave for an order whose record is durable.
+#[derive(Debug, Clone)]
+struct DurableAnswer {
+    fingerprint: String,
+    answer: Answer,
+}
+
+/// Attempts of a failed confirmation batch, and the wait before the second one (doubled
+/// before each further one).
+const CONFIRM_ATTEMPTS: u32 = 6;
+const CONFIRM_BACKOFF: Duration = Duration::from_millis(20);
+
 /// The API: everything a request handler needs.
 pub struct Ingest {
     admission: Arc<dyn Admission>,
@@ -74,9 +110,13 @@ pub struct Ingest {
     store: Arc<dyn OrderStore>,
     auth: Auth,
     config: ApiConfig,
-    /// Sale definitions, unknown ids included (`None`), loaded once per key at a time.
-    sales: moka::future::Cache<SaleId, Option<Arc<Sale>>>,
+    /// Sale definitions, unknown ids included, stale-while-revalidate.
+    sales: SaleCache,
     recent: moka::sync::Cache<OrderId, RecentOrder>,
+    /// Answers of durable orders this instance accepted, so that a retry arriving before
+    /// the confirmation landed gets the 202 replayed.
+    durable: moka::sync::Cache<IdemKey, DurableAnswer>,
+    confirmer: Arc<Confirmer>,
     rates: DashMap<SaleId, RateWindow>,
     /// The instance's metrics.
     pub metrics: Metrics,
@@ -413,23 +453,50 @@ impl Ingest {
         auth: Auth,
         config: ApiConfig,
     ) -> Self {
+        let loader_store = Arc::clone(&store);
+        let sales = SaleCache::new(
+            config.sale_cache_capacity,
+            config.sale_cache_ttl,
+            Arc::new(move |id: SaleId| {
+                let store = Arc::clone(&loader_store);
+                Box::pin(async move { store.get_sale(&id).await })
+            }),
+        );
+        let confirmer = Arc::new(Confirmer::new(
+            Arc::clone(&admission),
+            ConfirmConfig {
+                capacity: config.confirm_queue,
+                batch_max: config.confirm_batch_max,
+                attempts: CONFIRM_ATTEMPTS,
+                backoff: CONFIRM_BACKOFF,
+            },
+        ));
         Ingest {
             admission,
             log,
             store,
             auth,
-            sales: moka::future::Cache::builder()
-                .max_capacity(10_000)
-                .time_to_live(config.sale_cache_ttl)
-                .build(),
+            sales,
             recent: moka::sync::Cache::builder()
                 .max_capacity(1_000_000)
                 .time_to_live(Duration::from_secs(600))
                 .build(),
+            durable: moka::sync::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(Duration::from_secs(600))
+                .build(),
+            confirmer,
             rates: DashMap::new(),
             metrics: Metrics::default(),
             config,
         }
+    }
+
+    /// Sends the confirmations still queued and stops the background confirmer; call it
+    /// once the server stopped taking requests. Confirmations handed over later (a request
+    /// still in flight) are sent inline.
+    pub async fn shutdown(&self) {
+        self.confirmer.shutdown().await;
     }
 
     /// Answers one request.
@@ -498,14 +565,9 @@ impl Ingest {
     }
 
     async fn sale(&self, id: &SaleId) -> Result<Option<Arc<Sale>>, ApiError> {
-        // Single flight: when the entry expires under load, one request reads the store and
-        // the others wait for it. Unknown ids are cached too, so they cost no store call.
-        let store = Arc::clone(&self.store);
-        let key = id.clone();
+        // From memory; only a sale never seen waits for the store (one load for all).
         self.sales
-            .try_get_with(id.clone(), async move {
-                store.get_sale(&key).await.map(|s| s.map(Arc::new))
-            })
+            .get(id)
             .await
             .map_err(|e| match Arc::try_unwrap(e) {
                 Ok(e) => store_error(e),
@@ -619,8 +681,16 @@ impl Ingest {
                 // hangs up (which drops this future) must not leave the answer
                 // unconfirmed or the stock taken. No deadline here: the embedded log
                 // completes or fails every append, and abandoning an append that may
-                // still land would release the stock of a durable order.
+                // still land would release the stock of a durable order. The confirmation
+                // is only queued (the confirmer sends it in a batch); the answer is
+                // remembered here first, so a retry on this instance gets its 202.
                 let (log, admission) = (Arc::clone(&self.log), Arc::clone(&self.admission));
+                let (confirmer, answers) = (Arc::clone(&self.confirmer), self.durable.clone());
+                let idem: IdemKey = (sale_id.clone(), admit.user.clone(), admit.key.clone());
+                let remembered = DurableAnswer {
+                    fingerprint: admit.fingerprint.clone(),
+                    answer,
+                };
                 let task_sale = sale_id.clone();
                 let durable = tokio::spawn(async move {
                     if let Err(e) = log.append(&record).await {
@@ -638,9 +708,8 @@ impl Ingest {
                             }
                         }
                     }
-                    if let Err(e) = admission.confirm(&task_sale, &oref).await {
-                        tracing::warn!(error = %e, order = %oref.order_id, "confirm failed; retries answer in-progress");
-                    }
+                    answers.insert(idem, remembered);
+                    confirmer.confirm(task_sale, oref).await;
                     true
                 })
                 .await
@@ -671,6 +740,16 @@ impl Ingest {
                 answer
             }
             Decision::InProgress => {
+                // Durable and answered by this instance, confirmation not landed yet.
+                let idem: IdemKey = (sale_id.clone(), admit.user.clone(), admit.key.clone());
+                if let Some(d) = self
+                    .durable
+                    .get(&idem)
+                    .filter(|d| d.fingerprint == admit.fingerprint)
+                {
+                    self.count("replayed");
+                    return Ok(accepted_response(&sale_id, &d.answer));
+                }
                 self.count("request_in_progress");
                 return Err(ApiError::request_in_progress(
                     "the first request with this key is still being processed",
@@ -696,20 +775,7 @@ impl Ingest {
                 });
             }
         };
-        let mut resp = json(
-            StatusCode::ACCEPTED,
-            &serde_json::json!({
-                "order_id": answer.order_id,
-                "sale_id": sale_id,
-                "sequence": answer.sequence,
-                "quantity": answer.quantity,
-                "status": "accepted",
-            }),
-        );
-        if let Ok(v) = HeaderValue::from_str(&format!("/v1/orders/{}", answer.order_id)) {
-            resp.headers_mut().insert(header::LOCATION, v);
-        }
-        Ok(resp)
+        Ok(accepted_response(&sale_id, &answer))
     }
 
     async fn create_sale(&self, req: Request<Incoming>) -> Result<Resp, ApiError> {
@@ -737,7 +803,7 @@ impl Ingest {
         })
         .await
         .map_err(|_| ApiError::internal("creating the sale failed"))??;
-        self.sales.invalidate(&sale.id).await;
+        self.sales.put(sale.clone()).await;
         let mut resp = json(
             StatusCode::CREATED,
             &sale_view(&sale, Some(i64::from(sale.stock))),
@@ -797,7 +863,7 @@ impl Ingest {
         })
         .await
         .map_err(|_| ApiError::internal("adding stock failed"))??;
-        self.sales.invalidate(&id).await;
+        self.sales.put(sale.clone()).await;
         Ok(json(
             StatusCode::OK,
             &sale_view(&sale, self.stock_left(&id).await),
@@ -891,6 +957,24 @@ impl Ingest {
             Ok(resp)
         }
     }
+}
+
+/// The 202 of an accepted (or replayed) order.
+fn accepted_response(sale_id: &SaleId, answer: &Answer) -> Resp {
+    let mut resp = json(
+        StatusCode::ACCEPTED,
+        &serde_json::json!({
+            "order_id": answer.order_id,
+            "sale_id": sale_id,
+            "sequence": answer.sequence,
+            "quantity": answer.quantity,
+            "status": "accepted",
+        }),
+    );
+    if let Ok(v) = HeaderValue::from_str(&format!("/v1/orders/{}", answer.order_id)) {
+        resp.headers_mut().insert(header::LOCATION, v);
+    }
+    resp
 }
 
 fn order_view(order: Order) -> OrderView {

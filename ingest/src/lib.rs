@@ -1,7 +1,9 @@
 //! flashsale ingest: the HTTP front end that admits orders.
 //!
 //! [`server::serve`] runs the hyper server on a bound listener; [`api`] holds the routes;
-//! [`admission`] the `Admission` trait and its embedded backend; [`redis_admission`] the
+//! [`admission`] the `Admission` trait and its embedded backend; `confirmer` confirms
+//! idempotency answers off the request path, in batches; `sale_cache` serves sale
+//! definitions stale-while-revalidate; [`redis_admission`] the
 //! Redis backend (Lua scripts in `src/lua/`) and [`sold_out`] its per-instance sold-out
 //! flags; [`model`] the decision
 //! rules every backend agrees with; [`auth`] buyer JWTs and the operator token;
@@ -10,9 +12,11 @@
 pub mod admission;
 pub mod api;
 pub mod auth;
+mod confirmer;
 pub mod metrics;
 pub mod model;
 pub mod problem;
 pub mod redis_admission;
+mod sale_cache;
 pub mod server;
 pub mod sold_out;

@@ -5,6 +5,11 @@
 //! `{sale_id}`, so one sale lives on one Redis Cluster slot and its scripts stay atomic.
 //! Scripts are cached by SHA and reloaded on `NOSCRIPT` (the `redis` crate's `Script`).
 //!
+//! Batches ([`Admission::confirm_batch`], [`Admission::claim_batch`],
+//! [`Admission::release_batch`]) send one `EVALSHA` per order in one pipeline: one round
+//! trip whatever the number of orders, and Cluster-safe since each call touches the keys of
+//! one sale only. A `NOSCRIPT` answer loads the script and sends the calls it refused again.
+//!
 //! A sale whose keys are missing (never written, or lost with a Redis restart) is never
 //! read as full stock: the scripts answer "missing", which ingest turns into 503 until the
 //! counters are rebuilt from the order store.
@@ -16,7 +21,7 @@ use crate::model::{
 use crate::sold_out::{self, FlagKeys, SoldOutFlags};
 use async_trait::async_trait;
 use redis::aio::ConnectionManager;
-use redis::{Script, Value};
+use redis::{Cmd, Script, ServerErrorKind, Value};
 use std::time::Duration;
 use storage::{OrderId, Sale, SaleId, UserId};
 
@@ -88,7 +93,110 @@ fn as_i64(v: &Value) -> Option<i64> {
     }
 }
 
+/// The `EVALSHA` of `script` over `keys`; the caller adds the arguments.
+fn evalsha<K: redis::ToRedisArgs>(script: &Script, keys: &[K]) -> Cmd {
+    let mut cmd = redis::cmd("EVALSHA");
+    cmd.arg(script.get_hash()).arg(keys.len()).arg(keys);
+    cmd
+}
+
+/// An integer reply of a script call in a batch.
+fn int_reply(reply: Result<Value>) -> Result<i64> {
+    let v = reply?;
+    as_i64(&v).ok_or_else(|| Error::Unavailable(format!("unexpected script reply {v:?}")))
+}
+
 impl RedisAdmission {
+    /// Sends `calls` (each an `EVALSHA` of `script`) in one pipeline: one round trip. One
+    /// reply per call, in order; a call's server error is its own result and does not fail
+    /// the others. Calls refused with `NOSCRIPT` (after a Redis restart or `SCRIPT FLUSH`)
+    /// are sent again once the script is loaded.
+    async fn eval_each(&self, script: &Script, calls: Vec<Cmd>) -> Vec<Result<Value>> {
+        let n = calls.len();
+        if n == 0 {
+            return Vec::new();
+        }
+        let mut out: Vec<Option<Result<Value>>> = (0..n).map(|_| None).collect();
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors();
+        for call in calls {
+            pipe.add_command(call);
+        }
+        let mut todo: Vec<usize> = (0..n).collect();
+        let mut conn = self.conn.clone();
+        for round in 0..2 {
+            let replies: Vec<Value> = match pipe.query_async(&mut conn).await {
+                Ok(r) => r,
+                Err(e) => {
+                    for &i in &todo {
+                        out[i] = Some(Err(unavailable(&e)));
+                    }
+                    break;
+                }
+            };
+            if replies.len() != todo.len() {
+                for &i in &todo {
+                    out[i] = Some(Err(Error::Unavailable(
+                        "a pipeline answered a different number of replies".into(),
+                    )));
+                }
+                break;
+            }
+            let mut again = Vec::new();
+            for (&i, reply) in todo.iter().zip(replies) {
+                match reply {
+                    Value::ServerError(e)
+                        if round == 0 && e.kind() == Some(ServerErrorKind::NoScript) =>
+                    {
+                        again.push(i);
+                    }
+                    Value::ServerError(e) => {
+                        out[i] = Some(Err(unavailable(redis::RedisError::from(e))));
+                    }
+                    v => out[i] = Some(Ok(v)),
+                }
+            }
+            if again.is_empty() {
+                break;
+            }
+            if let Err(e) = script.load_async(&mut conn).await {
+                for &i in &again {
+                    out[i] = Some(Err(unavailable(&e)));
+                }
+                break;
+            }
+            let cmds: Vec<&Cmd> = pipe.cmd_iter().collect();
+            let mut retry = redis::pipe();
+            retry.ignore_errors();
+            for (pos, &i) in todo.iter().enumerate() {
+                if again.contains(&i) {
+                    retry.add_command(cmds[pos].clone());
+                }
+            }
+            pipe = retry;
+            todo = again;
+        }
+        out.into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(Error::Unavailable("no reply".into()))))
+            .collect()
+    }
+
+    /// The `EVALSHA` of `release.lua` for one order in `mode` (`release` or `abort`).
+    fn release_call(&self, sale: &SaleId, order: &OrderRef, mode: &str) -> Cmd {
+        let k = self.keys(sale);
+        let mut cmd = evalsha(
+            &self.scripts.release,
+            &[&k.sale, &k.units, &k.released, &k.idem, &k.claimed],
+        );
+        cmd.arg(order.order_id.to_string())
+            .arg(order.user.as_str())
+            .arg(order.quantity)
+            .arg(mode)
+            .arg(&order.key)
+            .arg(sold_out::channel(&self.prefix, sale));
+        cmd
+    }
+
     /// Connects to `url` (`redis://host:port/db`); keys start with `prefix` (e.g. `fs:`).
     /// Each command gets `response_timeout`; the connection reconnects by itself.
     pub async fn connect(url: &str, prefix: &str, response_timeout: Duration) -> Result<Self> {
@@ -515,6 +623,62 @@ impl Admission for RedisAdmission {
         self.release_mode(sale, order, "release")
             .await
             .map(|n| n == 1)
+    }
+
+    async fn confirm_batch(&self, orders: &[(SaleId, OrderRef)]) -> Vec<Result<()>> {
+        let calls = orders
+            .iter()
+            .map(|(sale, order)| {
+                let idem = self.keys(sale).idem;
+                let mut cmd = evalsha(&self.scripts.confirm, &[&idem]);
+                cmd.arg(order.user.as_str())
+                    .arg(&order.key)
+                    .arg(order.order_id.to_string());
+                cmd
+            })
+            .collect();
+        self.eval_each(&self.scripts.confirm, calls)
+            .await
+            .into_iter()
+            .map(|r| int_reply(r).map(|_| ()))
+            .collect()
+    }
+
+    async fn claim_batch(&self, orders: &[(SaleId, OrderId)]) -> Vec<Result<bool>> {
+        let calls = orders
+            .iter()
+            .map(|(sale, id)| {
+                let k = self.keys(sale);
+                let mut cmd = evalsha(&self.scripts.claim, &[&k.sale, &k.released, &k.claimed]);
+                cmd.arg(id.to_string());
+                cmd
+            })
+            .collect();
+        self.eval_each(&self.scripts.claim, calls)
+            .await
+            .into_iter()
+            .zip(orders)
+            .map(|(r, (sale, _))| match int_reply(r)? {
+                -1 => Err(missing(sale)),
+                n => Ok(n == 1),
+            })
+            .collect()
+    }
+
+    async fn release_batch(&self, orders: &[(SaleId, OrderRef)]) -> Vec<Result<bool>> {
+        let calls = orders
+            .iter()
+            .map(|(sale, order)| self.release_call(sale, order, "release"))
+            .collect();
+        self.eval_each(&self.scripts.release, calls)
+            .await
+            .into_iter()
+            .zip(orders)
+            .map(|(r, (sale, _))| match int_reply(r)? {
+                -1 => Err(missing(sale)),
+                n => Ok(n == 1),
+            })
+            .collect()
     }
 
     async fn counters(&self, sale: &SaleId) -> Result<Option<Counters>> {
