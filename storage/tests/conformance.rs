@@ -855,6 +855,7 @@ async fn sqlite_concurrent_batches_commit_in_groups() {
     let commands = stats.commands - start.commands;
     let groups = stats.groups - start.groups;
     assert_eq!(commands, 3 * TASKS as u64, "{stats:?}");
+    eprintln!("{commands} concurrent writes committed in {groups} transactions");
     assert!(
         groups < commands,
         "no two writes shared a commit: {stats:?}"
