@@ -127,6 +127,8 @@ impl Running {
     pub async fn stop(self) -> anyhow::Result<()> {
         self.shutdown.cancel();
         self.server.await.context("server task")??;
+        // Confirmations still queued by answered orders reach admission.
+        self.ingest.shutdown().await;
         #[cfg(feature = "kafka")]
         if let Some(kafka) = self.kafka {
             // Records handed to the producer by requests that finished are delivered.
