@@ -33,6 +33,8 @@
 //! `persisted` or `payment_pending` is looked up at the provider before it is charged
 //! again, and notifications are keyed per order and outcome, so a repeated one reaches the
 //! buyer once). The database is never corrupted by a power loss in this mode, only behind.
+//! The catalog (sales, stock additions) is not in the log, so a group holding a catalog
+//! write commits with `synchronous = FULL`: an answered catalog change is on the disk.
 
 use crate::batch::{self, Current};
 use crate::{
@@ -216,8 +218,28 @@ impl SqliteStore {
         T: Send + 'static,
         F: FnOnce(&Connection) -> Result<T> + Send + 'static,
     {
+        self.submit(false, f).await
+    }
+
+    /// As [`write`](Self::write), for writes the order log does not hold (the catalog:
+    /// sales and stock additions): their group commits with `synchronous = FULL`, so an
+    /// answered catalog change survives a power loss too.
+    async fn durable_write<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T> + Send + 'static,
+    {
+        self.submit(true, f).await
+    }
+
+    async fn submit<T, F>(&self, durable: bool, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T> + Send + 'static,
+    {
         let (reply, answer) = oneshot::channel();
         let job: Box<dyn Command> = Box::new(Job {
+            durable,
             work: Some(f),
             result: None,
             reply,
@@ -267,9 +289,12 @@ trait Command: Send {
     /// Answers the caller once the group's fate is known: `Ok` if it committed, else why
     /// not. A call that failed by itself gets its own error either way.
     fn finish(self: Box<Self>, group: std::result::Result<(), &str>);
+    /// Whether its commit must reach the disk before it is answered (see `durable`).
+    fn durable(&self) -> bool;
 }
 
 struct Job<T, F> {
+    durable: bool,
     work: Option<F>,
     result: Option<Result<T>>,
     reply: oneshot::Sender<Result<T>>,
@@ -280,6 +305,10 @@ where
     T: Send,
     F: FnOnce(&Connection) -> Result<T> + Send,
 {
+    fn durable(&self) -> bool {
+        self.durable
+    }
+
     fn run(&mut self, conn: &Connection) -> bool {
         let Some(work) = self.work.take() else {
             return false;
@@ -316,7 +345,15 @@ fn writer_loop(conn: &Connection, mut queue: mpsc::Receiver<Box<dyn Command>>, s
         stats
             .commands
             .fetch_add(group.len() as u64, Ordering::Relaxed);
+        let durable = group.iter().any(|c| c.durable());
+        if durable {
+            // Outside a transaction, so it applies to the group's commit.
+            let _ = conn.execute_batch("PRAGMA synchronous = FULL");
+        }
         run_group(conn, group.drain(..));
+        if durable {
+            let _ = conn.execute_batch("PRAGMA synchronous = NORMAL");
+        }
     }
 }
 
@@ -584,7 +621,7 @@ impl SqliteStore {
 impl OrderStore for SqliteStore {
     async fn create_sale(&self, sale: &Sale) -> Result<()> {
         let sale = sale.clone();
-        self.write(move |c| {
+        self.durable_write(move |c| {
             let body = serde_json::to_string(&sale).map_err(corrupt)?;
             let n = c
                 .prepare_cached(
@@ -641,7 +678,7 @@ impl OrderStore for SqliteStore {
 
     async fn add_stock(&self, id: &SaleId, units: u32) -> Result<Sale> {
         let id = id.clone();
-        self.write(move |c| {
+        self.durable_write(move |c| {
             let n = c
                 .prepare_cached(
                     "UPDATE sales SET stock = stock + ?2 WHERE id = ?1 AND stock + ?2 <= ?3",

@@ -9,7 +9,7 @@ use crate::breaker::Permit;
 use crate::provider::{ChargeOutcome, PaymentClient, ProviderError};
 use std::sync::Arc;
 use std::time::Duration;
-use storage::{Change, Order, OrderId, OrderStatus};
+use storage::{Change, Order, OrderId, OrderStatus, MAX_CHARGE_ID};
 use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -181,9 +181,7 @@ impl Core {
         let outcome = match charged {
             Ok(Some(outcome)) => outcome,
             Ok(None) => {
-                let moved = self
-                    .finalize(order, OrderStatus::Expired, None)
-                    .await?;
+                let moved = self.finalize(order, OrderStatus::Expired, None).await?;
                 if moved {
                     tracing::info!(order_id = %id, "order not paid in time; expired");
                 }
@@ -203,6 +201,13 @@ impl Core {
             }
         };
         let (to, charge_id) = match &outcome {
+            ChargeOutcome::Succeeded { charge_id } if charge_id.len() > MAX_CHARGE_ID => {
+                // The store refuses it (and with it the whole batch): never send it there.
+                SettlerStats::add(&self.counters().provider_errors, 1);
+                self.defer(id);
+                tracing::error!(order_id = %id, len = charge_id.len(), "payment provider answered a charge id longer than the store keeps; order stays payment_pending");
+                return None;
+            }
             ChargeOutcome::Succeeded { charge_id } => (OrderStatus::Paid, Some(charge_id.clone())),
             ChargeOutcome::Declined => (OrderStatus::PaymentFailed, None),
         };
