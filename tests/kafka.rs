@@ -341,6 +341,83 @@ async fn a_poison_record_goes_to_the_dead_letter_topic_and_the_partition_moves_o
     app.stop().await;
 }
 
+/// tansu 0.6.0 answers a fetch at an offset inside a record batch with the batches after
+/// it only, so a group member resuming from a commit inside a partition's last batch read
+/// nothing more of it (the settler left acknowledged orders unsettled after a rebalance or
+/// restart). The consumer resumes before the commit and drops what was already returned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_resuming_inside_a_batch_reads_the_rest_of_the_partition_once() {
+    const RECORDS: usize = 20;
+    const FIRST: usize = 7;
+    let broker = testkit::TansuBroker::start();
+    let kafka = KafkaConfig {
+        bootstrap: broker.bootstrap(),
+        topic_prefix: "resume.".into(),
+        partitions: 1,
+        // Concurrent sends within the linger go out as one batch: offsets 0..20.
+        linger: Duration::from_millis(200),
+        ..KafkaConfig::default()
+    };
+    sequencer::kafka::create_topics(&kafka)
+        .await
+        .expect("topics");
+    let log = Arc::new(sequencer::kafka::KafkaLog::new(&kafka).expect("producer"));
+    let topic = kafka.orders_topic();
+    let mut sends = tokio::task::JoinSet::new();
+    for i in 0..RECORDS {
+        let (log, topic) = (Arc::clone(&log), topic.clone());
+        sends.spawn(async move {
+            log.send(&topic, &format!("k{i}"), format!("r{i}").as_bytes())
+                .await
+                .expect("send")
+                .offset
+        });
+    }
+    let mut acked = Vec::new();
+    while let Some(o) = sends.join_next().await {
+        acked.push(o.expect("sender"));
+    }
+    acked.sort_unstable();
+    assert_eq!(acked, (0..RECORDS as u64).collect::<Vec<_>>());
+
+    // A first member returns and commits the first records, then goes away.
+    {
+        let mut first = KafkaConsumer::new(&kafka, "resume").expect("consumer");
+        let mut read = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while read.len() < FIRST {
+            assert!(Instant::now() < deadline, "the first member read {read:?}");
+            let batch = first
+                .poll(FIRST - read.len(), Duration::from_millis(200))
+                .await
+                .expect("poll");
+            let positions: Vec<_> = batch.iter().map(|e| e.position).collect();
+            if !positions.is_empty() {
+                first.commit(&positions).await.expect("commit");
+            }
+            read.extend(positions.iter().map(|p| p.offset));
+        }
+        assert_eq!(read, (0..FIRST as u64).collect::<Vec<_>>());
+    }
+
+    // The next member returns exactly the rest, within a bound.
+    let mut second = KafkaConsumer::new(&kafka, "resume").expect("consumer");
+    let want: Vec<u64> = (FIRST as u64..RECORDS as u64).collect();
+    let mut read = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while read.len() < want.len() && Instant::now() < deadline {
+        let batch = second
+            .poll(100, Duration::from_millis(200))
+            .await
+            .expect("poll");
+        read.extend(batch.iter().map(|e| e.position.offset));
+    }
+    assert_eq!(
+        read, want,
+        "resumed at the commit and read the rest of the batch, once"
+    );
+}
+
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Outage {
     /// SIGSTOP, then SIGCONT: the broker hangs and comes back with its state.

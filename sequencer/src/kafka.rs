@@ -5,6 +5,16 @@
 //! [`crate::partition`]), carry a `content-type` header, and are acknowledged only once the
 //! broker's delivery report says they are written. The consumer never commits an offset on
 //! its own: the settler commits after the store has committed the batch.
+//!
+//! The consumer also works around brokers that serve a fetch only from whole batches: tansu
+//! 0.6.0 answers a fetch at an offset inside a record batch with the batches *after* it,
+//! silently skipping the rest of that batch (and, for the last batch of a partition,
+//! answering nothing until more records arrive). A committed offset is usually inside a
+//! batch, so a consumer resuming from it (a restart, a rebalance) lost records. Here the
+//! consumer resumes [`MAX_BATCH_RECORDS`] before its committed offset (the producer caps its
+//! batches at that many records, so the batch holding the committed offset is served whole),
+//! drops what it had already returned, and reads again from further back whenever a
+//! partition's offsets jump.
 
 use crate::{
     Error, LogConsumer, LogEntry, LogPosition, OrderLog, OrderRecord, Result, CONTENT_TYPE,
@@ -13,13 +23,24 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
-use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol, StreamConsumer,
+};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Header, Message, OwnedHeaders};
+use rdkafka::message::{BorrowedMessage, Header, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
-use std::collections::BTreeMap;
+use rdkafka::types::RDKafkaRespErr;
+use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 use std::time::Duration;
+
+/// The rdkafka crate this log is built on (for benchmarks of producer variants).
+pub use rdkafka;
+
+/// Most records the producer puts in one batch (`batch.num.messages`). The consumer resumes
+/// this many records before a committed offset so that the batch holding it is read whole.
+pub const MAX_BATCH_RECORDS: i64 = 1_000;
 
 /// Settings of the Kafka log.
 #[derive(Debug, Clone)]
@@ -135,6 +156,7 @@ fn producer(config: &KafkaConfig) -> Result<FutureProducer> {
         .set("partitioner", "murmur2_random")
         .set("linger.ms", config.linger.as_millis().to_string())
         .set("batch.size", config.batch_size.to_string())
+        .set("batch.num.messages", MAX_BATCH_RECORDS.to_string())
         .set(
             "message.timeout.ms",
             config.delivery_timeout.as_millis().max(1).to_string(),
@@ -305,9 +327,145 @@ impl OrderLog for KafkaLog {
     }
 }
 
+/// Where the consumer stands on one partition.
+#[derive(Debug, Default, Clone, Copy)]
+struct Cursor {
+    /// The offset of the next record to return (everything below was returned, or was
+    /// committed before this consumer got the partition); `None` until known.
+    next: Option<i64>,
+    /// How far before `next` the current re-read started (0: not re-reading).
+    back: i64,
+    /// Whether the re-read has served a record below `next` (the broker read from at or
+    /// before `next`, so a jump after it is a real gap, not a skipped batch).
+    saw_below: bool,
+}
+
+type Cursors = Arc<parking_lot::Mutex<HashMap<(String, i32), Cursor>>>;
+
+/// What to do with a record a poll received.
+#[derive(Debug, PartialEq, Eq)]
+enum Admit {
+    /// Return it.
+    Take,
+    /// Already returned (a re-read): drop it.
+    Drop,
+    /// Records before it were skipped: drop it and read again from this offset.
+    ReadFrom(i64),
+}
+
+impl Cursor {
+    fn admit(&mut self, offset: i64) -> Admit {
+        let Some(next) = self.next else {
+            self.next = Some(offset + 1);
+            return Admit::Take;
+        };
+        if offset < next {
+            if self.back > 0 {
+                self.saw_below = true;
+            }
+            return Admit::Drop;
+        }
+        // The broker served from at or before `next` and still jumped (or even offset 0
+        // was tried): offsets are really missing (compaction, transaction markers).
+        let genuine = offset == next || (self.back > 0 && (self.saw_below || self.back >= next));
+        if genuine {
+            *self = Cursor {
+                next: Some(offset + 1),
+                back: 0,
+                saw_below: false,
+            };
+            return Admit::Take;
+        }
+        self.back = if self.back == 0 {
+            MAX_BATCH_RECORDS
+        } else {
+            self.back.saturating_mul(2)
+        };
+        self.saw_below = false;
+        Admit::ReadFrom((next - self.back).max(0))
+    }
+}
+
+/// Starts every assigned partition [`MAX_BATCH_RECORDS`] before the offset to resume from
+/// (the committed one, or what this consumer already returned), so that a broker serving
+/// whole batches only still serves the batch holding it.
+struct ResumeContext {
+    cursors: Cursors,
+}
+
+impl ClientContext for ResumeContext {}
+
+impl ResumeContext {
+    fn resume_points(&self, consumer: &BaseConsumer<Self>, tpl: &mut TopicPartitionList) {
+        let committed = match consumer.committed_offsets(tpl.clone(), Duration::from_secs(10)) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "reading the committed offsets at assignment failed");
+                return;
+            }
+        };
+        let mut cursors = self.cursors.lock();
+        for e in committed.elements() {
+            let key = (e.topic().to_owned(), e.partition());
+            let cursor = cursors.entry(key).or_default();
+            let committed = match e.offset() {
+                Offset::Offset(o) if o >= 0 => Some(o),
+                _ => None,
+            };
+            cursor.next = cursor.next.max(committed);
+            cursor.back = 0;
+            cursor.saw_below = false;
+            if let Some(next) = cursor.next {
+                let from = (next - (MAX_BATCH_RECORDS - 1)).max(0);
+                if let Err(err) =
+                    tpl.set_partition_offset(e.topic(), e.partition(), Offset::Offset(from))
+                {
+                    tracing::warn!(error = %err, "setting a start offset failed");
+                }
+            }
+        }
+    }
+}
+
+impl ConsumerContext for ResumeContext {
+    fn rebalance(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        err: RDKafkaRespErr,
+        tpl: &mut TopicPartitionList,
+    ) {
+        let cooperative = matches!(
+            consumer.rebalance_protocol(),
+            RebalanceProtocol::Cooperative
+        );
+        let done = match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                self.resume_points(consumer, tpl);
+                if cooperative {
+                    consumer.incremental_assign(tpl)
+                } else {
+                    consumer.assign(tpl)
+                }
+            }
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS if cooperative => {
+                consumer.incremental_unassign(tpl)
+            }
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => consumer.unassign(),
+            other => {
+                tracing::error!(error = ?other, "consumer group rebalance failed");
+                consumer.unassign()
+            }
+        };
+        if let Err(e) = done {
+            tracing::error!(error = %e, "applying a consumer group rebalance failed");
+        }
+    }
+}
+
 /// The consumer side: [`LogConsumer`] on a Kafka consumer group.
 pub struct KafkaConsumer {
-    consumer: StreamConsumer,
+    consumer: StreamConsumer<ResumeContext>,
+    cursors: Cursors,
 }
 
 impl std::fmt::Debug for KafkaConsumer {
@@ -325,7 +483,8 @@ impl KafkaConsumer {
 
     /// Joins `group` on `topic` (the dead-letter topic, for inspection and replay).
     pub fn for_topic(config: &KafkaConfig, group: &str, topic: &str) -> Result<Self> {
-        let consumer: StreamConsumer = ClientConfig::new()
+        let cursors = Cursors::default();
+        let consumer: StreamConsumer<ResumeContext> = ClientConfig::new()
             .set("bootstrap.servers", &config.bootstrap)
             .set("group.id", group)
             .set("enable.auto.commit", "false")
@@ -334,10 +493,46 @@ impl KafkaConsumer {
             .set("session.timeout.ms", "6000")
             .set("heartbeat.interval.ms", "500")
             .set("max.poll.interval.ms", "60000")
-            .create()
+            .create_with_context(ResumeContext {
+                cursors: Arc::clone(&cursors),
+            })
             .map_err(unavailable)?;
         consumer.subscribe(&[topic]).map_err(unavailable)?;
-        Ok(KafkaConsumer { consumer })
+        Ok(KafkaConsumer { consumer, cursors })
+    }
+
+    /// Whether `m` is returned; a jump in offsets makes the partition read again from
+    /// further back (see the module documentation).
+    fn admit(&self, m: &BorrowedMessage<'_>) -> bool {
+        let key = (m.topic().to_owned(), m.partition());
+        let admit = self
+            .cursors
+            .lock()
+            .entry(key)
+            .or_default()
+            .admit(m.offset());
+        match admit {
+            Admit::Take => true,
+            Admit::Drop => false,
+            Admit::ReadFrom(from) => {
+                tracing::warn!(
+                    topic = m.topic(),
+                    partition = m.partition(),
+                    offset = m.offset(),
+                    from,
+                    "the broker skipped records; reading the partition again"
+                );
+                if let Err(e) = self.consumer.seek(
+                    m.topic(),
+                    m.partition(),
+                    Offset::Offset(from),
+                    Duration::ZERO,
+                ) {
+                    tracing::error!(error = %e, "seeking back failed");
+                }
+                false
+            }
+        }
     }
 }
 
@@ -361,6 +556,7 @@ impl LogConsumer for KafkaConsumer {
                     }
                     break;
                 }
+                Ok(Ok(m)) if !self.admit(&m) => {}
                 Ok(Ok(m)) => out.push(LogEntry {
                     position: LogPosition {
                         partition: m.partition() as u32,
@@ -395,5 +591,58 @@ impl LogConsumer for KafkaConsumer {
         self.consumer
             .commit(&tpl, CommitMode::Async)
             .map_err(unavailable)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Admit, Cursor, MAX_BATCH_RECORDS};
+
+    #[test]
+    fn a_cursor_takes_records_in_order_and_drops_records_it_returned() {
+        let mut c = Cursor::default();
+        assert_eq!(
+            c.admit(5),
+            Admit::Take,
+            "the first record sets the position"
+        );
+        assert_eq!(c.admit(6), Admit::Take);
+        assert_eq!(c.admit(3), Admit::Drop, "a re-read record");
+        assert_eq!(c.admit(7), Admit::Take);
+    }
+
+    #[test]
+    fn a_jump_reads_again_from_further_back_until_the_broker_serves_the_missing_batch() {
+        let mut c = Cursor {
+            next: Some(5_000),
+            ..Cursor::default()
+        };
+        assert_eq!(c.admit(5_003), Admit::ReadFrom(5_000 - MAX_BATCH_RECORDS));
+        // The broker skipped the batch again: twice as far back.
+        assert_eq!(
+            c.admit(5_003),
+            Admit::ReadFrom(5_000 - 2 * MAX_BATCH_RECORDS)
+        );
+        assert_eq!(c.admit(4_990), Admit::Drop);
+        assert_eq!(c.admit(5_000), Admit::Take);
+        assert_eq!(c.admit(5_001), Admit::Take);
+    }
+
+    #[test]
+    fn a_real_gap_is_accepted_once_the_broker_served_from_before_it() {
+        let mut c = Cursor {
+            next: Some(10),
+            ..Cursor::default()
+        };
+        assert_eq!(c.admit(12), Admit::ReadFrom(0));
+        assert_eq!(c.admit(9), Admit::Drop);
+        assert_eq!(c.admit(12), Admit::Take, "offsets 10 and 11 do not exist");
+        assert_eq!(c.admit(13), Admit::Take);
+        let mut d = Cursor {
+            next: Some(10),
+            ..Cursor::default()
+        };
+        assert_eq!(d.admit(12), Admit::ReadFrom(0));
+        assert_eq!(d.admit(12), Admit::Take, "read from offset 0 already");
     }
 }
