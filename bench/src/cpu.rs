@@ -38,6 +38,16 @@ pub fn thread_id() -> u32 {
         .unwrap_or(0)
 }
 
+/// CPU seconds (utime + stime) the thread `tid` of this process has used so far, 0 if
+/// unknown.
+pub fn thread_cpu_s(tid: u32) -> f64 {
+    if tid == 0 {
+        return 0.0;
+    }
+    read_stat(&format!("/proc/self/task/{tid}/stat"))
+        .map_or(0.0, |s| s.own as f64 / ticks_per_second())
+}
+
 /// The fields of a `stat` line this module needs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Stat {

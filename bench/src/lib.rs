@@ -5,7 +5,9 @@
 
 pub mod chart;
 pub mod cpu;
+pub mod diagnose;
 pub mod loadgen;
 pub mod report;
 pub mod search;
+pub mod settle;
 pub mod systems;

@@ -192,6 +192,9 @@ pub struct StepResult {
     /// from the step's start to the intended send time, and latency in ms. Their spacing
     /// shows a periodic stall.
     pub slow: Vec<(f64, f64)>,
+    /// CPU seconds the pacer thread used over the whole step (warm-up included), so a
+    /// caller measuring CPU over a longer span can leave the generator out.
+    pub pacer_cpu_s: f64,
 }
 
 impl StepResult {
@@ -325,8 +328,8 @@ pub fn run_step(
                     let c1 = CpuSnapshot::take(&tids);
                     c1.since(&c0, Instant::now().duration_since(t0))
                 });
-                // Keep probing while the requests in flight drain (the caller stops us).
-                (sent, cpu, probes)
+                let pacer_cpu_s = crate::cpu::thread_cpu_s(pacer_tid);
+                (sent, cpu, probes, pacer_cpu_s)
             })
             .expect("spawn the pacer thread")
     };
@@ -391,7 +394,7 @@ pub fn run_step(
             while tasks.join_next().await.is_some() {}
         }
     });
-    let (sent, cpu, probes) = pacer.join().expect("pacer thread");
+    let (sent, cpu, probes, pacer_cpu_s) = pacer.join().expect("pacer thread");
     let aborted = shared.abort.load(Ordering::Relaxed);
     let measured_in_window = window.end.min(sent).saturating_sub(window.start);
     let r = shared.recorder.lock().expect("recorder");
@@ -411,7 +414,150 @@ pub fn run_step(
         window_s,
         probes,
         slow: r.slow.clone(),
+        pacer_cpu_s,
     }
+}
+
+/// How a closed-loop run goes: `connections` loops, each sending its next request as soon
+/// as the previous one was answered (as wrk does), for `warmup` (not recorded) and then
+/// `duration`.
+#[derive(Debug, Clone)]
+pub struct ClosedLoopConfig {
+    /// Concurrent loops (one HTTP/1 connection each).
+    pub connections: usize,
+    /// Run before measuring; not recorded.
+    pub warmup: Duration,
+    /// The measurement window.
+    pub duration: Duration,
+    /// A request unanswered after this counts as an error.
+    pub request_timeout: Duration,
+    /// Stop once this many expected answers came (the window ends then).
+    pub limit: Option<u64>,
+}
+
+/// What a closed-loop run measured.
+#[derive(Debug, Clone)]
+pub struct ClosedLoopResult {
+    /// Concurrent loops.
+    pub connections: usize,
+    /// Length of the window, seconds.
+    pub window_s: f64,
+    /// Requests answered inside the window.
+    pub completed: u64,
+    /// Of those, the expected answer.
+    pub expected: u64,
+    /// Of those, another answer or an error.
+    pub failed: u64,
+    /// Latency of the window's requests (from send to answer: closed loop, so it says
+    /// nothing about queueing before the send), microseconds.
+    pub latency_us: Histogram<u64>,
+    /// CPU over the window.
+    pub cpu: Option<CpuUsage>,
+}
+
+impl ClosedLoopResult {
+    /// Expected answers per second.
+    pub fn throughput(&self) -> f64 {
+        if self.window_s > 0.0 {
+            self.expected as f64 / self.window_s
+        } else {
+            0.0
+        }
+    }
+}
+
+/// Runs a closed-loop saturation test against `target` on the generator runtime `rt`:
+/// the throughput wrk would report with `connections` connections. Answers that complete
+/// inside the window count; latency is measured from each request's own send, so unlike
+/// [`run_step`] it hides queueing (that is what closed loop means).
+pub fn run_closed_loop(
+    rt: &tokio::runtime::Runtime,
+    target: Arc<dyn Target>,
+    config: &ClosedLoopConfig,
+) -> ClosedLoopResult {
+    let generator_tid = crate::cpu::thread_id();
+    let connections = config.connections.max(1);
+    let total = Arc::new(AtomicU64::new(0));
+    rt.block_on(async {
+        let start = Instant::now();
+        let window_start = start + config.warmup;
+        let end = window_start + config.duration;
+        let mut loops = tokio::task::JoinSet::new();
+        for c in 0..connections {
+            let target = Arc::clone(&target);
+            let timeout = config.request_timeout;
+            let total = Arc::clone(&total);
+            let limit = config.limit;
+            loops.spawn(async move {
+                let mut hist = new_histogram();
+                let (mut completed, mut expected, mut failed) = (0u64, 0u64, 0u64);
+                let mut i = c as u64;
+                loop {
+                    let sent = Instant::now();
+                    if sent >= end || limit.is_some_and(|l| total.load(Ordering::Relaxed) >= l) {
+                        break;
+                    }
+                    let outcome = tokio::time::timeout(timeout, target.call(i))
+                        .await
+                        .unwrap_or(Outcome::Error);
+                    let done = Instant::now();
+                    i += connections as u64;
+                    if outcome == Outcome::Expected {
+                        total.fetch_add(1, Ordering::Relaxed);
+                    }
+                    if done >= window_start && done <= end {
+                        completed += 1;
+                        hist.saturating_record(done.duration_since(sent).as_micros().max(1) as u64);
+                        if outcome == Outcome::Expected {
+                            expected += 1;
+                        } else {
+                            failed += 1;
+                        }
+                    }
+                }
+                (hist, completed, expected, failed)
+            });
+        }
+        tokio::time::sleep_until(window_start.into()).await;
+        let c0 = (CpuSnapshot::take(&[generator_tid]), Instant::now());
+        match config.limit {
+            None => tokio::time::sleep_until(end.into()).await,
+            Some(l) => {
+                while Instant::now() < end && total.load(Ordering::Relaxed) < l {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
+        }
+        let c1 = CpuSnapshot::take(&[generator_tid]);
+        let window = Instant::now().duration_since(c0.1);
+        let cpu = c1.since(&c0.0, window);
+        let mut out = ClosedLoopResult {
+            connections,
+            window_s: window.as_secs_f64(),
+            completed: 0,
+            expected: 0,
+            failed: 0,
+            latency_us: new_histogram(),
+            cpu: Some(cpu),
+        };
+        let drained =
+            tokio::time::timeout(config.request_timeout + Duration::from_secs(1), async {
+                while let Some(r) = loops.join_next().await {
+                    if let Ok((hist, completed, expected, failed)) = r {
+                        let _ = out.latency_us.add(&hist);
+                        out.completed += completed;
+                        out.expected += expected;
+                        out.failed += failed;
+                    }
+                }
+            })
+            .await;
+        if drained.is_err() {
+            loops.abort_all();
+            while loops.join_next().await.is_some() {}
+        }
+        out
+    })
 }
 
 #[cfg(test)]
@@ -523,6 +669,36 @@ mod tests {
         // Every latency includes the 2 ms of the call.
         assert!(r.latency_us.min() >= 2000, "min {}", r.latency_us.min());
         assert!(r.cpu.is_some());
+    }
+
+    #[test]
+    fn a_closed_loop_sends_as_fast_as_answers_come() {
+        // 4 loops, 10 ms per call: about 400 answers per second.
+        let rt = runtime();
+        let config = ClosedLoopConfig {
+            connections: 4,
+            warmup: Duration::from_millis(50),
+            duration: Duration::from_millis(500),
+            request_timeout: Duration::from_secs(1),
+            limit: None,
+        };
+        let r = run_closed_loop(
+            &rt,
+            Arc::new(Sleepy {
+                delay: Duration::from_millis(10),
+            }),
+            &config,
+        );
+        let total = r.expected + r.failed;
+        assert!((150..=210).contains(&total), "{total}");
+        // Every hundredth answer is a 409.
+        assert!(r.failed >= 1, "{r:?}");
+        assert!(r.latency_us.min() >= 10_000);
+        assert!(
+            r.throughput() > 300.0 && r.throughput() < 420.0,
+            "{}",
+            r.throughput()
+        );
     }
 
     #[test]

@@ -83,6 +83,60 @@ pub fn find_max_rate(plan: SearchPlan, mut pass: impl FnMut(u64) -> bool) -> u64
     lo
 }
 
+/// A repetition's search, started from an earlier repetition's result `hint`: steps of
+/// x1.3 up from `hint` while they pass (or x0.7 down while they fail, to `plan.min`),
+/// then `plan.bisections` bisections of the bracket. About 4 steps instead of a full
+/// search's 8 or 9 when the hint is close; a hint that was far off is walked away from.
+pub fn find_max_rate_near(plan: SearchPlan, hint: u64, mut pass: impl FnMut(u64) -> bool) -> u64 {
+    let up = |r: u64| round_rate((r * 13 / 10).max(r + 1)).min(plan.max);
+    let down = |r: u64| round_rate(r * 7 / 10);
+    let mut rate = round_rate(hint.clamp(plan.min.max(1), plan.max));
+    let (mut lo, mut hi);
+    if pass(rate) {
+        lo = rate;
+        loop {
+            if rate >= plan.max {
+                return lo;
+            }
+            rate = up(rate);
+            if pass(rate) {
+                lo = rate;
+            } else {
+                hi = rate;
+                break;
+            }
+        }
+    } else {
+        hi = rate;
+        loop {
+            rate = down(rate);
+            if rate < plan.min.max(1) || rate >= hi {
+                return 0;
+            }
+            if pass(rate) {
+                lo = rate;
+                break;
+            }
+            hi = rate;
+        }
+    }
+    for _ in 0..plan.bisections {
+        if (hi - lo) as f64 <= lo as f64 * plan.resolution {
+            break;
+        }
+        let mid = round_rate(lo + (hi - lo) / 2);
+        if mid <= lo || mid >= hi {
+            break;
+        }
+        if pass(mid) {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    lo
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -130,6 +184,30 @@ mod tests {
             ..plan()
         };
         assert_eq!(find_max_rate(p, |_| true), 5000);
+    }
+
+    #[test]
+    fn a_repetition_starts_from_the_hint() {
+        let p = SearchPlan {
+            bisections: 2,
+            ..plan()
+        };
+        let mut tried = Vec::new();
+        let best = find_max_rate_near(p, 10_000, |r| {
+            tried.push(r);
+            r <= 11_500
+        });
+        assert_eq!(tried, [10_000, 13_000, 11_000, 12_000]);
+        assert_eq!(best, 11_000);
+        // A hint far too high walks down.
+        let mut tried = Vec::new();
+        let best = find_max_rate_near(p, 10_000, |r| {
+            tried.push(r);
+            r <= 3000
+        });
+        assert_eq!(&tried[..4], [10_000, 7000, 4900, 3400]);
+        assert!((2300..=3000).contains(&best), "{best}");
+        assert_eq!(find_max_rate_near(p, 1000, |_| false), 0);
     }
 
     #[test]

@@ -73,6 +73,31 @@ pub async fn start_plain_hyper() -> anyhow::Result<(SocketAddr, tokio::task::Joi
 
 type HttpClient = Client<HttpConnector, Full<Bytes>>;
 
+/// One order answered 202: its id (from the answer's body) and when the answer was read
+/// (wall clock, microseconds since the Unix epoch, to compare with the store's history).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Accepted {
+    /// The order.
+    pub id: OrderId,
+    /// When its 202 was read, µs since the epoch.
+    pub at_us: i64,
+}
+
+/// Microseconds since the Unix epoch, now.
+pub fn wall_us() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as i64)
+}
+
+/// The `order_id` of a 202 body (`{"order_id":"<uuid>",...}`).
+pub fn order_id_of(body: &[u8]) -> Option<OrderId> {
+    const FIELD: &[u8] = br#""order_id":""#;
+    let at = body.windows(FIELD.len()).position(|w| w == FIELD)? + FIELD.len();
+    let id = std::str::from_utf8(body.get(at..at + 36)?).ok()?;
+    id.parse().ok()
+}
+
 fn http_client() -> HttpClient {
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
@@ -93,6 +118,8 @@ pub struct HttpOrders {
     /// Requests answered with the expected status, over every step.
     pub answered: Arc<AtomicU64>,
     nonce: Arc<str>,
+    /// With [`HttpOrders::recording`]: every 202's order id and time, in answer order.
+    accepted: Option<Arc<std::sync::Mutex<Vec<Accepted>>>>,
 }
 
 impl HttpOrders {
@@ -116,6 +143,32 @@ impl HttpOrders {
             next: Arc::new(AtomicU64::new(0)),
             answered: Arc::new(AtomicU64::new(0)),
             nonce: Arc::from(format!("{:x}", Timestamp::now().millis()).as_str()),
+            accepted: None,
+        })
+    }
+
+    /// Records every 202's order id and time (accepted paths: for the settle check and
+    /// the time from 202 to paid).
+    pub fn recording(mut self) -> Self {
+        self.accepted = Some(Arc::default());
+        self
+    }
+
+    /// How many 202s were recorded so far.
+    pub fn accepted_len(&self) -> usize {
+        self.accepted
+            .as_ref()
+            .map_or(0, |a| a.lock().expect("accepted").len())
+    }
+
+    /// The recorded 202s from index `from` on.
+    pub fn accepted_since(&self, from: usize) -> Vec<Accepted> {
+        self.accepted.as_ref().map_or(Vec::new(), |a| {
+            a.lock()
+                .expect("accepted")
+                .get(from..)
+                .unwrap_or(&[])
+                .to_vec()
         })
     }
 
@@ -129,6 +182,7 @@ impl HttpOrders {
             next: Arc::clone(&self.next),
             answered: Arc::clone(&self.answered),
             nonce: Arc::clone(&self.nonce),
+            accepted: self.accepted.clone(),
         }
     }
 }
@@ -148,6 +202,7 @@ impl Target for HttpOrders {
         let client = self.client.clone();
         let expect = self.expect;
         let answered = Arc::clone(&self.answered);
+        let accepted = self.accepted.clone();
         Box::pin(async move {
             let Ok(req) = req else {
                 return Outcome::Error;
@@ -155,10 +210,19 @@ impl Target for HttpOrders {
             match client.request(req).await {
                 Ok(resp) => {
                     let status = resp.status();
-                    if resp.into_body().collect().await.is_err() {
+                    let Ok(body) = resp.into_body().collect().await else {
                         return Outcome::Error;
-                    }
+                    };
                     if status == expect {
+                        if let Some(acc) = &accepted {
+                            let at_us = wall_us();
+                            match order_id_of(&body.to_bytes()) {
+                                Some(id) => {
+                                    acc.lock().expect("accepted").push(Accepted { id, at_us })
+                                }
+                                None => return Outcome::Unexpected(status.as_u16()),
+                            }
+                        }
                         answered.fetch_add(1, Ordering::Relaxed);
                         Outcome::Expected
                     } else {
@@ -424,8 +488,8 @@ pub struct Diagnostics {
 
 /// flashsale running in this process on the server runtime, and the servers it uses.
 pub struct Flashsale {
-    /// The running system.
-    pub running: flashsale::app::Running,
+    running: Option<flashsale::app::Running>,
+    backends: Backends,
     config: flashsale::config::Config,
     _data: tempfile::TempDir,
     _redis: Option<testkit::RedisServer>,
@@ -476,7 +540,8 @@ impl Flashsale {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let running = flashsale::app::App::start(&config, listener).await?;
         Ok(Flashsale {
-            running,
+            running: Some(running),
+            backends,
             config,
             _data: data,
             _redis: redis,
@@ -484,6 +549,38 @@ impl Flashsale {
             _broker: broker,
             _postgres: postgres,
         })
+    }
+
+    /// The running system.
+    pub fn running(&self) -> &flashsale::app::Running {
+        self.running.as_ref().expect("flashsale is running")
+    }
+
+    /// Stops the system and starts it again on the same data, log and servers (a new
+    /// port), with the settler on or off (`settler.enabled`).
+    pub async fn restart(&mut self, settler: bool) -> anyhow::Result<()> {
+        if let Some(r) = self.running.take() {
+            r.stop().await.context("stopping flashsale")?;
+        }
+        self.config.settler.enabled = settler;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let running = flashsale::app::App::start(&self.config, listener)
+            .await
+            .context("starting flashsale again")?;
+        self.running = Some(running);
+        Ok(())
+    }
+
+    /// The log partition an order's record went to, when it can be told: the embedded
+    /// log has one; Kafka's is murmur2 of the key (the order id) over `log.partitions`.
+    pub fn partition_of(&self, id: OrderId) -> Option<u32> {
+        match self.backends {
+            Backends::Embedded => Some(0),
+            Backends::Distributed => Some(sequencer::partition::partition_for(
+                id.to_string().as_bytes(),
+                self.config.log.partitions.max(1),
+            )),
+        }
     }
 
     /// Creates a sale through the operator API; `stock` 0 means the open sale's 100 M.
@@ -501,7 +598,7 @@ impl Flashsale {
             "user_rate": {"per_second": 1_000_000, "burst": 1_000_000},
         });
         let (status, text) = request(
-            self.running.addr,
+            self.running().addr,
             Method::POST,
             "/v1/sales",
             &[("authorization", format!("Bearer {operator}"))],
@@ -530,7 +627,7 @@ impl Flashsale {
     pub async fn order(&self, sale: &str, user: &str) -> anyhow::Result<StatusCode> {
         let token = self.tokens(user, 1)?.remove(0);
         let (status, _) = request(
-            self.running.addr,
+            self.running().addr,
             Method::POST,
             &format!("/v1/sales/{sale}/orders"),
             &[
@@ -545,7 +642,7 @@ impl Flashsale {
 
     /// Orders persisted by the settler so far (every sale).
     pub fn persisted(&self) -> u64 {
-        self.running
+        self.running()
             .settler_stats
             .as_ref()
             .map_or(0, |s| s.snapshot().persisted)
@@ -554,6 +651,9 @@ impl Flashsale {
     /// Stops the system (the servers stop when this is dropped).
     pub async fn stop(self) -> anyhow::Result<()> {
         let Flashsale { running, .. } = self;
-        running.stop().await
+        match running {
+            Some(r) => r.stop().await,
+            None => Ok(()),
+        }
     }
 }
