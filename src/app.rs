@@ -609,7 +609,9 @@ fn lower_priority(nice: u8) {
     }
     // thread-priority maps 0..=99 onto nice 19..=-20.
     let nice = f32::from(nice.min(19));
-    let value = (99.0 * (1.0 - (nice + 20.0) / 39.0)).round().clamp(0.0, 99.0) as u8;
+    let value = (99.0 * (1.0 - (nice + 20.0) / 39.0))
+        .round()
+        .clamp(0.0, 99.0) as u8;
     let Ok(value) = ThreadPriorityValue::try_from(value) else {
         return;
     };

@@ -30,10 +30,16 @@ async fn orders_are_answered_while_the_provider_hangs_and_settle_after() {
     })
     .await;
     let sale = app.sale("isolation", ORDERS as u32 + 10, 1).await;
-    let stats = app.running().settler_stats.clone().expect("settler runs here");
+    let stats = app
+        .running()
+        .settler_stats
+        .clone()
+        .expect("settler runs here");
 
     // The settler is blocked: its first charges hang until the circuit opens.
-    let first = app.order(&sale, &app.token("user-first"), "k-first", 1).await;
+    let first = app
+        .order(&sale, &app.token("user-first"), "k-first", 1)
+        .await;
     assert_eq!(first.status, 202, "{}", first.body);
     eventually("the payment circuit opens", Duration::from_secs(30), || {
         let stats = stats.clone();

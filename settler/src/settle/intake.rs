@@ -132,4 +132,3 @@ impl Intake {
         Some(orders)
     }
 }
-

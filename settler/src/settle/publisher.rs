@@ -1,8 +1,8 @@
 //! The publisher: drains the store's outbox of status changes into the [`EventSink`].
 
 use super::core::Core;
-use super::stats::SettlerStats;
 use super::pause;
+use super::stats::SettlerStats;
 use crate::events::EventSink;
 use std::sync::Arc;
 use std::time::Duration;
@@ -70,4 +70,3 @@ pub(crate) async fn publisher(
         }
     }
 }
-

@@ -103,4 +103,3 @@ pub(crate) async fn sweep(
         SettlerStats::add(&core.counters().sweeps, 1);
     }
 }
-
