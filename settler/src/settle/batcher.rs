@@ -96,6 +96,6 @@ mod tests {
             assert_eq!(answer, Some(i * 2));
         }
         let n = batches.load(Ordering::SeqCst);
-        assert!(n >= 2 && n < 100, "100 calls in {n} batches");
+        assert!((2..100).contains(&n), "100 calls in {n} batches");
     }
 }
