@@ -3,8 +3,10 @@
 //!
 //! States and moves:
 //! - **closed**: every call is let through. A call that fails in a way that says the
-//!   provider is unwell (timeout, transport error, 5xx/408/429, after the client's own
-//!   retries) adds one to a count of consecutive failures; any answer (a success, a decline,
+//!   provider is unwell (timeout, transport error, 5xx/408/429) adds one to a count of
+//!   consecutive failures, and so does every failed attempt inside a client's retries
+//!   (the clients stop retrying once the circuit is not closed, so an outage costs each
+//!   call in flight one attempt, not all of them); any answer (a success, a decline,
 //!   even a 4xx refusal: the provider is up) sets the count back to 0. At `threshold`
 //!   consecutive failures the breaker **opens**.
 //! - **open**: no call is let through for `cool_down`. Orders stay where they are
@@ -158,6 +160,13 @@ impl CircuitBreaker {
             self.0.opened_total.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(cool_down = ?self.0.cool_down, "payment provider failing; circuit open, charging paused");
         }
+    }
+
+    /// One failed attempt inside a client's retries (see
+    /// [`PaymentClient::with_circuit`](crate::PaymentClient::with_circuit)): counted like a
+    /// failed call while closed, ignored otherwise (the call's own permit reports its end).
+    pub fn attempt_failed(&self) {
+        self.on_failure(false, Instant::now());
     }
 
     fn on_abandoned_probe(&self) {

@@ -9,6 +9,7 @@
 //! timed out may have gone through, so before it is sent again its outcome is looked up
 //! with `GET /v1/charges/{key}`.
 
+use crate::breaker::CircuitBreaker;
 use backon::{ExponentialBuilder, Retryable};
 use bytes::Bytes;
 use http::StatusCode;
@@ -324,7 +325,17 @@ pub(crate) fn decode_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result
     serde_json::from_slice(body).map_err(|e| ProviderError::InvalidResponse(e.to_string()))
 }
 
-fn log_retry(e: &ProviderError, after: Duration) {
+/// Whether a failed attempt is tried again: a retryable error, while the circuit (if any)
+/// is closed.
+fn retry_further(circuit: Option<&CircuitBreaker>, e: &ProviderError) -> bool {
+    e.is_retryable() && circuit.is_none_or(CircuitBreaker::is_closed)
+}
+
+/// A failed attempt about to be retried: counted by the circuit, logged.
+fn note_retry(circuit: Option<&CircuitBreaker>, e: &ProviderError, after: Duration) {
+    if let Some(c) = circuit {
+        c.attempt_failed();
+    }
     tracing::debug!(error = %e, retry_in = ?after, "provider call failed; retrying");
 }
 
@@ -336,6 +347,7 @@ pub struct PaymentClient {
     charges_url: String,
     refunds_url: String,
     retry: RetryPolicy,
+    circuit: Option<CircuitBreaker>,
 }
 
 impl PaymentClient {
@@ -353,7 +365,18 @@ impl PaymentClient {
             refunds_url: format!("{base_url}/v1/refunds"),
             base_url,
             retry,
+            circuit: None,
         })
+    }
+
+    /// Ties the client's retries to `circuit`: every failed attempt counts as a failure
+    /// (so a provider that goes down opens the circuit after `threshold` attempts, not
+    /// `threshold` calls of four attempts each), and a call stops retrying once the circuit
+    /// is not closed: with hundreds of calls in flight, an outage then costs each of them
+    /// one attempt instead of all its retries.
+    pub fn with_circuit(mut self, circuit: CircuitBreaker) -> Self {
+        self.circuit = Some(circuit);
+        self
     }
 
     /// The provider's base URL.
@@ -397,8 +420,8 @@ impl PaymentClient {
         };
         attempt
             .retry(self.retry.backoff())
-            .when(ProviderError::is_retryable)
-            .notify(log_retry)
+            .when(|e| retry_further(self.circuit.as_ref(), e))
+            .notify(|e, after| note_retry(self.circuit.as_ref(), e, after))
             .await
     }
 
@@ -424,8 +447,8 @@ impl PaymentClient {
     pub async fn lookup(&self, key: &str) -> Result<Option<ChargeOutcome>, ProviderError> {
         (|| self.lookup_once(key))
             .retry(self.retry.backoff())
-            .when(ProviderError::is_retryable)
-            .notify(log_retry)
+            .when(|e| retry_further(self.circuit.as_ref(), e))
+            .notify(|e, after| note_retry(self.circuit.as_ref(), e, after))
             .await
     }
 
@@ -467,8 +490,8 @@ impl PaymentClient {
         };
         attempt
             .retry(self.retry.backoff())
-            .when(ProviderError::is_retryable)
-            .notify(log_retry)
+            .when(|e| retry_further(self.circuit.as_ref(), e))
+            .notify(|e, after| note_retry(self.circuit.as_ref(), e, after))
             .await
     }
 }
@@ -480,6 +503,7 @@ pub struct NotificationClient {
     base_url: String,
     notifications_url: String,
     retry: RetryPolicy,
+    circuit: Option<CircuitBreaker>,
 }
 
 impl NotificationClient {
@@ -496,7 +520,18 @@ impl NotificationClient {
             notifications_url: format!("{base_url}/v1/notifications"),
             base_url,
             retry,
+            circuit: None,
         })
+    }
+
+    /// Ties the client's retries to `circuit`: every failed attempt counts as a failure
+    /// (so a provider that goes down opens the circuit after `threshold` attempts, not
+    /// `threshold` calls of four attempts each), and a call stops retrying once the circuit
+    /// is not closed: with hundreds of calls in flight, an outage then costs each of them
+    /// one attempt instead of all its retries.
+    pub fn with_circuit(mut self, circuit: CircuitBreaker) -> Self {
+        self.circuit = Some(circuit);
+        self
     }
 
     /// The provider's base URL.
@@ -538,8 +573,8 @@ impl NotificationClient {
         };
         attempt
             .retry(self.retry.backoff())
-            .when(ProviderError::is_retryable)
-            .notify(log_retry)
+            .when(|e| retry_further(self.circuit.as_ref(), e))
+            .notify(|e, after| note_retry(self.circuit.as_ref(), e, after))
             .await
     }
 }

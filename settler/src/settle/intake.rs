@@ -1,6 +1,6 @@
 //! The intake: reads the log in batches, dead-letters what does not decode, persists the
 //! rest with the checkpoint, commits the consumer and hands the orders to the charge
-//! stage without waiting.
+//! stage, waiting for room in its queue.
 
 use super::core::{claim, Core, Job, Work};
 use super::stats::SettlerStats;
@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 use storage::{Checkpoint, NewOrder};
-use tokio::sync::mpsc::{self, error::TrySendError};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 /// The log-reading stage.
@@ -55,27 +55,34 @@ impl Intake {
             let Some(orders) = self.settle_batch(&entries, shutdown).await else {
                 return;
             };
-            // Hand the orders over without waiting: charging must never hold persisting up.
-            // What is not handed over stays `persisted` for the sweep.
-            for order in orders {
-                if !self.core.breaker.is_closed() {
-                    SettlerStats::add(&self.core.counters().deferred, 1);
-                    continue;
-                }
-                let Some(claim) = claim(&self.core, order.order_id) else {
-                    continue; // the sweep has it
-                };
-                let job = Job {
-                    claim,
-                    work: Work::Fresh(order),
-                };
-                match self.jobs.try_send(job) {
-                    Ok(()) => {}
-                    // The job (and its claim) is dropped.
-                    Err(TrySendError::Full(_)) => {
-                        SettlerStats::add(&self.core.counters().deferred, 1)
-                    }
-                    Err(TrySendError::Closed(_)) => return,
+            // Hand the orders over, waiting for room in the charge queue: a full queue holds
+            // the intake back (the orders wait in the log, where the lag shows them) rather
+            // than leaving them to the sweep, whose per-order reads and interval would cap
+            // the settler's rate. While the circuit is open nothing is handed over, so
+            // persisting runs at full speed through a provider outage and the sweep takes
+            // the orders up once it closes. The whole batch is claimed first, so the sweep
+            // cannot pick up an order persisted but not yet queued.
+            if !self.core.breaker.is_closed() {
+                SettlerStats::add(&self.core.counters().deferred, orders.len() as u64);
+                continue;
+            }
+            let claimed: Vec<Job> = orders
+                .into_iter()
+                .filter_map(|order| {
+                    // `None`: the sweep has it.
+                    claim(&self.core, order.order_id).map(|claim| Job {
+                        claim,
+                        work: Work::Fresh(order),
+                    })
+                })
+                .collect();
+            for job in claimed {
+                tokio::select! {
+                    biased;
+                    // The jobs not queued are dropped with their claims; the orders are
+                    // persisted and the next start's sweep takes them up.
+                    _ = shutdown.cancelled() => return,
+                    sent = self.jobs.send(job) => if sent.is_err() { return },
                 }
             }
         }

@@ -199,7 +199,8 @@ impl Settler {
         Ok(Settler {
             store,
             release,
-            payments: PaymentClient::new(&config.payment_url, config.provider_timeout, retry)?,
+            payments: PaymentClient::new(&config.payment_url, config.provider_timeout, retry)?
+                .with_circuit(breaker.clone()),
             notifications: NotificationClient::new(
                 &config.notification_url,
                 config.provider_timeout,
@@ -249,15 +250,14 @@ impl Settler {
             sink,
             config,
         } = self;
+        let notify_breaker =
+            CircuitBreaker::new(config.circuit_failure_threshold, config.circuit_cool_down);
         let core = core::Core::start(core::CoreParts {
             store,
             release,
             payments,
-            notifications,
-            notify_breaker: CircuitBreaker::new(
-                config.circuit_failure_threshold,
-                config.circuit_cool_down,
-            ),
+            notifications: notifications.with_circuit(notify_breaker.clone()),
+            notify_breaker,
             breaker,
             stats,
             payment_ttl: config.payment_ttl,
