@@ -215,7 +215,9 @@ mod tests {
         std::hint::black_box(x);
         let b = CpuSnapshot::take(&[tid]);
         let u = b.since(&a, t.elapsed());
-        assert!(u.process_s >= u.generator_s);
+        // The process's and the thread's counters are read one after the other, so the
+        // thread can gain a tick (10 ms) the process reading missed.
+        assert!(u.process_s + 0.021 >= u.generator_s, "{u:?}");
         assert!(u.generator_s > 0.0, "{u:?}");
     }
 }
