@@ -16,9 +16,19 @@
 //! - `Notified`: the order is not notified yet.
 //!
 //! A change about an order the store does not hold is skipped.
+//!
+//! # Sale totals
+//!
+//! Each database keeps a `sale_totals` table: orders and units per sale and status, and how
+//! many of them were released, so that `sale_totals` reads a few rows instead of every
+//! order of the sale. Every write of orders updates it in the same transaction: the
+//! backends collect the changes as [`TotalsDelta`]s ([`persisted`] for new orders,
+//! [`totals_of_plan`] for a batch) and write them last, one upsert per (sale, status), in
+//! the sorted order of [`Deltas`], so two transactions lock those rows in the same order
+//! and cannot deadlock on them.
 
 use crate::{transition, Change, OrderId, OrderStatus};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 /// What the store holds of an order, as far as a batch's preconditions go.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,6 +80,78 @@ pub(crate) struct Plan {
     pub updates: Vec<RowUpdate>,
     /// One row per applied status change, in batch order.
     pub history: Vec<HistoryRow>,
+}
+
+/// A change of one sale's totals in one status.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct TotalsDelta {
+    /// Orders.
+    pub orders: i64,
+    /// Units.
+    pub units: i64,
+    /// Orders released.
+    pub released_orders: i64,
+    /// Units released.
+    pub released_units: i64,
+}
+
+impl TotalsDelta {
+    fn is_zero(&self) -> bool {
+        *self == TotalsDelta::default()
+    }
+}
+
+/// Totals changes by (sale id, status name), sorted: the order backends write them in.
+pub(crate) type Deltas = BTreeMap<(String, &'static str), TotalsDelta>;
+
+/// Adds (`sign` = 1) or removes (`sign` = -1) one order of `quantity` units in `status`.
+fn count(
+    deltas: &mut Deltas,
+    sale: &str,
+    status: OrderStatus,
+    quantity: u32,
+    released: bool,
+    sign: i64,
+) {
+    let d = deltas
+        .entry((sale.to_owned(), status.as_str()))
+        .or_default();
+    let units = i64::from(quantity) * sign;
+    d.orders += sign;
+    d.units += units;
+    if released {
+        d.released_orders += sign;
+        d.released_units += units;
+    }
+}
+
+/// Counts a new order (status `persisted`, not released).
+pub(crate) fn persisted(deltas: &mut Deltas, sale: &str, quantity: u32) {
+    count(deltas, sale, OrderStatus::Persisted, quantity, false, 1);
+}
+
+/// The totals changes of a planned batch: each updated order leaves its stored status
+/// (and release state) and enters its final one. `orders` holds the sale id and the
+/// quantity of every order in `current`.
+pub(crate) fn totals_of_plan(
+    plan: &Plan,
+    current: &HashMap<OrderId, Current>,
+    orders: &HashMap<OrderId, (String, u32)>,
+) -> Deltas {
+    let mut deltas = Deltas::new();
+    for u in &plan.updates {
+        let (Some(cur), Some((sale, quantity))) = (current.get(&u.id), orders.get(&u.id)) else {
+            continue;
+        };
+        let released = cur.released || u.released_at.is_some();
+        if (cur.status, cur.released) == (u.status, released) {
+            continue;
+        }
+        count(&mut deltas, sale, cur.status, *quantity, cur.released, -1);
+        count(&mut deltas, sale, u.status, *quantity, released, 1);
+    }
+    deltas.retain(|_, d| !d.is_zero());
+    deltas
 }
 
 /// The distinct orders of a batch, in order of first appearance (what a backend reads).
@@ -260,6 +342,50 @@ mod tests {
         assert_eq!(plan.updates[0].updated_at, None);
         assert_eq!(plan.updates[1].released_at, Some(1));
         assert_eq!(touched(&changes), vec![a, b, unknown, c]);
+    }
+
+    #[test]
+    fn totals_follow_each_order_from_its_stored_state_to_its_final_one() {
+        let (a, b, c) = (OrderId::new(), OrderId::new(), OrderId::new());
+        let current = HashMap::from([
+            (a, row(Persisted)),
+            (b, row(PaymentPending)),
+            (c, row(PaymentPending)),
+        ]);
+        let orders = HashMap::from([
+            (a, ("s1".to_owned(), 2)),
+            (b, ("s1".to_owned(), 1)),
+            (c, ("s2".to_owned(), 3)),
+        ]);
+        let changes = vec![
+            status(a, Persisted, PaymentPending, None),
+            status(a, PaymentPending, Paid, Some("ch")),
+            Change::Notified(a),
+            status(b, PaymentPending, PaymentFailed, None),
+            Change::Released(b),
+            Change::Notified(c), // no status change: no totals change
+        ];
+        let plan = plan(&changes, &current, 1);
+        let deltas = totals_of_plan(&plan, &current, &orders);
+        let d = |orders, units, released_orders, released_units| TotalsDelta {
+            orders,
+            units,
+            released_orders,
+            released_units,
+        };
+        let want: Deltas = [
+            (("s1".to_owned(), "paid"), d(1, 2, 0, 0)),
+            (("s1".to_owned(), "payment_failed"), d(1, 1, 1, 1)),
+            (("s1".to_owned(), "payment_pending"), d(-1, -1, 0, 0)),
+            (("s1".to_owned(), "persisted"), d(-1, -2, 0, 0)),
+        ]
+        .into_iter()
+        .collect();
+        assert_eq!(deltas, want);
+        let mut new = Deltas::new();
+        persisted(&mut new, "s2", 3);
+        persisted(&mut new, "s2", 1);
+        assert_eq!(new[&("s2".to_owned(), "persisted")], d(2, 4, 0, 0));
     }
 
     #[test]

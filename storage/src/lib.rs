@@ -7,6 +7,7 @@
 
 #[cfg(any(feature = "embedded", feature = "postgres"))]
 mod batch;
+pub mod metrics;
 pub mod model;
 #[cfg(feature = "postgres")]
 pub mod postgres;
@@ -175,7 +176,9 @@ pub trait OrderStore: Send + Sync + 'static {
     async fn unfinished_followups(&self, limit: usize) -> Result<Vec<Order>>;
     /// Every order of a sale (for reconciliation and reports).
     async fn orders_of_sale(&self, sale: &SaleId) -> Result<Vec<Order>>;
-    /// Orders and units of a sale by status.
+    /// Orders and units of a sale by status. The backends keep these totals in every
+    /// database, updated in the transaction of each order write, so this reads a few rows
+    /// per database whatever the number of orders.
     async fn sale_totals(&self, sale: &SaleId) -> Result<SaleTotals>;
     /// Orders that entered `payment_pending` before `before` and are still in it, oldest
     /// first, at most `limit` (the expiry sweeper's work).

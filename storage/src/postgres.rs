@@ -34,6 +34,12 @@
 //! and the commit. A shard that fails changes nothing and the call returns its error; the
 //! other shards' parts are committed (and a replay of the batch applies nothing there).
 //!
+//! # Sale totals
+//!
+//! Each shard keeps `sale_totals` (orders, units and releases per sale and status of its
+//! orders), written in the transaction of every order write, rows in sorted order (see
+//! `batch.rs`); [`OrderStore::sale_totals`] sums the shards' rows.
+//!
 //! # Failures
 //!
 //! Connecting is bounded by [`CONNECT_TIMEOUT`] and waiting for, creating or recycling a pooled
@@ -41,17 +47,20 @@
 //! [`Error::Unavailable`] (naming the shard) within seconds instead of hanging; the pools
 //! reconnect by themselves once it is back.
 
-use crate::batch::{self, Current};
+use crate::batch::{self, Current, Deltas};
+use crate::metrics::{self, PoolSource, PoolStatus};
 use crate::shard;
 use crate::{
     model::*, Change, Checkpoint, Error, Order, OrderStore, Result, Sale, SaleId, SaleTotals,
     StatusCount,
 };
 use async_trait::async_trait;
-use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
+use deadpool_postgres::{
+    Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime, Transaction,
+};
 use futures_util::future::{join_all, try_join_all};
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
@@ -144,6 +153,22 @@ pub struct PgStore {
 struct Inner {
     catalog: Pool,
     shards: Vec<Pool>,
+}
+
+/// Every database's pool, summed.
+impl PoolSource for Inner {
+    fn pool_status(&self) -> PoolStatus {
+        let mut total = PoolStatus::default();
+        for pool in std::iter::once(&self.catalog).chain(&self.shards) {
+            let s = pool.status();
+            total += PoolStatus {
+                in_use: s.size.saturating_sub(s.available) as u64,
+                idle: s.available as u64,
+                waiting: s.waiting as u64,
+            };
+        }
+        total
+    }
 }
 
 impl std::fmt::Debug for PgStore {
@@ -276,6 +301,8 @@ impl PgStore {
                 shards,
             }),
         };
+        let pool: Weak<Inner> = Arc::downgrade(&store.inner);
+        metrics::watch_pool(pool);
         let catalog_want = latest_version(&catalog_schema::migrations::runner());
         let shard_want = latest_version(&shard_schema::migrations::runner());
         let mut checks = vec![store.check_schema(Db::Catalog, catalog_want)];
@@ -495,6 +522,10 @@ impl PgStore {
             .iter()
             .map(|r| r.try_get::<_, Uuid>(0).map_err(corrupt))
             .collect::<Result<_>>()?;
+        let mut totals = Deltas::new();
+        for o in orders.iter().filter(|o| new.contains(&o.order_id.0)) {
+            batch::persisted(&mut totals, o.sale_id.as_str(), o.quantity);
+        }
         if !new.is_empty() {
             // accepted then persisted for each new order, in batch order (as the embedded
             // store writes them), so the outbox lists them in that order.
@@ -523,6 +554,7 @@ impl PgStore {
                 .await
                 .map_err(err)?;
         }
+        write_totals(&tx, &totals).await.map_err(err)?;
         tx.commit().await.map_err(err)?;
         Ok(new.len())
     }
@@ -544,24 +576,36 @@ impl PgStore {
         let tx = client.transaction().await.map_err(err)?;
         let select = tx
             .prepare_cached(
-                "SELECT order_id, status, released_at IS NOT NULL, notified_at IS NOT NULL \
-                 FROM orders WHERE order_id = ANY($1) ORDER BY order_id FOR UPDATE",
+                "SELECT order_id, status, released_at IS NOT NULL, notified_at IS NOT NULL, \
+                 sale_id, quantity FROM orders WHERE order_id = ANY($1) ORDER BY order_id \
+                 FOR UPDATE",
             )
             .await
             .map_err(err)?;
         let mut current = HashMap::with_capacity(ids.len());
+        let mut orders = HashMap::with_capacity(ids.len());
         for row in tx.query(&select, &[&ids]).await.map_err(err)? {
+            let id = OrderId(row.try_get(0).map_err(corrupt)?);
             let status: String = row.try_get(1).map_err(corrupt)?;
             current.insert(
-                OrderId(row.try_get(0).map_err(corrupt)?),
+                id,
                 Current {
                     status: status.parse().map_err(corrupt)?,
                     released: row.try_get(2).map_err(corrupt)?,
                     notified: row.try_get(3).map_err(corrupt)?,
                 },
             );
+            let quantity: i32 = row.try_get(5).map_err(corrupt)?;
+            orders.insert(
+                id,
+                (
+                    row.try_get::<_, String>(4).map_err(corrupt)?,
+                    u32::try_from(quantity).map_err(corrupt)?,
+                ),
+            );
         }
         let plan = batch::plan(changes.iter().copied(), &current, now);
+        let totals = batch::totals_of_plan(&plan, &current, &orders);
         if !plan.updates.is_empty() {
             let n = plan.updates.len();
             let mut u_ids = Vec::with_capacity(n);
@@ -630,6 +674,7 @@ impl PgStore {
                 .await
                 .map_err(err)?;
         }
+        write_totals(&tx, &totals).await.map_err(err)?;
         tx.commit().await.map_err(err)?;
         Ok(plan.applied)
     }
@@ -639,6 +684,58 @@ impl PgStore {
         let applied = self.apply_batch(std::slice::from_ref(&change)).await?;
         Ok(applied.first().copied().unwrap_or(false))
     }
+}
+
+/// Adds `deltas` to the shard's `sale_totals` rows in one statement, rows in the sorted
+/// order of [`Deltas`] (so concurrent transactions lock them in the same order).
+async fn write_totals(
+    tx: &Transaction<'_>,
+    deltas: &Deltas,
+) -> std::result::Result<(), tokio_postgres::Error> {
+    if deltas.is_empty() {
+        return Ok(());
+    }
+    let n = deltas.len();
+    let (mut sales, mut statuses) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    let (mut orders, mut units) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    let (mut released_orders, mut released_units) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    for ((sale, status), d) in deltas {
+        sales.push(sale.as_str());
+        statuses.push(*status);
+        orders.push(d.orders);
+        units.push(d.units);
+        released_orders.push(d.released_orders);
+        released_units.push(d.released_units);
+    }
+    let upsert = tx
+        .prepare_cached(
+            "INSERT INTO sale_totals (sale_id, status, orders, units, released_orders, \
+             released_units) \
+             SELECT d.sale_id, d.status, d.orders, d.units, d.released_orders, d.released_units \
+             FROM UNNEST($1::text[], $2::text[], $3::int8[], $4::int8[], $5::int8[], \
+             $6::int8[]) WITH ORDINALITY \
+             AS d(sale_id, status, orders, units, released_orders, released_units, n) \
+             ORDER BY d.n \
+             ON CONFLICT (sale_id, status) DO UPDATE SET \
+             orders = sale_totals.orders + excluded.orders, \
+             units = sale_totals.units + excluded.units, \
+             released_orders = sale_totals.released_orders + excluded.released_orders, \
+             released_units = sale_totals.released_units + excluded.released_units",
+        )
+        .await?;
+    tx.execute(
+        &upsert,
+        &[
+            &sales,
+            &statuses,
+            &orders,
+            &units,
+            &released_orders,
+            &released_units,
+        ],
+    )
+    .await?;
+    Ok(())
 }
 
 /// A database error of a write: the charge-id limit (`orders_charge_id_length`) becomes
@@ -991,12 +1088,11 @@ impl OrderStore for PgStore {
     }
 
     async fn sale_totals(&self, sale: &SaleId) -> Result<SaleTotals> {
+        // Kept by every write (see `write_totals`): a few rows per shard.
         let per_shard = self
             .query_every_shard(
-                "SELECT status, count(*), coalesce(sum(quantity), 0)::int8, \
-                 count(released_at), \
-                 coalesce(sum(quantity) FILTER (WHERE released_at IS NOT NULL), 0)::int8 \
-                 FROM orders WHERE sale_id = $1 GROUP BY status",
+                "SELECT status, orders, units, released_orders, released_units \
+                 FROM sale_totals WHERE sale_id = $1 AND orders <> 0",
                 &[&sale.as_str()],
             )
             .await?;
@@ -1107,7 +1203,7 @@ mod tests {
     #[test]
     fn both_schemas_are_embedded() {
         assert_eq!(latest_version(&catalog_schema::migrations::runner()), 2);
-        assert_eq!(latest_version(&shard_schema::migrations::runner()), 2);
+        assert_eq!(latest_version(&shard_schema::migrations::runner()), 3);
     }
 
     /// Every sweep query reads through its partial index on a shard holding mostly settled

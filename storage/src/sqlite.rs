@@ -36,7 +36,8 @@
 //! The catalog (sales, stock additions) is not in the log, so a group holding a catalog
 //! write commits with `synchronous = FULL`: an answered catalog change is on the disk.
 
-use crate::batch::{self, Current};
+use crate::batch::{self, Current, Deltas};
+use crate::metrics::{self, PoolSource, PoolStatus};
 use crate::{
     model::*, Change, Checkpoint, Error, Order, OrderStore, Result, Sale, SaleId, SaleTotals,
     StatusCount,
@@ -48,7 +49,7 @@ use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, TryLockError, Weak};
 use std::thread::JoinHandle;
 use tokio::sync::{mpsc, oneshot};
 
@@ -67,6 +68,7 @@ fn migrations() -> Migrations<'static> {
         M::up(include_str!("../migrations/0001_initial.sql")),
         M::up(include_str!("../migrations/0002_outbox.sql")),
         M::up(include_str!("../migrations/0003_sweep_indexes.sql")),
+        M::up(include_str!("../migrations/0004_sale_totals.sql")),
     ])
 }
 
@@ -186,16 +188,17 @@ impl SqliteStore {
             .name("sqlite-writer".into())
             .spawn(move || writer_loop(&conn, rx, &thread_stats))
             .map_err(unavailable)?;
-        Ok(SqliteStore {
-            inner: Arc::new(Inner {
-                path,
-                writer: Some(tx),
-                thread: Some(thread),
-                readers,
-                next_reader: AtomicUsize::new(0),
-                stats,
-            }),
-        })
+        let inner = Arc::new(Inner {
+            path,
+            writer: Some(tx),
+            thread: Some(thread),
+            readers,
+            next_reader: AtomicUsize::new(0),
+            stats,
+        });
+        let pool: Weak<Inner> = Arc::downgrade(&inner);
+        metrics::watch_pool(pool);
+        Ok(SqliteStore { inner })
     }
 
     /// Where the database lives.
@@ -262,6 +265,26 @@ impl SqliteStore {
         })
         .await
         .map_err(unavailable)?
+    }
+}
+
+/// The readers as the pool, the writer's queue as the callers waiting.
+impl PoolSource for Inner {
+    fn pool_status(&self) -> PoolStatus {
+        let idle = self
+            .readers
+            .iter()
+            .filter(|r| matches!(r.try_lock(), Ok(_) | Err(TryLockError::Poisoned(_))))
+            .count() as u64;
+        let waiting = self
+            .writer
+            .as_ref()
+            .map_or(0, |w| w.max_capacity() - w.capacity()) as u64;
+        PoolStatus {
+            in_use: self.readers.len() as u64 - idle,
+            idle,
+            waiting,
+        }
     }
 }
 
@@ -541,11 +564,12 @@ const UNPUBLISHED_SQL: &str = "SELECT h.order_id, o.sale_id, o.user_id, o.quanti
 /// and the history rows.
 fn apply_changes(c: &Connection, changes: &[Change], now: i64) -> Result<Vec<bool>> {
     let mut current = HashMap::new();
+    let mut orders = HashMap::new();
     {
         let mut select = c
             .prepare_cached(
-                "SELECT status, released_at IS NOT NULL, notified_at IS NOT NULL \
-                 FROM orders WHERE order_id = ?1",
+                "SELECT status, released_at IS NOT NULL, notified_at IS NOT NULL, sale_id, \
+                 quantity FROM orders WHERE order_id = ?1",
             )
             .map_err(unavailable)?;
         for id in batch::touched(changes) {
@@ -555,11 +579,13 @@ fn apply_changes(c: &Connection, changes: &[Change], now: i64) -> Result<Vec<boo
                         r.get::<_, String>(0)?,
                         r.get::<_, bool>(1)?,
                         r.get::<_, bool>(2)?,
+                        r.get::<_, String>(3)?,
+                        r.get::<_, u32>(4)?,
                     ))
                 })
                 .optional()
                 .map_err(unavailable)?;
-            if let Some((status, released, notified)) = row {
+            if let Some((status, released, notified, sale, quantity)) = row {
                 current.insert(
                     id,
                     Current {
@@ -568,10 +594,12 @@ fn apply_changes(c: &Connection, changes: &[Change], now: i64) -> Result<Vec<boo
                         notified,
                     },
                 );
+                orders.insert(id, (sale, quantity));
             }
         }
     }
     let plan = batch::plan(changes, &current, now);
+    let totals = batch::totals_of_plan(&plan, &current, &orders);
     if !plan.updates.is_empty() {
         let mut update = c
             .prepare_cached(
@@ -606,7 +634,38 @@ fn apply_changes(c: &Connection, changes: &[Change], now: i64) -> Result<Vec<boo
                 .map_err(write_error)?;
         }
     }
+    write_totals(c, &totals)?;
     Ok(plan.applied)
+}
+
+/// Adds `deltas` to the `sale_totals` rows (inside the caller's transaction).
+fn write_totals(c: &Connection, deltas: &Deltas) -> Result<()> {
+    if deltas.is_empty() {
+        return Ok(());
+    }
+    let mut upsert = c
+        .prepare_cached(
+            "INSERT INTO sale_totals (sale_id, status, orders, units, released_orders, \
+             released_units) VALUES (?1, ?2, ?3, ?4, ?5, ?6) \
+             ON CONFLICT (sale_id, status) DO UPDATE SET \
+             orders = orders + excluded.orders, units = units + excluded.units, \
+             released_orders = released_orders + excluded.released_orders, \
+             released_units = released_units + excluded.released_units",
+        )
+        .map_err(unavailable)?;
+    for ((sale, status), d) in deltas {
+        upsert
+            .execute(params![
+                sale,
+                status,
+                d.orders,
+                d.units,
+                d.released_orders,
+                d.released_units
+            ])
+            .map_err(unavailable)?;
+    }
+    Ok(())
 }
 
 impl SqliteStore {
@@ -714,6 +773,7 @@ impl OrderStore for SqliteStore {
         self.write(move |c| {
             let now = Timestamp::now().millis();
             let mut inserted = 0;
+            let mut totals = Deltas::new();
             let mut ins = c
                 .prepare_cached(
                     "INSERT INTO orders (order_id, sale_id, user_id, quantity, amount_minor, \
@@ -748,12 +808,14 @@ impl OrderStore for SqliteStore {
                     .map_err(unavailable)?;
                 if n == 1 {
                     inserted += 1;
+                    batch::persisted(&mut totals, o.sale_id.as_str(), o.quantity);
                     hist.execute(params![id, "accepted", o.accepted_at.millis()])
                         .map_err(unavailable)?;
                     hist.execute(params![id, "persisted", now])
                         .map_err(unavailable)?;
                 }
             }
+            write_totals(c, &totals)?;
             if let Some(cp) = &checkpoint {
                 c.prepare_cached(
                     "INSERT INTO consumer_offsets (consumer, partition, next_offset) \
@@ -876,12 +938,11 @@ impl OrderStore for SqliteStore {
         let sale = sale.clone();
         self.read(move |c| {
             let mut totals = SaleTotals::default();
+            // Kept by every write (see `write_totals`): a few rows, whatever the orders.
             let mut stmt = c
                 .prepare_cached(
-                    "SELECT status, count(*), sum(quantity), \
-                     sum(CASE WHEN released_at IS NULL THEN 0 ELSE 1 END), \
-                     sum(CASE WHEN released_at IS NULL THEN 0 ELSE quantity END) \
-                     FROM orders WHERE sale_id = ?1 GROUP BY status",
+                    "SELECT status, orders, units, released_orders, released_units \
+                     FROM sale_totals WHERE sale_id = ?1 AND orders <> 0 ORDER BY status",
                 )
                 .map_err(unavailable)?;
             let mut rows = stmt.query(params![sale.as_str()]).map_err(unavailable)?;

@@ -5,7 +5,7 @@
 
 #![cfg(any(feature = "embedded", feature = "postgres"))]
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use storage::*;
 
 fn sale(id: &str) -> Sale {
@@ -52,9 +52,139 @@ type ShardOf<'a> = &'a (dyn Fn(OrderId) -> usize + Sync);
 /// Every behaviour of [`OrderStore`], on a fresh store.
 async fn check(store: &dyn OrderStore, shard_of: ShardOf<'_>) {
     single_sale(store).await;
+    totals_agree_with_the_orders(store).await;
     catalog(store).await;
     many_orders(store).await;
+    totals_agree_with_the_orders(store).await;
     batches(store, shard_of).await;
+    totals_agree_with_the_orders(store).await;
+    totals_through_replays_failures_and_concurrency(store).await;
+    totals_agree_with_the_orders(store).await;
+}
+
+/// Every sale id the sections write orders for (some have no catalog entry).
+const SALES: [&str; 6] = ["s1", "many", "batch", "split", "outage", "totals"];
+
+/// What `sale_totals` must answer: a count of the sale's orders as they are stored.
+async fn recount(store: &dyn OrderStore, sale: &SaleId) -> SaleTotals {
+    let mut totals = SaleTotals::default();
+    let mut by_status: BTreeMap<&'static str, StatusCount> = BTreeMap::new();
+    for o in store.orders_of_sale(sale).await.expect("orders") {
+        let units = u64::from(o.new.quantity);
+        totals.orders += 1;
+        totals.units += units;
+        if o.released_at.is_some() {
+            totals.released_orders += 1;
+            totals.released_units += units;
+        }
+        let c = by_status.entry(o.status.as_str()).or_insert(StatusCount {
+            status: o.status,
+            orders: 0,
+            units: 0,
+        });
+        c.orders += 1;
+        c.units += units;
+    }
+    totals.by_status = by_status.into_values().collect();
+    totals
+}
+
+/// The totals the store keeps match its orders, for every sale written so far.
+async fn totals_agree_with_the_orders(store: &dyn OrderStore) {
+    let mut sales: BTreeSet<SaleId> = store
+        .list_sales()
+        .await
+        .expect("sales")
+        .into_iter()
+        .map(|s| s.id)
+        .collect();
+    sales.extend(SALES.map(|s| SaleId::parse(s).expect("id")));
+    for sale in &sales {
+        assert_eq!(
+            store.sale_totals(sale).await.expect("totals"),
+            recount(store, sale).await,
+            "totals of sale {sale}"
+        );
+    }
+}
+
+/// The kept totals move only with what a write really changed: a replayed persist or
+/// batch changes nothing, a refused batch changes nothing, and concurrent batches over
+/// the same sale (every one locking the same totals rows) all commit and add up.
+async fn totals_through_replays_failures_and_concurrency(store: &dyn OrderStore) {
+    use OrderStatus::*;
+    let s = sale("totals");
+    store.create_sale(&s).await.expect("create");
+    let orders: Vec<_> = (0..40)
+        .map(|i| order("totals", i, 1 + (i % 2) as u32, Timestamp::now()))
+        .collect();
+    assert_eq!(
+        store.persist_batch(&orders, None).await.expect("persist"),
+        40
+    );
+    assert_eq!(store.persist_batch(&orders, None).await.expect("replay"), 0);
+    let totals = store.sale_totals(&s.id).await.expect("totals");
+    assert_eq!((totals.orders, totals.units), (40, 60));
+    assert_eq!(totals.get(Persisted).orders, 40);
+
+    // A batch refused by the schema (a charge id too long) changes no totals.
+    let id = orders[0].order_id;
+    let refused = store
+        .apply_batch(&[
+            status(id, Persisted, PaymentPending, None),
+            status(
+                id,
+                PaymentPending,
+                Paid,
+                Some(&"x".repeat(MAX_CHARGE_ID + 1)),
+            ),
+        ])
+        .await;
+    assert!(matches!(refused, Err(Error::Invalid(_))), "{refused:?}");
+    assert_eq!(store.sale_totals(&s.id).await.expect("totals"), totals);
+
+    // Concurrent batches, each settling its own orders of the one sale (every batch moves
+    // orders into and out of the same statuses, so each locks the same totals rows), then
+    // replayed: every one commits, the replays apply nothing.
+    let chunks: Vec<Vec<OrderId>> = orders
+        .chunks(8)
+        .map(|c| c.iter().map(|o| o.order_id).collect())
+        .collect();
+    let batch_of = |ids: &[OrderId]| -> Vec<Change> {
+        let mut changes = Vec::new();
+        for (i, &id) in ids.iter().enumerate() {
+            changes.push(status(id, Persisted, PaymentPending, None));
+            if i % 3 == 0 {
+                changes.push(status(id, PaymentPending, PaymentFailed, None));
+                changes.push(Change::Released(id));
+            } else {
+                changes.push(status(id, PaymentPending, Paid, Some("ch")));
+            }
+            changes.push(Change::Notified(id));
+        }
+        changes
+    };
+    let runs = futures_util::future::join_all(chunks.iter().map(|ids| {
+        let changes = batch_of(ids);
+        async move {
+            let first = store.apply_batch(&changes).await.expect("batch");
+            let replay = store.apply_batch(&changes).await.expect("replay");
+            (first, replay)
+        }
+    }))
+    .await;
+    for (first, replay) in runs {
+        assert!(first.iter().all(|a| *a), "{first:?}");
+        assert!(replay.iter().all(|a| !a), "{replay:?}");
+    }
+    let after = store.sale_totals(&s.id).await.expect("totals");
+    assert_eq!(after, recount(store, &s.id).await);
+    assert_eq!(after.get(Persisted).orders, 0);
+    let failed: u64 = chunks.iter().map(|c| c.len().div_ceil(3) as u64).sum();
+    assert_eq!(after.get(PaymentFailed).orders, failed);
+    assert_eq!(after.get(Paid).orders, 40 - failed);
+    assert_eq!(after.released_orders, failed);
+    assert_eq!((after.orders, after.units), (40, 60));
 }
 
 /// Marks every outbox entry published, so a section starts from an empty outbox.
@@ -1027,6 +1157,8 @@ mod postgres {
         );
         let o1 = store.get_order(one[1]).await.expect("get").expect("o1");
         assert_eq!((o1.status, o1.charge_id.as_deref()), (Paid, Some("ch_1")));
+        // Each shard's totals moved with its own part only.
+        totals_agree_with_the_orders(&store).await;
     }
 
     /// Polls `f` until it returns `Ok`, failing after `within`.

@@ -1,0 +1,427 @@
+//! The store's Prometheus metrics, named once here: time per store call and the state of the
+//! connection pools.
+//!
+//! The families are process-global (a store is one of several parts of a process, and
+//! every part registers into the process's one registry): [`register`] adds them to a
+//! registry, and may be called for several registries (tests start several systems in
+//! one process). Calls are timed by [`Metered`], a wrapper around any [`OrderStore`], so
+//! every backend is measured the same way in one place. Pools are read when a registry
+//! is encoded (a scrape), from every store of the process still open: deadpool's status
+//! for Postgres (every database summed), the readers and the writer's queue for SQLite.
+
+use crate::{
+    Change, Checkpoint, NewOrder, Order, OrderEvent, OrderId, OrderStatus, OrderStore, Result,
+    Sale, SaleId, SaleTotals, Timestamp,
+};
+use async_trait::async_trait;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+use std::sync::{LazyLock, Mutex, PoisonError, Weak};
+use std::time::Instant;
+
+/// Name of the store-call histogram.
+pub const STORE_DURATION: &str = "flashsale_store_duration_seconds";
+/// Name of the pool-connection gauge.
+pub const POOL_CONNECTIONS: &str = "flashsale_store_pool_connections";
+/// Name of the pool-waiting gauge.
+pub const POOL_WAITING: &str = "flashsale_store_pool_waiting";
+
+/// The operation a store call performs: one per [`OrderStore`] method.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Op {
+    /// `create_sale`
+    CreateSale,
+    /// `get_sale`
+    GetSale,
+    /// `list_sales`
+    ListSales,
+    /// `add_stock`
+    AddStock,
+    /// `persist_batch`
+    PersistBatch,
+    /// `checkpoint`
+    Checkpoint,
+    /// `transition`
+    Transition,
+    /// `apply_batch`
+    ApplyBatch,
+    /// `mark_released`
+    MarkReleased,
+    /// `mark_notified`
+    MarkNotified,
+    /// `get_order`
+    GetOrder,
+    /// `orders_in_status`
+    OrdersInStatus,
+    /// `unfinished_followups`
+    UnfinishedFollowups,
+    /// `orders_of_sale`
+    OrdersOfSale,
+    /// `sale_totals`
+    SaleTotals,
+    /// `pending_since`
+    PendingSince,
+    /// `unpublished_events`
+    UnpublishedEvents,
+    /// `mark_published`
+    MarkPublished,
+    /// `ping`
+    Ping,
+}
+
+impl Op {
+    /// Every operation, in the order of [`Op::index`].
+    pub const ALL: [Op; 19] = [
+        Op::CreateSale,
+        Op::GetSale,
+        Op::ListSales,
+        Op::AddStock,
+        Op::PersistBatch,
+        Op::Checkpoint,
+        Op::Transition,
+        Op::ApplyBatch,
+        Op::MarkReleased,
+        Op::MarkNotified,
+        Op::GetOrder,
+        Op::OrdersInStatus,
+        Op::UnfinishedFollowups,
+        Op::OrdersOfSale,
+        Op::SaleTotals,
+        Op::PendingSince,
+        Op::UnpublishedEvents,
+        Op::MarkPublished,
+        Op::Ping,
+    ];
+
+    /// The label value: the method's name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Op::CreateSale => "create_sale",
+            Op::GetSale => "get_sale",
+            Op::ListSales => "list_sales",
+            Op::AddStock => "add_stock",
+            Op::PersistBatch => "persist_batch",
+            Op::Checkpoint => "checkpoint",
+            Op::Transition => "transition",
+            Op::ApplyBatch => "apply_batch",
+            Op::MarkReleased => "mark_released",
+            Op::MarkNotified => "mark_notified",
+            Op::GetOrder => "get_order",
+            Op::OrdersInStatus => "orders_in_status",
+            Op::UnfinishedFollowups => "unfinished_followups",
+            Op::OrdersOfSale => "orders_of_sale",
+            Op::SaleTotals => "sale_totals",
+            Op::PendingSince => "pending_since",
+            Op::UnpublishedEvents => "unpublished_events",
+            Op::MarkPublished => "mark_published",
+            Op::Ping => "ping",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// Label of a store call.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OpLabel {
+    /// The operation.
+    pub op: &'static str,
+}
+
+fn duration_histogram() -> Histogram {
+    // 50 µs to about 6.5 s.
+    Histogram::new(exponential_buckets(0.000_05, 2.0, 18))
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+struct StoreMetrics {
+    duration: HistogramFamily<OpLabel>,
+    /// One handle per operation, created once (no label lookup per call).
+    by_op: Vec<Histogram>,
+}
+
+static METRICS: LazyLock<StoreMetrics> = LazyLock::new(|| {
+    let duration: HistogramFamily<OpLabel> = Family::new_with_constructor(duration_histogram);
+    let by_op = Op::ALL
+        .iter()
+        .map(|op| duration.get_or_create(&OpLabel { op: op.as_str() }).clone())
+        .collect();
+    StoreMetrics { duration, by_op }
+});
+
+/// How busy a store's connections are right now.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PoolStatus {
+    /// Connections handed out.
+    pub in_use: u64,
+    /// Connections open and free.
+    pub idle: u64,
+    /// Callers waiting for a connection (SQLite: write commands queued for the writer).
+    pub waiting: u64,
+}
+
+impl std::ops::AddAssign for PoolStatus {
+    fn add_assign(&mut self, other: PoolStatus) {
+        self.in_use += other.in_use;
+        self.idle += other.idle;
+        self.waiting += other.waiting;
+    }
+}
+
+/// A store whose pool the metrics read at a scrape.
+#[cfg_attr(not(any(feature = "embedded", feature = "postgres")), allow(dead_code))]
+pub(crate) trait PoolSource: Send + Sync {
+    /// The pool's state now (cheap, no I/O).
+    fn pool_status(&self) -> PoolStatus;
+}
+
+/// Every store opened in this process, while it is open.
+static POOLS: LazyLock<Mutex<Vec<Weak<dyn PoolSource>>>> = LazyLock::new(Mutex::default);
+
+/// Adds a store's pool to what the metrics report (a backend calls it once it is open).
+#[cfg_attr(not(any(feature = "embedded", feature = "postgres")), allow(dead_code))]
+pub(crate) fn watch_pool(source: Weak<dyn PoolSource>) {
+    let mut pools = POOLS.lock().unwrap_or_else(PoisonError::into_inner);
+    pools.retain(|p| p.strong_count() > 0);
+    pools.push(source);
+}
+
+/// The pools of every open store of the process, summed.
+pub fn pool_status() -> PoolStatus {
+    let sources: Vec<_> = POOLS
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .iter()
+        .filter_map(Weak::upgrade)
+        .collect();
+    let mut total = PoolStatus::default();
+    for s in &sources {
+        total += s.pool_status();
+    }
+    total
+}
+
+/// Encodes the pool gauges from [`pool_status`] at each scrape.
+#[derive(Debug)]
+struct PoolCollector;
+
+impl Collector for PoolCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
+        let status = pool_status();
+        let in_use = ConstGauge::new(status.in_use as i64);
+        let mut e = encoder.encode_descriptor(
+            POOL_CONNECTIONS,
+            "Store connections by state (Postgres: every database's pool; SQLite: the readers)",
+            None,
+            in_use.metric_type(),
+        )?;
+        in_use.encode(e.encode_family(&[("state", "in_use")])?)?;
+        ConstGauge::new(status.idle as i64).encode(e.encode_family(&[("state", "idle")])?)?;
+        let waiting = ConstGauge::new(status.waiting as i64);
+        let e = encoder.encode_descriptor(
+            POOL_WAITING,
+            "Store calls waiting for a connection (SQLite: writes queued for the writer)",
+            None,
+            waiting.metric_type(),
+        )?;
+        waiting.encode(e)
+    }
+}
+
+/// Registers the store's families (the process-global ones) in `registry`.
+pub fn register(registry: &mut Registry) {
+    registry.register(
+        STORE_DURATION,
+        "Time of one store call, by operation",
+        METRICS.duration.clone(),
+    );
+    registry.register_collector(Box::new(PoolCollector));
+}
+
+/// Times one call of `op` from now until it is dropped (a cancelled call counts too).
+struct Timer {
+    histogram: &'static Histogram,
+    started: Instant,
+}
+
+impl Timer {
+    fn start(op: Op) -> Timer {
+        Timer {
+            histogram: &METRICS.by_op[op.index()],
+            started: Instant::now(),
+        }
+    }
+}
+
+impl Drop for Timer {
+    fn drop(&mut self) {
+        self.histogram.observe(self.started.elapsed().as_secs_f64());
+    }
+}
+
+/// An [`OrderStore`] whose every call is timed in `flashsale_store_duration_seconds{op}`.
+#[derive(Debug)]
+pub struct Metered<S> {
+    inner: S,
+}
+
+impl<S: OrderStore> Metered<S> {
+    /// Wraps `inner`.
+    pub fn new(inner: S) -> Self {
+        Metered { inner }
+    }
+
+    /// The wrapped store.
+    pub fn inner(&self) -> &S {
+        &self.inner
+    }
+}
+
+#[async_trait]
+impl<S: OrderStore> OrderStore for Metered<S> {
+    async fn create_sale(&self, sale: &Sale) -> Result<()> {
+        let _t = Timer::start(Op::CreateSale);
+        self.inner.create_sale(sale).await
+    }
+
+    async fn get_sale(&self, id: &SaleId) -> Result<Option<Sale>> {
+        let _t = Timer::start(Op::GetSale);
+        self.inner.get_sale(id).await
+    }
+
+    async fn list_sales(&self) -> Result<Vec<Sale>> {
+        let _t = Timer::start(Op::ListSales);
+        self.inner.list_sales().await
+    }
+
+    async fn add_stock(&self, id: &SaleId, units: u32) -> Result<Sale> {
+        let _t = Timer::start(Op::AddStock);
+        self.inner.add_stock(id, units).await
+    }
+
+    async fn persist_batch(
+        &self,
+        orders: &[NewOrder],
+        checkpoint: Option<&Checkpoint>,
+    ) -> Result<usize> {
+        let _t = Timer::start(Op::PersistBatch);
+        self.inner.persist_batch(orders, checkpoint).await
+    }
+
+    async fn checkpoint(&self, consumer: &str, partition: u32) -> Result<Option<u64>> {
+        let _t = Timer::start(Op::Checkpoint);
+        self.inner.checkpoint(consumer, partition).await
+    }
+
+    async fn transition(
+        &self,
+        id: OrderId,
+        from: OrderStatus,
+        to: OrderStatus,
+        charge_id: Option<&str>,
+    ) -> Result<bool> {
+        let _t = Timer::start(Op::Transition);
+        self.inner.transition(id, from, to, charge_id).await
+    }
+
+    async fn apply_batch(&self, changes: &[Change]) -> Result<Vec<bool>> {
+        let _t = Timer::start(Op::ApplyBatch);
+        self.inner.apply_batch(changes).await
+    }
+
+    async fn mark_released(&self, id: OrderId) -> Result<bool> {
+        let _t = Timer::start(Op::MarkReleased);
+        self.inner.mark_released(id).await
+    }
+
+    async fn mark_notified(&self, id: OrderId) -> Result<bool> {
+        let _t = Timer::start(Op::MarkNotified);
+        self.inner.mark_notified(id).await
+    }
+
+    async fn get_order(&self, id: OrderId) -> Result<Option<Order>> {
+        let _t = Timer::start(Op::GetOrder);
+        self.inner.get_order(id).await
+    }
+
+    async fn orders_in_status(&self, statuses: &[OrderStatus], limit: usize) -> Result<Vec<Order>> {
+        let _t = Timer::start(Op::OrdersInStatus);
+        self.inner.orders_in_status(statuses, limit).await
+    }
+
+    async fn unfinished_followups(&self, limit: usize) -> Result<Vec<Order>> {
+        let _t = Timer::start(Op::UnfinishedFollowups);
+        self.inner.unfinished_followups(limit).await
+    }
+
+    async fn orders_of_sale(&self, sale: &SaleId) -> Result<Vec<Order>> {
+        let _t = Timer::start(Op::OrdersOfSale);
+        self.inner.orders_of_sale(sale).await
+    }
+
+    async fn sale_totals(&self, sale: &SaleId) -> Result<SaleTotals> {
+        let _t = Timer::start(Op::SaleTotals);
+        self.inner.sale_totals(sale).await
+    }
+
+    async fn pending_since(&self, before: Timestamp, limit: usize) -> Result<Vec<Order>> {
+        let _t = Timer::start(Op::PendingSince);
+        self.inner.pending_since(before, limit).await
+    }
+
+    async fn unpublished_events(&self, limit: usize) -> Result<Vec<OrderEvent>> {
+        let _t = Timer::start(Op::UnpublishedEvents);
+        self.inner.unpublished_events(limit).await
+    }
+
+    async fn mark_published(&self, events: &[(OrderId, OrderStatus)]) -> Result<usize> {
+        let _t = Timer::start(Op::MarkPublished);
+        self.inner.mark_published(events).await
+    }
+
+    async fn ping(&self) -> Result<()> {
+        let _t = Timer::start(Op::Ping);
+        self.inner.ping().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_op_has_its_own_handle() {
+        for (i, op) in Op::ALL.iter().enumerate() {
+            assert_eq!(op.index(), i, "{op:?}");
+        }
+        let mut names: Vec<_> = Op::ALL.iter().map(|o| o.as_str()).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), Op::ALL.len());
+    }
+
+    #[test]
+    fn registered_families_encode() {
+        let mut registry = Registry::default();
+        register(&mut registry);
+        drop(Timer::start(Op::Ping));
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).expect("encode");
+        assert!(
+            text.contains("flashsale_store_duration_seconds_count{op=\"ping\"}"),
+            "{text}"
+        );
+        assert!(
+            text.contains("flashsale_store_pool_connections{state=\"in_use\"}"),
+            "{text}"
+        );
+        assert!(text.contains("flashsale_store_pool_waiting "), "{text}");
+    }
+}
