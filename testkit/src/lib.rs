@@ -1,6 +1,6 @@
 //! Test harness: real servers for tests (redis-server, the tansu Kafka-protocol broker,
-//! Postgres), started on free loopback ports in temporary directories and killed when
-//! dropped.
+//! Postgres, Prometheus), started on free loopback ports in temporary directories and killed
+//! when dropped.
 //!
 //! Every test that needs a server starts its own (a redis-server starts in milliseconds),
 //! so tests never share state and need no key prefixes to stay apart. When a server's
@@ -652,4 +652,147 @@ impl PostgresCluster {
     pub fn start_shard(&mut self, i: usize) {
         self.servers[i].start_again();
     }
+}
+
+/// A Prometheus server of the test's own (the Debian `prometheus` binary), listening on a
+/// free loopback port, with its TSDB in a temporary directory and its log in
+/// `prometheus.log` there. Query it over its HTTP API at [`PrometheusServer::url`].
+#[derive(Debug)]
+pub struct PrometheusServer {
+    child: Option<Child>,
+    port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl PrometheusServer {
+    /// The text of a `prometheus.yml` that scrapes every second: one job per
+    /// `(job_name, targets)`, targets as `host:port`.
+    pub fn scrape_config(jobs: &[(&str, Vec<String>)]) -> String {
+        let mut out = String::from(
+            "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n  evaluation_interval: 1s\n\
+             scrape_configs:\n",
+        );
+        for (job, targets) in jobs {
+            let targets: Vec<String> = targets.iter().map(|t| format!("\"{t}\"")).collect();
+            out.push_str(&format!(
+                "  - job_name: {job}\n    static_configs:\n      - targets: [{}]\n",
+                targets.join(", ")
+            ));
+        }
+        out
+    }
+
+    /// Starts Prometheus scraping `jobs` every second (see [`PrometheusServer::scrape_config`]).
+    pub fn scraping(jobs: &[(&str, Vec<String>)]) -> PrometheusServer {
+        Self::start(&Self::scrape_config(jobs))
+    }
+
+    /// Starts Prometheus with `config`, the text of a `prometheus.yml` (written to its
+    /// directory, so relative `rule_files` are looked for there: give absolute paths), and
+    /// waits until `/-/ready` answers 200. Panics with its log when it does not start.
+    pub fn start(config: &str) -> PrometheusServer {
+        let binary = require_binary("prometheus", "prometheus");
+        let dir = tempfile::Builder::new()
+            .prefix("flashsale-prometheus-")
+            .tempdir()
+            .unwrap();
+        let config_path = dir.path().join("prometheus.yml");
+        std::fs::write(&config_path, config).unwrap();
+        let log_path = dir.path().join("prometheus.log");
+        let log = std::fs::File::create(&log_path).unwrap();
+        let port = free_port();
+        let mut child = Command::new(&binary)
+            .arg(format!("--config.file={}", config_path.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.path().join("data").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .arg("--log.level=warn")
+            .current_dir(dir.path())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", binary.display()));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!(
+                    "prometheus exited during start-up ({status}); its log:\n{}",
+                    std::fs::read_to_string(&log_path).unwrap_or_default()
+                );
+            }
+            if http_get_status(port, "/-/ready") == Some(200) {
+                break;
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "prometheus was not ready on 127.0.0.1:{port} within 30 s; its log:\n{}",
+                    std::fs::read_to_string(&log_path).unwrap_or_default()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        PrometheusServer {
+            child: Some(child),
+            port,
+            dir,
+        }
+    }
+
+    /// `http://127.0.0.1:PORT`, the base of its HTTP API (`/api/v1/query`, ...).
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// The port it listens on.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The directory it runs in (`prometheus.yml`, `prometheus.log`, `data/`).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// What it logged so far (warnings and errors), for failure messages.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("prometheus.log")).unwrap_or_default()
+    }
+
+    /// Kills it with SIGKILL.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for PrometheusServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The status code of `GET path` on 127.0.0.1:`port` (HTTP/1.0, no client crate), or
+/// `None` when nothing answers.
+fn http_get_status(port: u16, path: &str) -> Option<u16> {
+    use std::io::{Read, Write};
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_millis(200)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
+    let mut head = [0u8; 32];
+    let n = stream.read(&mut head).ok()?;
+    // "HTTP/1.0 200 OK": the code is the second word of the status line.
+    std::str::from_utf8(&head[..n])
+        .ok()?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
 }
