@@ -4,8 +4,11 @@
 #   scripts/test.sh
 #
 # Installs (when missing) the Debian packages the tests and builds need and the tansu
-# Kafka-protocol broker, then runs cargo fmt --check, clippy with -D warnings on all targets,
-# and the whole test suite with cargo-nextest (or cargo test when nextest is absent).
+# Kafka-protocol broker, then checks the alerting rules (promtool check and test rules) and
+# the scrape config, type-checks the Grafana dashboards against @grafana/schema
+# (scripts/grafana-check, npm packages cached in ~/.cache/flashsale/grafana-check), and runs
+# cargo fmt --check, clippy with -D warnings on all targets, and the whole test suite with
+# cargo-nextest (or cargo test when nextest is absent).
 # The build cache lives outside the clone: CARGO_TARGET_DIR defaults to
 # ~/.cache/flashsale/target.
 set -euo pipefail
@@ -18,10 +21,16 @@ mkdir -p "$CARGO_TARGET_DIR"
 step() { printf '\n== %s ==\n' "$*"; }
 
 step "system packages"
-packages=(cmake pkg-config libcurl4-openssl-dev libssl-dev zlib1g-dev redis-server postgresql prometheus)
+packages=(cmake pkg-config libcurl4-openssl-dev libssl-dev zlib1g-dev redis-server postgresql prometheus nodejs npm)
 missing=()
 for p in "${packages[@]}"; do
-  dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+  dpkg -s "$p" >/dev/null 2>&1 && continue
+  # node and npm may come from another packaging of Node.js (whose nodejs ships npm).
+  case "$p" in
+    nodejs) command -v node >/dev/null && continue ;;
+    npm) command -v npm >/dev/null && continue ;;
+  esac
+  missing+=("$p")
 done
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing: ${missing[*]}"
@@ -47,6 +56,14 @@ else
   cargo install tansu --locked --features dynostore,libsql \
     --target-dir "$HOME/.cache/flashsale/tansu-target"
 fi
+
+step "alerting rules and scrape config (promtool)"
+promtool check rules deploy/prometheus/alerts.yml
+promtool test rules deploy/prometheus/alerts_test.yml
+promtool check config deploy/prometheus/prometheus.yml
+
+step "Grafana dashboards against @grafana/schema (tsc)"
+scripts/grafana-check/check.sh
 
 step "cargo fmt --check"
 cargo fmt --all --check
