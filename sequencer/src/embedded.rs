@@ -6,8 +6,14 @@
 //! returns before its record is on disk. A frame is `len: u32 LE | crc32: u32 LE | payload`;
 //! on open, a torn or corrupt tail (a crash mid-write) is cut off, since no append of it
 //! ever returned. The file is locked so that two processes never write one log.
+//!
+//! Metrics ([`crate::metrics`]): every append's latency and failure (`log="embedded"`),
+//! the records of each group commit and the time of its `fdatasync`.
 
-use crate::{encode, Error, LogConsumer, LogEntry, LogPosition, OrderLog, OrderRecord, Result};
+use crate::metrics::{metrics, EMBEDDED};
+use crate::{
+    encode, Error, LogConsumer, LogEntry, LogPosition, OrderLog, OrderRecord, PartitionLag, Result,
+};
 use async_trait::async_trait;
 use bytes::Bytes;
 use crossbeam_channel::{Receiver, Sender, TrySendError};
@@ -18,7 +24,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::{oneshot, watch};
 
 const FRAME_HEADER: usize = 8;
@@ -253,12 +259,20 @@ impl FileLog {
         FileLogConsumer {
             log: self.clone(),
             next: from,
+            checkpoint: from,
             committed: self.shared.committed.subscribe(),
         }
     }
 
     /// Appends raw bytes (tests use it to write records the settler cannot decode).
     pub async fn append_raw(&self, payload: Vec<u8>) -> Result<LogPosition> {
+        let start = Instant::now();
+        let appended = self.append_raw_inner(payload).await;
+        metrics().append(EMBEDDED, start.elapsed(), appended.is_ok());
+        appended
+    }
+
+    async fn append_raw_inner(&self, payload: Vec<u8>) -> Result<LogPosition> {
         let (reply, rx) = oneshot::channel();
         match self.tx.try_send(Pending { payload, reply }) {
             Ok(()) => {}
@@ -311,9 +325,15 @@ fn writer(
             buf.extend_from_slice(&crc32fast::hash(&p.payload).to_le_bytes());
             buf.extend_from_slice(&p.payload);
         }
+        metrics().group_commit_records.observe(batch.len() as f64);
         let written = file.write_all(&buf).and_then(|()| {
             if options.fsync {
-                file.sync_data()
+                let start = Instant::now();
+                let synced = file.sync_data();
+                metrics()
+                    .fsync_duration
+                    .observe(start.elapsed().as_secs_f64());
+                synced
             } else {
                 Ok(())
             }
@@ -378,10 +398,13 @@ impl OrderLog for FileLog {
 }
 
 /// Reads the embedded log from an offset. Its checkpoint lives in the order store, written
-/// in the same transaction as the batch, so [`LogConsumer::commit`] has nothing to do.
+/// in the same transaction as the batch, so [`LogConsumer::commit`] only remembers it (for
+/// [`LogConsumer::lag`]).
 pub struct FileLogConsumer {
     log: FileLog,
     next: u64,
+    /// The next offset after what was committed (the stored checkpoint).
+    checkpoint: u64,
     committed: watch::Receiver<u64>,
 }
 
@@ -419,8 +442,19 @@ impl LogConsumer for FileLogConsumer {
         Ok(entries)
     }
 
-    async fn commit(&mut self, _positions: &[LogPosition]) -> Result<()> {
+    async fn commit(&mut self, positions: &[LogPosition]) -> Result<()> {
+        if let Some(last) = positions.iter().map(|p| p.offset).max() {
+            self.checkpoint = self.checkpoint.max(last + 1);
+        }
         Ok(())
+    }
+
+    fn lag(&self) -> Vec<PartitionLag> {
+        vec![PartitionLag {
+            partition: 0,
+            end_offset: self.log.len(),
+            committed: self.checkpoint,
+        }]
     }
 }
 
@@ -463,6 +497,67 @@ mod tests {
             .await
             .expect("poll")
             .is_empty());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn appends_record_latency_group_commits_and_fsyncs_and_the_consumer_reports_lag() {
+        use crate::metrics::sample as metric;
+        let appends = "flashsale_log_append_duration_seconds_count{log=\"embedded\"}";
+        let commits = "flashsale_log_group_commit_records_count";
+        let fsyncs = "flashsale_log_fsync_duration_seconds_count";
+        let records = "flashsale_log_group_commit_records_sum";
+        let before = [appends, commits, fsyncs, records].map(metric);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = FileLog::open(dir.path(), FileLogOptions::default()).expect("open");
+        let mut handles = Vec::new();
+        for i in 0..50 {
+            let log = log.clone();
+            handles.push(tokio::spawn(async move { log.append(&sample(i)).await }));
+        }
+        for h in handles {
+            h.await.expect("join").expect("append");
+        }
+        let after = [appends, commits, fsyncs, records].map(metric);
+        // Other tests of this process may append meanwhile: at least ours are counted.
+        assert!(
+            after[0] - before[0] >= 50.0,
+            "appends {before:?} -> {after:?}"
+        );
+        assert!(
+            after[1] - before[1] >= 1.0,
+            "group commits {before:?} -> {after:?}"
+        );
+        assert!(
+            after[2] - before[2] >= 1.0,
+            "fsyncs {before:?} -> {after:?}"
+        );
+        assert!(
+            after[3] - before[3] >= 50.0,
+            "records committed {before:?} -> {after:?}"
+        );
+
+        let mut consumer = log.consumer(5);
+        let lag = consumer.lag();
+        assert_eq!(
+            lag,
+            vec![PartitionLag {
+                partition: 0,
+                end_offset: 50,
+                committed: 5
+            }]
+        );
+        assert_eq!(lag[0].records(), 45);
+        let batch = consumer
+            .poll(10, Duration::from_secs(5))
+            .await
+            .expect("poll");
+        assert_eq!(consumer.lag()[0].records(), 45, "read is not committed");
+        consumer
+            .commit(&batch.iter().map(|e| e.position).collect::<Vec<_>>())
+            .await
+            .expect("commit");
+        assert_eq!(consumer.lag()[0].committed, 15);
+        assert_eq!(consumer.lag()[0].records(), 35);
     }
 
     #[tokio::test]

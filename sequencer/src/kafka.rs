@@ -15,9 +15,17 @@
 //! batches at that many records, so the batch holding the committed offset is served whole),
 //! drops what it had already returned, and reads again from further back whenever a
 //! partition's offsets jump.
+//!
+//! Metrics ([`crate::metrics`]): every order append's latency and failure (`log="kafka"`);
+//! from librdkafka's statistics (`statistics.interval.ms` = 1000) the producers' queue
+//! (`msg_cnt`) and request retries (`txretries`), and for the consumer the end offset
+//! (`hi_offset`) and committed offset of each assigned partition, which
+//! [`LogConsumer::lag`] reports.
 
+use crate::metrics::{metrics, KAFKA};
 use crate::{
-    Error, LogConsumer, LogEntry, LogPosition, OrderLog, OrderRecord, Result, CONTENT_TYPE,
+    Error, LogConsumer, LogEntry, LogPosition, OrderLog, OrderRecord, PartitionLag, Result,
+    CONTENT_TYPE,
 };
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -31,9 +39,10 @@ use rdkafka::message::{BorrowedMessage, Header, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
-use std::collections::{BTreeMap, HashMap};
+use serde::Deserialize;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// The rdkafka crate this log is built on (for benchmarks of producer variants).
 pub use rdkafka;
@@ -41,6 +50,9 @@ pub use rdkafka;
 /// Most records the producer puts in one batch (`batch.num.messages`). The consumer resumes
 /// this many records before a committed offset so that the batch holding it is read whole.
 pub const MAX_BATCH_RECORDS: i64 = 1_000;
+
+/// How often librdkafka reports its statistics (`statistics.interval.ms`).
+const STATISTICS_INTERVAL_MS: &str = "1000";
 
 /// Settings of the Kafka log.
 #[derive(Debug, Clone)]
@@ -138,15 +150,98 @@ pub async fn create_topics(config: &KafkaConfig) -> Result<Vec<String>> {
     Ok(created)
 }
 
+/// The parts of librdkafka's statistics JSON read here (the rest is skipped).
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct RawStats {
+    msg_cnt: u64,
+    brokers: HashMap<String, RawBroker>,
+    topics: HashMap<String, RawTopic>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct RawBroker {
+    txretries: u64,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct RawTopic {
+    partitions: HashMap<String, RawPartition>,
+}
+
+/// One partition as librdkafka last saw it; negative offsets are unknown.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(default)]
+struct RawPartition {
+    partition: i32,
+    lo_offset: i64,
+    hi_offset: i64,
+    committed_offset: i64,
+}
+
+impl Default for RawPartition {
+    fn default() -> Self {
+        // librdkafka's "invalid offset".
+        RawPartition {
+            partition: -1,
+            lo_offset: -1001,
+            hi_offset: -1001,
+            committed_offset: -1001,
+        }
+    }
+}
+
+fn decode_stats(json: &[u8]) -> Option<RawStats> {
+    match serde_json::from_slice(json) {
+        Ok(stats) => Some(stats),
+        Err(e) => {
+            tracing::debug!(error = %e, "librdkafka statistics did not decode");
+            None
+        }
+    }
+}
+
+/// A producer's context: turns its statistics into the queue gauge and the retry counter.
+/// Each producer adds what changed since its last report, so the gauge is the sum over the
+/// process's producers and the counter never goes back when a producer is replaced.
+#[derive(Debug, Default)]
+struct ProducerStats {
+    /// `(msg_cnt, txretries)` of the last report.
+    last: parking_lot::Mutex<(i64, u64)>,
+}
+
+impl ClientContext for ProducerStats {
+    fn stats_raw(&self, json: &[u8]) {
+        let Some(stats) = decode_stats(json) else {
+            return;
+        };
+        let queued = i64::try_from(stats.msg_cnt).unwrap_or(i64::MAX);
+        let retries: u64 = stats.brokers.values().map(|b| b.txretries).sum();
+        let m = metrics();
+        let mut last = self.last.lock();
+        m.kafka_queue_messages.inc_by(queued - last.0);
+        m.kafka_retries.inc_by(retries.saturating_sub(last.1));
+        *last = (queued, retries.max(last.1));
+    }
+}
+
+impl Drop for ProducerStats {
+    fn drop(&mut self) {
+        metrics().kafka_queue_messages.dec_by(self.last.get_mut().0);
+    }
+}
+
 /// The producer side: [`OrderLog`] on Kafka.
 pub struct KafkaLog {
-    producer: parking_lot::RwLock<FutureProducer>,
+    producer: parking_lot::RwLock<FutureProducer<ProducerStats>>,
     recreated: parking_lot::Mutex<std::time::Instant>,
     topic: String,
     config: KafkaConfig,
 }
 
-fn producer(config: &KafkaConfig) -> Result<FutureProducer> {
+fn producer(config: &KafkaConfig) -> Result<FutureProducer<ProducerStats>> {
     ClientConfig::new()
         .set("bootstrap.servers", &config.bootstrap)
         .set("enable.idempotence", "true")
@@ -161,7 +256,8 @@ fn producer(config: &KafkaConfig) -> Result<FutureProducer> {
             "message.timeout.ms",
             config.delivery_timeout.as_millis().max(1).to_string(),
         )
-        .create()
+        .set("statistics.interval.ms", STATISTICS_INTERVAL_MS)
+        .create_with_context(ProducerStats::default())
         .map_err(unavailable)
 }
 
@@ -318,8 +414,13 @@ impl KafkaLog {
 #[async_trait]
 impl OrderLog for KafkaLog {
     async fn append(&self, record: &OrderRecord) -> Result<LogPosition> {
-        let payload = crate::encode(record)?;
-        self.send(&self.topic, &record.key(), &payload).await
+        let start = Instant::now();
+        let appended = match crate::encode(record) {
+            Ok(payload) => self.send(&self.topic, &record.key(), &payload).await,
+            Err(e) => Err(e.into()),
+        };
+        metrics().append(KAFKA, start.elapsed(), appended.is_ok());
+        appended
     }
 
     async fn ping(&self) -> Result<()> {
@@ -341,6 +442,86 @@ struct Cursor {
 }
 
 type Cursors = Arc<parking_lot::Mutex<HashMap<(String, i32), Cursor>>>;
+
+/// A topic's partition.
+type TopicPartition = (String, i32);
+
+/// What [`LogConsumer::lag`] reads: the partitions assigned, librdkafka's last statistics
+/// of each, and what this consumer committed (shared by the consumer and its context).
+#[derive(Debug, Default)]
+struct LagState {
+    assigned: parking_lot::Mutex<BTreeSet<TopicPartition>>,
+    partitions: parking_lot::Mutex<HashMap<TopicPartition, RawPartition>>,
+    committed: parking_lot::Mutex<HashMap<TopicPartition, i64>>,
+}
+
+impl LagState {
+    fn assign(&self, tpl: &TopicPartitionList, incremental: bool) {
+        let mut assigned = self.assigned.lock();
+        if !incremental {
+            assigned.clear();
+        }
+        assigned.extend(
+            tpl.elements()
+                .iter()
+                .map(|e| (e.topic().to_owned(), e.partition())),
+        );
+    }
+
+    fn revoke(&self, tpl: Option<&TopicPartitionList>) {
+        let mut assigned = self.assigned.lock();
+        match tpl {
+            Some(tpl) => {
+                for e in tpl.elements() {
+                    assigned.remove(&(e.topic().to_owned(), e.partition()));
+                }
+            }
+            None => assigned.clear(),
+        }
+    }
+
+    fn statistics(&self, json: &[u8]) {
+        let Some(stats) = decode_stats(json) else {
+            return;
+        };
+        let mut partitions = self.partitions.lock();
+        partitions.clear();
+        for (topic, t) in stats.topics {
+            for p in t.partitions.into_values().filter(|p| p.partition >= 0) {
+                partitions.insert((topic.clone(), p.partition), p);
+            }
+        }
+    }
+
+    fn lag(&self) -> Vec<PartitionLag> {
+        let assigned = self.assigned.lock().clone();
+        let partitions = self.partitions.lock();
+        let committed = self.committed.lock();
+        let mut out = Vec::with_capacity(assigned.len());
+        for key in &assigned {
+            let Some(p) = partitions.get(key) else {
+                continue;
+            };
+            if p.hi_offset < 0 {
+                continue;
+            }
+            let done = committed
+                .get(key)
+                .copied()
+                .unwrap_or(-1)
+                .max(p.committed_offset);
+            // Nothing committed yet: a new group reads from the earliest record.
+            let done = if done >= 0 { done } else { p.lo_offset.max(0) };
+            out.push(PartitionLag {
+                partition: key.1 as u32,
+                end_offset: p.hi_offset as u64,
+                committed: done as u64,
+            });
+        }
+        out.sort_by_key(|l| l.partition);
+        out
+    }
+}
 
 /// What to do with a record a poll received.
 #[derive(Debug, PartialEq, Eq)]
@@ -391,9 +572,14 @@ impl Cursor {
 /// whole batches only still serves the batch holding it.
 struct ResumeContext {
     cursors: Cursors,
+    lag: Arc<LagState>,
 }
 
-impl ClientContext for ResumeContext {}
+impl ClientContext for ResumeContext {
+    fn stats_raw(&self, json: &[u8]) {
+        self.lag.statistics(json);
+    }
+}
 
 impl ResumeContext {
     fn resume_points(&self, consumer: &BaseConsumer<Self>, tpl: &mut TopicPartitionList) {
@@ -441,6 +627,7 @@ impl ConsumerContext for ResumeContext {
         let done = match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
                 self.resume_points(consumer, tpl);
+                self.lag.assign(tpl, cooperative);
                 if cooperative {
                     consumer.incremental_assign(tpl)
                 } else {
@@ -448,11 +635,16 @@ impl ConsumerContext for ResumeContext {
                 }
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS if cooperative => {
+                self.lag.revoke(Some(tpl));
                 consumer.incremental_unassign(tpl)
             }
-            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => consumer.unassign(),
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                self.lag.revoke(None);
+                consumer.unassign()
+            }
             other => {
                 tracing::error!(error = ?other, "consumer group rebalance failed");
+                self.lag.revoke(None);
                 consumer.unassign()
             }
         };
@@ -466,6 +658,7 @@ impl ConsumerContext for ResumeContext {
 pub struct KafkaConsumer {
     consumer: StreamConsumer<ResumeContext>,
     cursors: Cursors,
+    lag: Arc<LagState>,
 }
 
 impl std::fmt::Debug for KafkaConsumer {
@@ -484,6 +677,7 @@ impl KafkaConsumer {
     /// Joins `group` on `topic` (the dead-letter topic, for inspection and replay).
     pub fn for_topic(config: &KafkaConfig, group: &str, topic: &str) -> Result<Self> {
         let cursors = Cursors::default();
+        let lag = Arc::new(LagState::default());
         let consumer: StreamConsumer<ResumeContext> = ClientConfig::new()
             .set("bootstrap.servers", &config.bootstrap)
             .set("group.id", group)
@@ -493,12 +687,18 @@ impl KafkaConsumer {
             .set("session.timeout.ms", "6000")
             .set("heartbeat.interval.ms", "500")
             .set("max.poll.interval.ms", "60000")
+            .set("statistics.interval.ms", STATISTICS_INTERVAL_MS)
             .create_with_context(ResumeContext {
                 cursors: Arc::clone(&cursors),
+                lag: Arc::clone(&lag),
             })
             .map_err(unavailable)?;
         consumer.subscribe(&[topic]).map_err(unavailable)?;
-        Ok(KafkaConsumer { consumer, cursors })
+        Ok(KafkaConsumer {
+            consumer,
+            cursors,
+            lag,
+        })
     }
 
     /// Whether `m` is returned; a jump in offsets makes the partition read again from
@@ -584,19 +784,96 @@ impl LogConsumer for KafkaConsumer {
             *e = (*e).max(p.offset + 1);
         }
         let mut tpl = TopicPartitionList::new();
-        for (partition, offset) in next {
+        for (&partition, &offset) in &next {
             tpl.add_partition_offset(&topic, partition as i32, Offset::Offset(offset as i64))
                 .map_err(unavailable)?;
         }
         self.consumer
             .commit(&tpl, CommitMode::Async)
-            .map_err(unavailable)
+            .map_err(unavailable)?;
+        let mut committed = self.lag.committed.lock();
+        for (partition, offset) in next {
+            let e = committed
+                .entry((topic.clone(), partition as i32))
+                .or_insert(-1);
+            *e = (*e).max(offset as i64);
+        }
+        Ok(())
+    }
+
+    fn lag(&self) -> Vec<PartitionLag> {
+        self.lag.lag()
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::{Admit, Cursor, MAX_BATCH_RECORDS};
+    use super::{Admit, Cursor, LagState, ProducerStats, MAX_BATCH_RECORDS};
+    use crate::PartitionLag;
+    use rdkafka::{ClientContext, TopicPartitionList};
+
+    #[test]
+    fn lag_comes_from_the_statistics_of_assigned_partitions() {
+        let lag = LagState::default();
+        let stats = br#"{"name":"c","type":"consumer","msg_cnt":0,"topics":{"orders":{
+            "topic":"orders","partitions":{
+              "0":{"partition":0,"lo_offset":0,"hi_offset":120,"committed_offset":100},
+              "1":{"partition":1,"lo_offset":5,"hi_offset":40,"committed_offset":-1001},
+              "2":{"partition":2,"lo_offset":0,"hi_offset":70,"committed_offset":10},
+              "-1":{"partition":-1,"lo_offset":-1001,"hi_offset":-1001,"committed_offset":-1001}
+            }}}}"#;
+        lag.statistics(stats);
+        assert!(lag.lag().is_empty(), "nothing assigned yet");
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition("orders", 0);
+        tpl.add_partition("orders", 1);
+        lag.assign(&tpl, false);
+        assert_eq!(
+            lag.lag(),
+            vec![
+                PartitionLag {
+                    partition: 0,
+                    end_offset: 120,
+                    committed: 100
+                },
+                // Nothing committed: a new group starts at the earliest record.
+                PartitionLag {
+                    partition: 1,
+                    end_offset: 40,
+                    committed: 5
+                },
+            ]
+        );
+        // What this consumer committed counts before the statistics catch up.
+        lag.committed.lock().insert(("orders".into(), 0), 115);
+        assert_eq!(lag.lag()[0].records(), 5);
+        lag.revoke(Some(&tpl));
+        assert!(lag.lag().is_empty(), "revoked partitions are not reported");
+    }
+
+    #[test]
+    fn producer_statistics_move_the_queue_gauge_and_the_retry_counter() {
+        // No real producer runs in this test binary, so the process's values move only here.
+        let m = crate::metrics::metrics();
+        let (queued, retries) = (m.kafka_queue_messages.get(), m.kafka_retries.get());
+        let stats = ProducerStats::default();
+        stats.stats_raw(
+            br#"{"msg_cnt":7,"brokers":{"a:9092/1":{"txretries":2},"b:9092/2":{"txretries":1}}}"#,
+        );
+        assert_eq!(m.kafka_queue_messages.get(), queued + 7);
+        assert_eq!(m.kafka_retries.get(), retries + 3);
+        stats.stats_raw(br#"{"msg_cnt":2,"brokers":{"a:9092/1":{"txretries":4}}}"#);
+        assert_eq!(m.kafka_queue_messages.get(), queued + 2);
+        assert_eq!(m.kafka_retries.get(), retries + 4, "a counter only adds");
+        stats.stats_raw(b"not json");
+        assert_eq!(*stats.last.lock(), (2, 4), "garbage changes nothing");
+        drop(stats);
+        assert_eq!(
+            m.kafka_queue_messages.get(),
+            queued,
+            "a dropped producer's queue leaves the gauge"
+        );
+    }
 
     #[test]
     fn a_cursor_takes_records_in_order_and_drops_records_it_returned() {

@@ -7,6 +7,7 @@
 pub mod embedded;
 #[cfg(feature = "kafka")]
 pub mod kafka;
+pub mod metrics;
 pub mod partition;
 pub mod record;
 
@@ -70,6 +71,25 @@ pub trait OrderLog: Send + Sync + 'static {
     async fn ping(&self) -> Result<()>;
 }
 
+/// How far a consumer is behind on one partition it reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PartitionLag {
+    /// The partition.
+    pub partition: u32,
+    /// The log end offset: the offset the next record appended to the partition gets.
+    pub end_offset: u64,
+    /// The consumer's committed position: the next offset it reads after a restart.
+    pub committed: u64,
+}
+
+impl PartitionLag {
+    /// Records in the log past the committed position (0 if the end offset lags behind,
+    /// as a broker's reported end may).
+    pub fn records(&self) -> u64 {
+        self.end_offset.saturating_sub(self.committed)
+    }
+}
+
 /// The consumer side of the order log.
 #[async_trait]
 pub trait LogConsumer: Send + 'static {
@@ -78,4 +98,12 @@ pub trait LogConsumer: Send + 'static {
     /// Marks everything up to and including `positions` as done. Called only after the
     /// store committed them.
     async fn commit(&mut self, positions: &[LogPosition]) -> Result<()>;
+    /// Per partition this consumer reads now: the log end offset and its committed
+    /// position, as last known. Cheap and without I/O (the embedded log knows its length;
+    /// the Kafka consumer answers from the statistics librdkafka reports every second), so
+    /// the settler may sample it often; it does once a second. A consumer that cannot tell
+    /// returns nothing.
+    fn lag(&self) -> Vec<PartitionLag> {
+        Vec::new()
+    }
 }

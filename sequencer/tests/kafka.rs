@@ -1,6 +1,7 @@
 //! The Kafka log against a real tansu broker: topics are created and checked, appends are
 //! acknowledged with their partition and offset, spread over every partition, and a
-//! consumer group reads each record back once.
+//! consumer group reads each record back once; the consumer reports its lag per assigned
+//! partition from librdkafka's statistics, and appends are timed.
 #![cfg(feature = "kafka")]
 
 use sequencer::kafka::{create_topics, KafkaConfig, KafkaConsumer, KafkaLog};
@@ -98,4 +99,71 @@ async fn appends_spread_over_partitions_and_are_read_back_once() {
             .expect("commit");
     }
     assert!(seen.values().all(|n| *n == 1), "each record read once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_consumer_reports_lag_until_it_commits_and_appends_are_timed() {
+    let broker = testkit::TansuBroker::start();
+    let config = KafkaConfig {
+        bootstrap: broker.bootstrap(),
+        topic_prefix: "lag.".into(),
+        partitions: 3,
+        ..KafkaConfig::default()
+    };
+    create_topics(&config).await.expect("create topics");
+    let log = KafkaLog::new(&config).expect("producer");
+    const N: u64 = 120;
+    for i in 0..N {
+        log.append(&record(i)).await.expect("append");
+    }
+    let mut registry = prometheus_client::registry::Registry::default();
+    sequencer::metrics::register(&mut registry);
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry).expect("encode");
+    let appends: f64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("flashsale_log_append_duration_seconds_count{log=\"kafka\"} "))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    assert!(appends >= N as f64, "{text}");
+
+    // Read everything without committing: the lag shows every partition behind.
+    let mut consumer = KafkaConsumer::new(&config, "lag-test").expect("consumer");
+    let mut read = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut seen_lag = Vec::new();
+    while (read.len() as u64) < N || seen_lag.len() < 3 {
+        assert!(
+            Instant::now() < deadline,
+            "read {} of {N}, lag {seen_lag:?}",
+            read.len()
+        );
+        let batch = consumer
+            .poll(500, Duration::from_millis(200))
+            .await
+            .expect("poll");
+        read.extend(batch.iter().map(|e| e.position));
+        seen_lag = consumer.lag();
+    }
+    let behind: u64 = seen_lag.iter().map(|l| l.records()).sum();
+    assert!(
+        behind > 0,
+        "nothing committed yet, yet no lag: {seen_lag:?}"
+    );
+    assert!(behind <= N, "{seen_lag:?}");
+
+    // Commit everything: the lag goes to zero on every partition.
+    consumer.commit(&read).await.expect("commit");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let lag = consumer.lag();
+        if lag.len() == 3 && lag.iter().all(|l| l.records() == 0) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "lag after commit: {lag:?}");
+        consumer
+            .poll(10, Duration::from_millis(100))
+            .await
+            .expect("poll");
+    }
 }

@@ -1,4 +1,5 @@
-//! A circuit breaker for the payment provider: while the provider is down, charging pauses
+//! A circuit breaker in front of a provider (the payment provider's and the notification
+//! provider's are separate): while the provider is down, charging (or notifying) pauses
 //! instead of failing orders or hammering the provider.
 //!
 //! States and moves:
@@ -22,7 +23,13 @@
 //! `circuit_open` in the settler's stats). Calls ask for a [`Permit`] and report on it;
 //! reports from permits handed out before the breaker opened are ignored unless they are
 //! successes (any answer proves the provider is back).
+//!
+//! Metrics ([`crate::metrics`]), by provider: `flashsale_breaker_state` (0 closed,
+//! 1 half-open, 2 open; set on every move, and an open breaker whose cool-down ended reads
+//! half-open from the next [`CircuitBreaker::state`] call, which the sweep makes every
+//! interval) and `flashsale_breaker_openings_total`.
 
+use crate::metrics::{metrics, PAYMENT};
 use parking_lot::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -46,8 +53,21 @@ enum State {
     HalfOpen { probing: bool },
 }
 
+impl BreakerState {
+    /// The value of `flashsale_breaker_state`: 0 closed, 1 half-open, 2 open.
+    pub fn gauge_value(self) -> i64 {
+        match self {
+            BreakerState::Closed => 0,
+            BreakerState::HalfOpen => 1,
+            BreakerState::Open => 2,
+        }
+    }
+}
+
 #[derive(Debug)]
 struct Shared {
+    /// The provider's `provider` label.
+    provider: &'static str,
     state: Mutex<State>,
     threshold: u32,
     cool_down: Duration,
@@ -71,10 +91,19 @@ pub struct Permit {
 }
 
 impl CircuitBreaker {
-    /// A closed breaker that opens after `threshold` (at least 1) consecutive failures and
-    /// stays open for `cool_down`.
+    /// A closed breaker in front of the payment provider that opens after `threshold` (at
+    /// least 1) consecutive failures and stays open for `cool_down`.
     pub fn new(threshold: u32, cool_down: Duration) -> Self {
+        Self::for_provider(PAYMENT, threshold, cool_down)
+    }
+
+    /// A closed breaker in front of `provider` ([`PAYMENT`](crate::metrics::PAYMENT) or
+    /// [`NOTIFICATION`](crate::metrics::NOTIFICATION), its metrics label), as
+    /// [`new`](Self::new).
+    pub fn for_provider(provider: &'static str, threshold: u32, cool_down: Duration) -> Self {
+        metrics().set_breaker_state(provider, BreakerState::Closed.gauge_value());
         CircuitBreaker(Arc::new(Shared {
+            provider,
             state: Mutex::new(State::Closed { failures: 0 }),
             threshold: threshold.max(1),
             cool_down,
@@ -83,17 +112,29 @@ impl CircuitBreaker {
         }))
     }
 
+    /// The provider this breaker is in front of.
+    pub fn provider(&self) -> &'static str {
+        self.0.provider
+    }
+
     /// The state now (an open breaker whose cool-down ended reads as half-open).
     pub fn state(&self) -> BreakerState {
         self.state_at(Instant::now())
     }
 
     fn state_at(&self, now: Instant) -> BreakerState {
-        match *self.0.state.lock() {
+        let state = match *self.0.state.lock() {
             State::Closed { .. } => BreakerState::Closed,
             State::Open { until } if now < until => BreakerState::Open,
             State::Open { .. } | State::HalfOpen { .. } => BreakerState::HalfOpen,
-        }
+        };
+        self.publish(state);
+        state
+    }
+
+    /// Sets the state gauge.
+    fn publish(&self, state: BreakerState) {
+        metrics().set_breaker_state(self.0.provider, state.gauge_value());
     }
 
     /// Whether calls go through freely (no lock taken).
@@ -118,6 +159,7 @@ impl CircuitBreaker {
             State::Open { until } if now < until => return None,
             State::Open { .. } | State::HalfOpen { probing: false } => {
                 *state = State::HalfOpen { probing: true };
+                self.publish(BreakerState::HalfOpen);
                 true
             }
             State::HalfOpen { probing: true } => return None,
@@ -133,10 +175,14 @@ impl CircuitBreaker {
         let mut state = self.0.state.lock();
         if !matches!(*state, State::Closed { failures: 0 }) {
             if !matches!(*state, State::Closed { .. }) {
-                tracing::info!("payment provider answers again; circuit closed");
+                tracing::info!(
+                    provider = self.0.provider,
+                    "provider answers again; circuit closed"
+                );
             }
             *state = State::Closed { failures: 0 };
             self.0.open.store(false, Ordering::Relaxed);
+            self.publish(BreakerState::Closed);
         }
     }
 
@@ -158,7 +204,9 @@ impl CircuitBreaker {
             };
             self.0.open.store(true, Ordering::Relaxed);
             self.0.opened_total.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(cool_down = ?self.0.cool_down, "payment provider failing; circuit open, charging paused");
+            self.publish(BreakerState::Open);
+            metrics().breaker_opened(self.0.provider);
+            tracing::warn!(provider = self.0.provider, cool_down = ?self.0.cool_down, "provider failing; circuit open, calls paused");
         }
     }
 
@@ -282,6 +330,33 @@ mod tests {
         assert_eq!(b.opened_total(), 1);
         probe.success();
         assert!(b.is_closed());
+    }
+
+    #[test]
+    fn the_state_gauge_and_the_openings_follow_the_breaker() {
+        // A provider label of its own: other tests' breakers do not touch these series.
+        let provider = "breaker-unit-test";
+        let m = metrics();
+        let label = crate::metrics::ProviderLabel { provider };
+        let gauge = || m.breaker_state.get_or_create(&label).get();
+        let openings = || m.breaker_openings.get_or_create(&label).get();
+        let b = CircuitBreaker::for_provider(provider, 1, Duration::from_secs(1));
+        assert_eq!(gauge(), 0);
+        let t = Instant::now();
+        fail_at(&b, t);
+        assert_eq!((gauge(), openings()), (2, 1));
+        let later = t + Duration::from_secs(1);
+        assert_eq!(b.state_at(later), BreakerState::HalfOpen);
+        assert_eq!(gauge(), 1, "reading the state publishes half-open");
+        let probe = b.try_acquire_at(later).expect("probe");
+        probe.failure_at(later);
+        assert_eq!((gauge(), openings()), (2, 2));
+        let probe = b
+            .try_acquire_at(later + Duration::from_secs(1))
+            .expect("probe");
+        assert_eq!(gauge(), 1);
+        probe.success();
+        assert_eq!((gauge(), openings()), (0, 2));
     }
 
     #[test]

@@ -8,12 +8,15 @@
 //! payment provider, [`events`] the publishing of status changes to
 //! `flashsale.order-events.v1`, [`mock`] a real HTTP mock of both providers for tests and
 //! the embedded demo, and [`dead_letter`] the place records go that cannot be decoded.
+//! [`metrics`] names the Prometheus families of all of them once; [`metrics::register`]
+//! adds them to a process's registry.
 
 #![warn(missing_docs)]
 
 pub mod breaker;
 pub mod dead_letter;
 pub mod events;
+pub mod metrics;
 pub mod mock;
 pub mod provider;
 pub mod settle;

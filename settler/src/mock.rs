@@ -29,9 +29,17 @@
 //!
 //! Routes: `POST /v1/charges`, `GET /v1/charges/{key}`, `POST /v1/refunds`,
 //! `POST /v1/notifications`, `GET /v1/audit`, `GET /v1/audit/{order_id}`,
-//! `GET|POST /v1/admin/config`, `GET /healthz`. Errors are RFC 9457 problem+json with a
-//! stable `code`. State grows with the orders seen; the mock is for tests and demos.
+//! `GET|POST /v1/admin/config`, `GET /healthz`, `GET /metrics`. Errors are RFC 9457
+//! problem+json with a stable `code`. State grows with the orders seen; the mock is for
+//! tests and demos.
+//!
+//! `GET /metrics` serves the mock's own registry ([`MockMetrics`], one per server) in the
+//! OpenMetrics text format: `flashsale_mock_requests_total{route,outcome}` (outcome `ok`,
+//! the problem `code` answered, or `answer_lost`) and
+//! `flashsale_mock_request_duration_seconds{route}`, for every route including unknown
+//! ones (`not_found`).
 
+use crate::metrics::MockMetrics;
 use crate::provider::{
     self, Charge, ChargeRequest, ChargeStatus, NotificationKind, NotificationRequest,
     ProviderError, Refund, RefundRequest, RefundStatus, IDEMPOTENCY_KEY,
@@ -50,7 +58,7 @@ use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
@@ -63,6 +71,8 @@ const MAX_BODY: usize = 64 * 1024;
 const MAX_CONNECTIONS: usize = 1024;
 /// Longest an idempotency key may be.
 const MAX_KEY: usize = 255;
+/// Content type of `GET /metrics`.
+const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 /// How the mock behaves. Durations are humantime strings (`"5ms"`) in JSON and TOML. Rates
 /// are probabilities in `0..=1`. See the module docs for the order the faults are drawn in.
@@ -302,6 +312,7 @@ struct State {
     inner: Mutex<Inner>,
     /// Cancelled when the mock stops: cuts hanging requests short.
     shutdown: CancellationToken,
+    metrics: MockMetrics,
 }
 
 /// The answer to a request was "lost": the service fails, so hyper closes the connection
@@ -698,36 +709,77 @@ async fn set_config(state: &State, req: Request<Incoming>) -> Handled {
 }
 
 async fn route(state: Arc<State>, req: Request<Incoming>) -> Result<Reply, AnswerLost> {
+    let start = Instant::now();
+    let (name, handled) = dispatch(&state, req).await;
+    let outcome = match &handled {
+        Ok(Ok(_)) => "ok",
+        Ok(Err(p)) => p.code,
+        Err(AnswerLost) => "answer_lost",
+    };
+    state.metrics.request(name, outcome, start.elapsed());
+    Ok(handled?.unwrap_or_else(Problem::into_reply))
+}
+
+/// Runs the route `req` asks for; returns the route's name (its metrics label) and what it
+/// answered.
+async fn dispatch(state: &State, req: Request<Incoming>) -> (&'static str, Processed) {
     let path = req.uri().path().to_owned();
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     let method = req.method().clone();
-    let handled = match (&method, segments.as_slice()) {
-        (&Method::GET, ["healthz"]) => {
-            json_reply(StatusCode::OK, &serde_json::json!({"status": "ok"}))
+    match (&method, segments.as_slice()) {
+        (&Method::GET, ["healthz"]) => (
+            "healthz",
+            Ok(json_reply(
+                StatusCode::OK,
+                &serde_json::json!({"status": "ok"}),
+            )),
+        ),
+        (&Method::GET, ["metrics"]) => (
+            "metrics",
+            Ok(Ok(reply(
+                StatusCode::OK,
+                OPENMETRICS,
+                state.metrics.encode().into_bytes(),
+            ))),
+        ),
+        (&Method::POST, ["v1", "charges"]) => ("charge", charge(state, req).await),
+        (&Method::GET, ["v1", "charges", key]) => ("charge_lookup", Ok(lookup(state, key))),
+        (&Method::POST, ["v1", "refunds"]) => ("refund", Ok(refund(state, req).await)),
+        (&Method::POST, ["v1", "notifications"]) => {
+            ("notification", notification(state, req).await)
         }
-        (&Method::POST, ["v1", "charges"]) => charge(&state, req).await?,
-        (&Method::GET, ["v1", "charges", key]) => lookup(&state, key),
-        (&Method::POST, ["v1", "refunds"]) => refund(&state, req).await,
-        (&Method::POST, ["v1", "notifications"]) => notification(&state, req).await?,
-        (&Method::GET, ["v1", "audit"]) => json_reply(StatusCode::OK, &state.inner.lock().audit),
+        (&Method::GET, ["v1", "audit"]) => (
+            "audit",
+            Ok(json_reply(StatusCode::OK, &state.inner.lock().audit)),
+        ),
         (&Method::GET, ["v1", "audit", order_id]) => {
             let inner = state.inner.lock();
-            match inner.audit.orders.get(*order_id) {
+            let handled = match inner.audit.orders.get(*order_id) {
                 Some(a) => json_reply(StatusCode::OK, a),
                 None => Err(problem(
                     StatusCode::NOT_FOUND,
                     "unknown_order",
                     "the mock saw no such order",
                 )),
-            }
+            };
+            ("audit_order", Ok(handled))
         }
-        (&Method::GET, ["v1", "admin", "config"]) => {
-            json_reply(StatusCode::OK, &state.inner.lock().config)
+        (&Method::GET, ["v1", "admin", "config"]) => (
+            "admin_config",
+            Ok(json_reply(StatusCode::OK, &state.inner.lock().config)),
+        ),
+        (&Method::POST | &Method::PUT, ["v1", "admin", "config"]) => {
+            ("admin_config", Ok(set_config(state, req).await))
         }
-        (&Method::POST | &Method::PUT, ["v1", "admin", "config"]) => set_config(&state, req).await,
-        _ => Err(problem(StatusCode::NOT_FOUND, "not_found", "no such route")),
-    };
-    Ok(handled.unwrap_or_else(Problem::into_reply))
+        _ => (
+            "not_found",
+            Ok(Err(problem(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                "no such route",
+            ))),
+        ),
+    }
 }
 
 /// Serves the mock on `listener` until `shutdown` is cancelled, then lets requests under
@@ -743,6 +795,7 @@ pub async fn serve(
     let state = Arc::new(State {
         inner: Mutex::new(Inner::new(config)),
         shutdown: shutdown.clone(),
+        metrics: MockMetrics::default(),
     });
     let connections = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let tracker = TaskTracker::new();

@@ -8,15 +8,22 @@
 //! answers; a decline or any other 4xx is an answer, not a failure. A charge whose request
 //! timed out may have gone through, so before it is sent again its outcome is looked up
 //! with `GET /v1/charges/{key}`.
+//!
+//! Every HTTP attempt (a retry is another attempt) is counted and timed in
+//! [`crate::metrics`]: `flashsale_provider_calls_total{provider,op,outcome}` and
+//! `flashsale_provider_call_duration_seconds{provider,op}`, with `op` one of `charge`,
+//! `lookup`, `refund` (payment) and `notify` (notification); see [`ProviderError::outcome`].
 
 use crate::breaker::CircuitBreaker;
+use crate::metrics::{metrics, NOTIFICATION, PAYMENT};
 use backon::{ExponentialBuilder, Retryable};
 use bytes::Bytes;
 use http::StatusCode;
 use serde::{Deserialize, Serialize};
 use std::borrow::Cow;
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use storage::{NewOrder, OrderId, OrderStatus, UserId};
 
 /// Name of the header that carries the idempotency key.
@@ -63,6 +70,20 @@ impl ProviderError {
             self,
             ProviderError::Timeout | ProviderError::Transport(_) | ProviderError::Unavailable(_)
         )
+    }
+
+    /// The `outcome` label of an attempt that failed this way: `timeout`, `transport`
+    /// (unreachable, or the request could not be formed), `server_error` (5xx, 408, 429, or
+    /// an answer that does not decode) or `refused` (any other 4xx).
+    pub fn outcome(&self) -> &'static str {
+        match self {
+            ProviderError::Timeout => "timeout",
+            ProviderError::Transport(_)
+            | ProviderError::InvalidUrl(_)
+            | ProviderError::Client(_) => "transport",
+            ProviderError::Unavailable(_) | ProviderError::InvalidResponse(_) => "server_error",
+            ProviderError::Rejected { .. } => "refused",
+        }
     }
 
     pub(crate) fn from_reqwest(e: reqwest::Error) -> Self {
@@ -325,6 +346,38 @@ pub(crate) fn decode_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result
     serde_json::from_slice(body).map_err(|e| ProviderError::InvalidResponse(e.to_string()))
 }
 
+/// Runs one HTTP attempt of `provider`'s `op`, counting it by outcome (`answered` names the
+/// outcome of an answer) and timing it.
+async fn observed<T, F>(
+    provider: &'static str,
+    op: &'static str,
+    answered: fn(&T) -> &'static str,
+    attempt: F,
+) -> Result<T, ProviderError>
+where
+    F: Future<Output = Result<T, ProviderError>>,
+{
+    let start = Instant::now();
+    let result = attempt.await;
+    let outcome = match &result {
+        Ok(answer) => answered(answer),
+        Err(e) => e.outcome(),
+    };
+    metrics().provider_call(provider, op, outcome, start.elapsed());
+    result
+}
+
+fn succeeded<T>(_: &T) -> &'static str {
+    "succeeded"
+}
+
+fn charge_outcome(outcome: &ChargeOutcome) -> &'static str {
+    match outcome {
+        ChargeOutcome::Succeeded { .. } => "succeeded",
+        ChargeOutcome::Declined => "declined",
+    }
+}
+
 /// Whether a failed attempt is tried again: a retryable error, while the circuit (if any)
 /// is closed.
 fn retry_further(circuit: Option<&CircuitBreaker>, e: &ProviderError) -> bool {
@@ -430,6 +483,20 @@ impl PaymentClient {
         key: &str,
         request: &ChargeRequest<'_>,
     ) -> Result<ChargeOutcome, ProviderError> {
+        observed(
+            PAYMENT,
+            "charge",
+            charge_outcome,
+            self.charge_attempt(key, request),
+        )
+        .await
+    }
+
+    async fn charge_attempt(
+        &self,
+        key: &str,
+        request: &ChargeRequest<'_>,
+    ) -> Result<ChargeOutcome, ProviderError> {
         let (status, body) = exchange(
             self.http
                 .post(&self.charges_url)
@@ -453,6 +520,10 @@ impl PaymentClient {
     }
 
     async fn lookup_once(&self, key: &str) -> Result<Option<ChargeOutcome>, ProviderError> {
+        observed(PAYMENT, "lookup", succeeded, self.lookup_attempt(key)).await
+    }
+
+    async fn lookup_attempt(&self, key: &str) -> Result<Option<ChargeOutcome>, ProviderError> {
         let url = format!("{}/{key}", self.charges_url);
         let (status, body) = exchange(self.http.get(url)).await?;
         if status == StatusCode::NOT_FOUND {
@@ -477,16 +548,18 @@ impl PaymentClient {
             charge_id: Cow::Borrowed(charge_id),
         };
         let (key, request) = (&key, &request);
-        let attempt = || async move {
-            let (status, body) = exchange(
-                self.http
-                    .post(&self.refunds_url)
-                    .header(IDEMPOTENCY_KEY, key)
-                    .json(request),
-            )
-            .await?;
-            let body = expect_success(status, body)?;
-            decode_json::<Refund>(&body)
+        let attempt = || {
+            observed(PAYMENT, "refund", succeeded, async move {
+                let (status, body) = exchange(
+                    self.http
+                        .post(&self.refunds_url)
+                        .header(IDEMPOTENCY_KEY, key)
+                        .json(request),
+                )
+                .await?;
+                let body = expect_success(status, body)?;
+                decode_json::<Refund>(&body)
+            })
         };
         attempt
             .retry(self.retry.backoff())
@@ -561,15 +634,17 @@ impl NotificationClient {
             kind,
         };
         let (key, request) = (&key, &request);
-        let attempt = || async move {
-            let (status, body) = exchange(
-                self.http
-                    .post(&self.notifications_url)
-                    .header(IDEMPOTENCY_KEY, key)
-                    .json(request),
-            )
-            .await?;
-            expect_success(status, body).map(drop)
+        let attempt = || {
+            observed(NOTIFICATION, "notify", succeeded, async move {
+                let (status, body) = exchange(
+                    self.http
+                        .post(&self.notifications_url)
+                        .header(IDEMPOTENCY_KEY, key)
+                        .json(request),
+                )
+                .await?;
+                expect_success(status, body).map(drop)
+            })
         };
         attempt
             .retry(self.retry.backoff())

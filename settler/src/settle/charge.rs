@@ -6,6 +6,7 @@
 use super::core::{fresh_order, Core, Job, Work};
 use super::stats::SettlerStats;
 use crate::breaker::Permit;
+use crate::metrics::{metrics, Event, CHARGE_QUEUE};
 use crate::provider::{ChargeOutcome, PaymentClient, ProviderError};
 use std::sync::Arc;
 use std::time::Duration;
@@ -49,15 +50,19 @@ pub(crate) async fn charge_stage(
                 None => break,
             },
         };
+        metrics().set_queue_depth(CHARGE_QUEUE, jobs.len());
         let core = Arc::clone(&core);
+        let driving = InFlight::start();
         running.spawn(async move {
             let _permit = permit;
+            let _driving = driving;
             core.run_job(job).await;
         });
     }
     // Queued jobs are dropped (their claims with them): the orders are durable and the next
     // sweep or start picks them up.
     drop(jobs);
+    metrics().set_queue_depth(CHARGE_QUEUE, 0);
     let drained = tokio::time::timeout(grace, async {
         while running.join_next().await.is_some() {}
     })
@@ -69,6 +74,23 @@ pub(crate) async fn charge_stage(
         );
         running.abort_all();
         while running.join_next().await.is_some() {}
+    }
+}
+
+/// One order driven by the charge stage, counted in `flashsale_settler_charges_in_flight`
+/// until dropped (a job that ends, panics or is aborted).
+struct InFlight;
+
+impl InFlight {
+    fn start() -> Self {
+        metrics().charges_in_flight.inc();
+        InFlight
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        metrics().charges_in_flight.dec();
     }
 }
 
@@ -178,6 +200,9 @@ impl Core {
             self.payments.charge(&order.new).await.map(Some)
         };
         permit.record(&charged);
+        if let Ok(Some(_)) = &charged {
+            metrics().event(Event::Charged, 1);
+        }
         let outcome = match charged {
             Ok(Some(outcome)) => outcome,
             Ok(None) => {
@@ -260,6 +285,7 @@ impl Core {
             Ok(_) => {
                 owed.remove(&id);
                 SettlerStats::add(&self.counters().refunded, 1);
+                metrics().event(Event::Refunded, 1);
                 tracing::warn!(order_id = %id, charge_id, "late charge of a void order refunded");
             }
             Err(e) if e.is_retryable() => {

@@ -6,6 +6,7 @@ use super::batcher::Batcher;
 use super::stats::{Counters, SettlerStats};
 use super::StockRelease;
 use crate::breaker::CircuitBreaker;
+use crate::metrics::{metrics, Event};
 use crate::provider::{NotificationClient, NotificationKind, PaymentClient};
 use parking_lot::Mutex;
 use rand::Rng;
@@ -83,6 +84,7 @@ impl Core {
             let counters = Arc::clone(&counters);
             async move {
                 let all: Vec<Change> = reqs.iter().flatten().cloned().collect();
+                metrics().write_batch_changes.observe(all.len() as f64);
                 SettlerStats::add(&counters.write_batches, 1);
                 SettlerStats::add(&counters.writes, all.len() as u64);
                 match store.apply_batch(&all).await {
@@ -276,15 +278,23 @@ impl Core {
         }
         self.changed();
         let counter = match to {
-            OrderStatus::Paid => Some(&self.counters().paid),
-            OrderStatus::PaymentFailed => Some(&self.counters().payment_failed),
-            OrderStatus::Expired => Some(&self.counters().expired),
+            OrderStatus::Paid => Some((&self.counters().paid, Event::Paid)),
+            OrderStatus::PaymentFailed => {
+                Some((&self.counters().payment_failed, Event::PaymentFailed))
+            }
+            OrderStatus::Expired => Some((&self.counters().expired, Event::Expired)),
             _ => None,
         };
-        if let Some(c) = counter {
+        if let Some((c, event)) = counter {
             SettlerStats::add(c, 1);
+            metrics().event(event, 1);
         }
+        metrics().transition(order.status, to, 1);
         let now = Timestamp::now();
+        if to == OrderStatus::Paid {
+            let micros = now.micros().saturating_sub(order.new.accepted_at.micros());
+            metrics().paid_delay.observe(micros.max(0) as f64 / 1e6);
+        }
         order.status = to;
         if charge_id.is_some() {
             order.charge_id = charge_id;
@@ -303,8 +313,14 @@ impl Core {
     pub(crate) fn count_follow_ups(&self, changes: &[Change], applied: &[bool]) {
         for (change, done) in changes.iter().zip(applied) {
             match change {
-                Change::Released(_) if *done => SettlerStats::add(&self.counters().released, 1),
-                Change::Notified(_) if *done => SettlerStats::add(&self.counters().notified, 1),
+                Change::Released(_) if *done => {
+                    SettlerStats::add(&self.counters().released, 1);
+                    metrics().event(Event::Released, 1);
+                }
+                Change::Notified(_) if *done => {
+                    SettlerStats::add(&self.counters().notified, 1);
+                    metrics().event(Event::Notified, 1);
+                }
                 _ => {}
             }
         }

@@ -1,18 +1,48 @@
 //! The intake: reads the log in batches, dead-letters what does not decode, persists the
 //! rest with the checkpoint, commits the consumer and hands the orders to the charge
-//! stage, waiting for room in its queue.
+//! stage, waiting for room in its queue. It also samples the consumer's lag once a second
+//! (`flashsale_settler_lag_records`), between polls and while it waits for room.
 
 use super::core::{claim, Core, Job, Work};
 use super::stats::SettlerStats;
 use super::{pause, until_done};
 use crate::dead_letter::DeadLetter;
+use crate::metrics::{metrics, Event, CHARGE_QUEUE};
 use sequencer::{LogConsumer, LogEntry, LogPosition};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
-use storage::{Checkpoint, NewOrder};
+use storage::{Checkpoint, NewOrder, OrderStatus};
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+
+/// How often the lag is sampled.
+const LAG_SAMPLE_INTERVAL: Duration = Duration::from_secs(1);
+
+/// The lag gauge's sampling: the partitions of the last sample and when the next is due.
+pub(crate) struct LagSampler {
+    reported: BTreeSet<u32>,
+    next: Instant,
+}
+
+impl LagSampler {
+    pub(crate) fn new() -> Self {
+        LagSampler {
+            reported: BTreeSet::new(),
+            next: Instant::now(),
+        }
+    }
+
+    /// Samples `consumer`'s lag if a sample is due.
+    fn maybe_sample(&mut self, consumer: &dyn LogConsumer) {
+        let now = Instant::now();
+        if now >= self.next {
+            metrics().set_lag(&mut self.reported, &consumer.lag());
+            self.next = now + LAG_SAMPLE_INTERVAL;
+        }
+    }
+}
 
 /// The log-reading stage.
 pub(crate) struct Intake {
@@ -23,12 +53,15 @@ pub(crate) struct Intake {
     pub(crate) consumer_name: String,
     pub(crate) batch_size: usize,
     pub(crate) poll_wait: Duration,
+    pub(crate) lag: LagSampler,
 }
 
 impl Intake {
     pub(crate) async fn run(mut self, shutdown: &CancellationToken) {
         let mut failures = 0u32;
+        metrics().set_queue_depth(CHARGE_QUEUE, 0);
         loop {
+            self.lag.maybe_sample(&*self.consumer);
             let polled = tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => return,
@@ -64,6 +97,7 @@ impl Intake {
             // cannot pick up an order persisted but not yet queued.
             if !self.core.breaker.is_closed() {
                 SettlerStats::add(&self.core.counters().deferred, orders.len() as u64);
+                metrics().event(Event::Deferred, orders.len() as u64);
                 continue;
             }
             let claimed: Vec<Job> = orders
@@ -77,13 +111,25 @@ impl Intake {
                 })
                 .collect();
             for job in claimed {
-                tokio::select! {
-                    biased;
-                    // The jobs not queued are dropped with their claims; the orders are
-                    // persisted and the next start's sweep takes them up.
-                    _ = shutdown.cancelled() => return,
-                    sent = self.jobs.send(job) => if sent.is_err() { return },
+                let send = self.jobs.send(job);
+                tokio::pin!(send);
+                loop {
+                    tokio::select! {
+                        biased;
+                        // The jobs not queued are dropped with their claims; the orders are
+                        // persisted and the next start's sweep takes them up.
+                        _ = shutdown.cancelled() => return,
+                        sent = &mut send => if sent.is_err() { return } else { break },
+                        // A full queue can hold the intake for long: keep the lag current.
+                        _ = tokio::time::sleep_until(self.lag.next) => {
+                            self.lag.maybe_sample(&*self.consumer);
+                        }
+                    }
                 }
+                metrics().set_queue_depth(
+                    CHARGE_QUEUE,
+                    self.jobs.max_capacity() - self.jobs.capacity(),
+                );
             }
         }
     }
@@ -108,6 +154,7 @@ impl Intake {
                     let sink = &self.dead_letter;
                     until_done(shutdown, "dead-letter", || sink.send(entry, &error)).await?;
                     SettlerStats::add(&self.core.counters().dead_lettered, 1);
+                    metrics().dead_letters.inc();
                 }
             }
         }
@@ -125,6 +172,12 @@ impl Intake {
             })
             .await?;
             SettlerStats::add(&self.core.counters().persisted, inserted as u64);
+            metrics().event(Event::Persisted, inserted as u64);
+            metrics().transition(
+                OrderStatus::Accepted,
+                OrderStatus::Persisted,
+                inserted as u64,
+            );
             if inserted > 0 {
                 self.core.changed();
             }

@@ -55,6 +55,13 @@
 //! notification with the same provider key `"{order_id}:{outcome}"`, which the provider
 //! answers once. A failed notification leaves `notified_at` NULL for the sweep.
 //!
+//! **Metrics** ([`crate::metrics`]): the step counts its transitions and events (`paid`,
+//! `payment_failed`, `expired`, `released`, `notified`) and the paid delay; the intake the
+//! persisted, deferred and dead-lettered records and, once a second, the consumer's lag per
+//! partition ([`LogConsumer::lag`]); the hand-over queue's depth is set on each send and
+//! receive; the publisher and the sweep set the outbox backlogs from the reads they make
+//! anyway (never a query per scrape).
+//!
 //! An in-flight set (claimed from hand-over until the order's work ends) keeps two tasks
 //! from working on one order. The store's conditional status moves keep two *processes*
 //! from moving one order twice, and the provider's idempotency key (the order id) makes a
@@ -250,8 +257,11 @@ impl Settler {
             sink,
             config,
         } = self;
-        let notify_breaker =
-            CircuitBreaker::new(config.circuit_failure_threshold, config.circuit_cool_down);
+        let notify_breaker = CircuitBreaker::for_provider(
+            crate::metrics::NOTIFICATION,
+            config.circuit_failure_threshold,
+            config.circuit_cool_down,
+        );
         let core = core::Core::start(core::CoreParts {
             store,
             release,
@@ -302,6 +312,7 @@ impl Settler {
             consumer_name: config.consumer,
             batch_size: config.batch_size.max(1),
             poll_wait: config.poll_wait,
+            lag: intake::LagSampler::new(),
         };
         intake.run(&stop).await;
         stop.cancel();

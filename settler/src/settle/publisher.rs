@@ -4,13 +4,15 @@ use super::core::Core;
 use super::pause;
 use super::stats::SettlerStats;
 use crate::events::EventSink;
+use crate::metrics::{metrics, EVENTS_BACKLOG};
 use std::sync::Arc;
 use std::time::Duration;
 use storage::{OrderId, OrderStatus};
 use tokio_util::sync::CancellationToken;
 
 /// Hands what the outbox holds to `sink`, batch by batch, marking each published once the
-/// sink took it. `false` if a step failed (the rest waits for the next round).
+/// sink took it. `false` if a step failed (the rest waits for the next round). The events
+/// backlog gauge is what each read found (at most `batch`), 0 once a short batch is out.
 pub(crate) async fn publish_pending(core: &Core, sink: &dyn EventSink, batch: usize) -> bool {
     loop {
         let events = match core.store.unpublished_events(batch).await {
@@ -20,6 +22,7 @@ pub(crate) async fn publish_pending(core: &Core, sink: &dyn EventSink, batch: us
                 return false;
             }
         };
+        metrics().set_backlog(EVENTS_BACKLOG, events.len());
         if events.is_empty() {
             return true;
         }
@@ -36,6 +39,7 @@ pub(crate) async fn publish_pending(core: &Core, sink: &dyn EventSink, batch: us
         }
         SettlerStats::add(&core.counters().events_published, events.len() as u64);
         if events.len() < batch {
+            metrics().set_backlog(EVENTS_BACKLOG, 0);
             return true;
         }
     }

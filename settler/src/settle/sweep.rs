@@ -4,6 +4,7 @@
 use super::core::{claim, Core, Job, Work};
 use super::stats::SettlerStats;
 use crate::breaker::BreakerState;
+use crate::metrics::{metrics, CHARGE_QUEUE, NOTIFICATIONS_BACKLOG};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use storage::{OrderStatus, Timestamp};
@@ -83,7 +84,12 @@ pub(crate) async fn sweep(
             }
         }
         match core.store.unfinished_followups(limit).await {
-            Ok(orders) => ids.extend(orders.iter().map(|o| o.new.order_id)),
+            Ok(orders) => {
+                // The notification outbox as this read sees it (at most `limit`).
+                let unnotified = orders.iter().filter(|o| o.notified_at.is_none()).count();
+                metrics().set_backlog(NOTIFICATIONS_BACKLOG, unnotified);
+                ids.extend(orders.iter().map(|o| o.new.order_id));
+            }
             Err(e) => tracing::warn!(error = %e, "sweep: follow-ups not read"),
         }
         for id in ids {
@@ -99,6 +105,7 @@ pub(crate) async fn sweep(
                 _ = shutdown.cancelled() => return,
                 sent = jobs.send(job) => if sent.is_err() { return },
             }
+            metrics().set_queue_depth(CHARGE_QUEUE, jobs.max_capacity() - jobs.capacity());
         }
         SettlerStats::add(&core.counters().sweeps, 1);
     }
