@@ -3,8 +3,13 @@
 //! `flashsale serve`, `flashsale demo` and the integration tests all start the system
 //! through [`App::start`] with an already-bound listener. With the embedded log, the
 //! settler runs in the same process (the log file belongs to one process).
+//!
+//! Each process has one metrics registry ([`crate::metrics::process_registry`]): `serve`
+//! adds its API's families and the per-sale gauges and renders it on `GET /metrics` of
+//! the API; `settle` renders it on a listener of its own.
 
 use crate::config::{Config, EMBEDDED};
+use crate::metrics::{process_registry, serve_metrics, RuntimeWatch};
 use anyhow::{bail, Context};
 use async_trait::async_trait;
 use ingest::admission::{Admission, EmbeddedAdmission};
@@ -13,6 +18,7 @@ use ingest::auth::Auth;
 use ingest::model::OrderRef;
 use ingest::redis_admission::RedisAdmission;
 use ingest::server::{self, ServerConfig};
+use prometheus_client::registry::Registry;
 use sequencer::embedded::{FileLog, FileLogOptions};
 #[cfg(feature = "kafka")]
 use sequencer::kafka::{KafkaConfig, KafkaConsumer, KafkaLog};
@@ -22,6 +28,7 @@ use settler::DeadLetter;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
+use storage::metrics::Metered;
 use storage::postgres::PgStore;
 use storage::sqlite::SqliteStore;
 use storage::{Order, OrderStatus, OrderStore};
@@ -96,6 +103,8 @@ pub struct Running {
     pub payment_url: String,
     /// Counters of the settler, when it runs here.
     pub settler_stats: Option<settler::SettlerStats>,
+    /// The process's metrics registry (what `GET /metrics` renders).
+    pub registry: Arc<Registry>,
     #[cfg(feature = "kafka")]
     kafka: Option<Arc<KafkaLog>>,
     shutdown: CancellationToken,
@@ -406,20 +415,20 @@ impl DeadLetter for KafkaDeadLetter {
 }
 
 /// Opens the configured order store: SQLite in `data_dir`, or sharded Postgres (migrated
-/// beforehand by `flashsale migrate`).
+/// beforehand by `flashsale migrate`). Every call is timed (`flashsale_store_duration_seconds`).
 pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn OrderStore>> {
     if let Some(pg) = config.store.postgres()? {
         let store = PgStore::connect(&pg.catalog, &pg.shards, config.store.pool_size)
             .await
             .with_context(|| format!("store.url: cannot use {}", config.store.url))?;
-        return Ok(Arc::new(store));
+        return Ok(Arc::new(Metered::new(store)));
     }
     if config.store.url != EMBEDDED {
         return Err(unsupported("store.url", &config.store.url));
     }
     let store = SqliteStore::open(config.data_dir.join("flashsale.db"))
         .with_context(|| format!("opening the store in {}", config.data_dir.display()))?;
-    Ok(Arc::new(store))
+    Ok(Arc::new(Metered::new(store)))
 }
 
 /// Brings the configured store to the latest schema; returns what was migrated, in words.
@@ -581,7 +590,7 @@ impl SettlerRuntime {
         Ok(SettlerRuntime(Some(rt)))
     }
 
-    fn handle(&self) -> tokio::runtime::Handle {
+    pub(crate) fn handle(&self) -> tokio::runtime::Handle {
         match &self.0 {
             Some(rt) => rt.handle().clone(),
             None => tokio::runtime::Handle::current(),
@@ -651,7 +660,7 @@ impl App {
                 .context("starting the providers")??
         };
 
-        let ingest = Arc::new(Ingest::new(
+        let ingest = Ingest::new(
             Arc::clone(&admission),
             log.order_log(),
             Arc::clone(&store),
@@ -662,15 +671,31 @@ impl App {
                 body_read_timeout: config.server.body_read_timeout,
                 ..ApiConfig::default()
             },
-        ));
+        );
+        // One registry for the process: every part's families, the API's, the per-sale
+        // gauges, and both runtimes (the HTTP one answering orders, the settler's).
+        let http_rt = RuntimeWatch::new("http", tokio::runtime::Handle::current());
+        let settler_watch = RuntimeWatch::new("settler", settler_rt.handle());
+        let mut registry = process_registry("serve", vec![http_rt.clone(), settler_watch.clone()]);
+        let api_metrics = ingest::metrics::Metrics::default();
+        api_metrics.register(&mut registry);
+        registry.register_collector(Box::new(ingest.sale_gauges()));
+        let registry = Arc::new(registry);
+        let ingest = Arc::new(ingest.with_metrics(api_metrics, Arc::clone(&registry)));
 
         let shutdown = CancellationToken::new();
+        http_rt.start_probe(shutdown.clone());
+        settler_watch.start_probe(shutdown.clone());
+        // The per-sale gauges are refreshed off the HTTP workers.
+        settler_rt
+            .handle()
+            .spawn(Arc::clone(&ingest).run_sale_gauges(shutdown.clone()));
         let (settler, settler_stats) = if config.settler.enabled {
             let release = settler_admission(config, &admission).await?;
             let s = build_settler(config, &store, &log, release, &providers).await?;
             let stats = s.stats();
             (
-                Some(settler_rt.handle().spawn(s.run(shutdown.child_token()))),
+                Some(settler_watch.spawn(s.run(shutdown.child_token()))),
                 Some(stats),
             )
         } else {
@@ -683,6 +708,7 @@ impl App {
             header_read_timeout: config.server.header_read_timeout,
             idle_timeout: config.server.idle_timeout,
             shutdown_grace: config.server.shutdown_grace,
+            task_monitor: Some(http_rt.monitor().clone()),
         };
         let server = tokio::spawn(server::serve(
             listener,
@@ -701,6 +727,7 @@ impl App {
             ingest,
             payment_url: providers.payment_url,
             settler_stats,
+            registry,
             #[cfg(feature = "kafka")]
             kafka: log.kafka(),
             shutdown,
@@ -711,9 +738,39 @@ impl App {
         })
     }
 
-    /// Runs the settler alone (`flashsale settle`) until `shutdown` is cancelled. Needs a
-    /// log other processes can write: Kafka.
-    pub async fn settle(config: &Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    /// Runs the settler alone (`flashsale settle`) until `shutdown` is cancelled, serving
+    /// the process's metrics on `metrics` when given. Needs a log other processes can
+    /// write: Kafka.
+    pub async fn settle(
+        config: &Config,
+        metrics: Option<TcpListener>,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<()> {
+        let runtime = RuntimeWatch::new("settler", tokio::runtime::Handle::current());
+        let registry = Arc::new(process_registry("settle", vec![runtime.clone()]));
+        // Stopped once the settler has finished, so its last state can still be scraped.
+        let metrics_stop = CancellationToken::new();
+        runtime.start_probe(metrics_stop.clone());
+        let metrics_server = metrics.map(|listener| {
+            tokio::spawn(serve_metrics(
+                listener,
+                Arc::clone(&registry),
+                metrics_stop.clone(),
+            ))
+        });
+        let settled = Self::run_settler(config, &runtime, shutdown).await;
+        metrics_stop.cancel();
+        if let Some(server) = metrics_server {
+            server.await.context("metrics listener")??;
+        }
+        settled
+    }
+
+    async fn run_settler(
+        config: &Config,
+        runtime: &RuntimeWatch,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<()> {
         let store = open_store(config).await?;
         let log = LogParts::open(config).await?;
         if matches!(log, LogParts::Embedded(_)) {
@@ -725,7 +782,10 @@ impl App {
         let admission = open_admission(config, store.as_ref(), &log).await?;
         let providers = providers(config).await?;
         let s = build_settler(config, &store, &log, admission, &providers).await?;
-        s.run(shutdown).await?;
+        runtime
+            .spawn(s.run(shutdown))
+            .await
+            .context("settler task")??;
         if let Some(m) = providers.mock {
             m.stop().await;
         }

@@ -341,6 +341,24 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
         }
         Command::Settle { backends } => {
             let cfg = load(&cli.config, &backends.overrides())?;
+            // Metrics never stop settlement: an address in use (another settler on this
+            // host) leaves this one without a listener, loudly.
+            let addr = cfg.metrics.settle_listen;
+            let metrics = match tokio::net::TcpListener::bind(addr).await {
+                Ok(listener) => Some(listener),
+                Err(e) => {
+                    tracing::error!(
+                        error = %e,
+                        "metrics.settle_listen: cannot bind {addr}; settling without a \
+                         metrics listener"
+                    );
+                    None
+                }
+            };
+            let metrics_url = metrics
+                .as_ref()
+                .and_then(|l| l.local_addr().ok())
+                .map_or_else(|| "off".to_owned(), |a| format!("http://{a}/metrics"));
             let token = tokio_util::sync::CancellationToken::new();
             let t = token.clone();
             tokio::spawn(async move {
@@ -348,8 +366,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
                 tracing::info!("shutdown requested; finishing orders under way");
                 t.cancel();
             });
-            println!("flashsale settler running (log {})", cfg.log.url);
-            App::settle(&cfg, token).await?;
+            // One line (tests and scripts read it): the log and where the metrics are.
+            println!(
+                "flashsale settler running (log {}, metrics {metrics_url})",
+                cfg.log.url
+            );
+            App::settle(&cfg, metrics, token).await?;
             Ok(0)
         }
         Command::Demo {

@@ -38,6 +38,8 @@ pub struct Config {
     pub settler: SettlerSection,
     /// Payment and notification providers.
     pub providers: ProvidersSection,
+    /// Metrics listeners.
+    pub metrics: MetricsSection,
 }
 
 impl Default for Config {
@@ -51,6 +53,7 @@ impl Default for Config {
             store: StoreSection::default(),
             settler: SettlerSection::default(),
             providers: ProvidersSection::default(),
+            metrics: MetricsSection::default(),
         }
     }
 }
@@ -355,6 +358,23 @@ impl Default for ProvidersSection {
     }
 }
 
+/// `[metrics]`: where the processes without an API of their own serve `GET /metrics`
+/// (`serve` answers it on its API listener).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsSection {
+    /// The metrics listener of `flashsale settle`.
+    pub settle_listen: SocketAddr,
+}
+
+impl Default for MetricsSection {
+    fn default() -> Self {
+        MetricsSection {
+            settle_listen: SocketAddr::from(([127, 0, 0, 1], 9464)),
+        }
+    }
+}
+
 /// Top-level keys the environment may set; other `FLASHSALE_*` variables (such as
 /// `FLASHSALE_CONFIG` or test switches) are not configuration keys.
 const SECTIONS: &[&str] = &[
@@ -366,6 +386,7 @@ const SECTIONS: &[&str] = &[
     "store",
     "settler",
     "providers",
+    "metrics",
 ];
 
 /// Loads the configuration: defaults, then `file` (or `flashsale.toml` if it exists), then
@@ -424,6 +445,7 @@ mod tests {
             jail.set_env("FLASHSALE_SERVER__LISTEN", "127.0.0.1:9001");
             jail.set_env("FLASHSALE_ADMISSION__DECISION_TIMEOUT", "100ms");
             jail.set_env("FLASHSALE_CONFIG", "ignored");
+            jail.set_env("FLASHSALE_METRICS__SETTLE_LISTEN", "127.0.0.1:9999");
             let cfg = load(
                 Some(Path::new("f.toml")),
                 &[("log.fsync", figment::value::Value::from(false))],
@@ -435,6 +457,7 @@ mod tests {
             assert_eq!(cfg.data_dir, PathBuf::from("/tmp/x"));
             assert_eq!(cfg.auth.jwt_secret.expose_secret(), "from-file-secret-123");
             assert!(!cfg.log.fsync);
+            assert_eq!(cfg.metrics.settle_listen.port(), 9999);
             assert!(
                 !format!("{cfg:?}").contains("from-file-secret-123"),
                 "secrets never print"

@@ -545,7 +545,7 @@ async fn health_readiness_metrics_and_unknown_routes(backend: Backend) {
     assert_eq!(metrics.status, 200);
     let text = metrics.body.as_str().unwrap_or_default().to_owned();
     assert!(
-        text.contains("flashsale_orders_total{outcome=\"accepted\"} 1"),
+        text.contains("flashsale_order_answers_total{outcome=\"accepted\",code=\"accepted\"} 1"),
         "{text}"
     );
     assert!(text.contains("flashsale_order_latency_seconds_bucket"));

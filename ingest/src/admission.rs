@@ -4,7 +4,12 @@
 //! answers, sequence). The embedded backend keeps them in memory behind one mutex per sale
 //! and runs the I/O-free [`model`](crate::model) directly; after a restart it is rebuilt
 //! from the order log and the store (see [`EmbeddedAdmission::restore_accepted`]).
+//!
+//! Each backend times its calls itself (`flashsale_admission_duration_seconds{backend,op}`,
+//! errors in `flashsale_admission_errors_total`, see [`crate::metrics`]), around the
+//! decision proper: a sold-out answer given from a local flag is not a decision.
 
+use crate::metrics::{self, AdmissionOp, Backend};
 use crate::model::{
     AbortOutcome, AdmitRequest, Counters, Decision, OrderRef, SaleRules, SaleState,
 };
@@ -165,24 +170,32 @@ impl Admission for EmbeddedAdmission {
     }
 
     async fn admit(&self, sale: &SaleId, req: &AdmitRequest) -> Result<Decision> {
-        Ok(self.admit_at(sale, req, Timestamp::now().micros()))
+        let timer = metrics::admission(Backend::Embedded, AdmissionOp::Admit);
+        let decision = self.admit_at(sale, req, Timestamp::now().micros());
+        timer.finish(0);
+        Ok(decision)
     }
 
     async fn confirm(&self, sale: &SaleId, order: &OrderRef) -> Result<()> {
-        self.sale(sale)?.lock().confirm(order);
-        Ok(())
+        let timer = metrics::admission(Backend::Embedded, AdmissionOp::Confirm);
+        timer.result(self.sale(sale).map(|s| {
+            s.lock().confirm(order);
+        }))
     }
 
     async fn abort(&self, sale: &SaleId, order: &OrderRef) -> Result<AbortOutcome> {
-        Ok(self.sale(sale)?.lock().abort(order))
+        let timer = metrics::admission(Backend::Embedded, AdmissionOp::Abort);
+        timer.result(self.sale(sale).map(|s| s.lock().abort(order)))
     }
 
     async fn claim(&self, sale: &SaleId, order_id: OrderId) -> Result<bool> {
-        Ok(self.sale(sale)?.lock().claim(order_id))
+        let timer = metrics::admission(Backend::Embedded, AdmissionOp::Claim);
+        timer.result(self.sale(sale).map(|s| s.lock().claim(order_id)))
     }
 
     async fn release(&self, sale: &SaleId, order: &OrderRef) -> Result<bool> {
-        Ok(self.sale(sale)?.lock().release(order))
+        let timer = metrics::admission(Backend::Embedded, AdmissionOp::Release);
+        timer.result(self.sale(sale).map(|s| s.lock().release(order)))
     }
 
     async fn counters(&self, sale: &SaleId) -> Result<Option<Counters>> {

@@ -17,7 +17,7 @@
 use crate::admission::{self, Admission};
 use crate::auth::Auth;
 use crate::confirmer::{ConfirmConfig, Confirmer};
-use crate::metrics::{Metrics, OutcomeLabel, RateWindow, ResponseLabel};
+use crate::metrics::{self, outcome, Metrics, RateWindow, SaleGauges};
 use crate::model::{AbortOutcome, AdmitRequest, Answer, Decision, OrderRef, Rejection};
 use crate::problem::ApiError;
 use crate::sale_cache::SaleCache;
@@ -26,6 +26,7 @@ use dashmap::DashMap;
 use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
+use prometheus_client::registry::Registry;
 use sequencer::{OrderLog, OrderRecord, RECORD_VERSION};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -35,6 +36,7 @@ use storage::{
     Currency, Money, Order, OrderId, OrderStatus, OrderStore, Sale, SaleId, Timestamp, UserId,
     UserRate,
 };
+use tokio_util::sync::CancellationToken;
 
 /// Settings of the API layer.
 #[derive(Debug, Clone)]
@@ -98,6 +100,16 @@ struct DurableAnswer {
     answer: Answer,
 }
 
+/// Most sales the per-sale gauges export at once (the most recently opened first).
+pub const SALE_GAUGES_MAX: usize = 100;
+/// How often the per-sale gauges are refreshed.
+pub const SALE_GAUGES_EVERY: Duration = Duration::from_secs(1);
+/// How often the refresher reads the catalog for the sales to export (a sale created by
+/// this instance makes the next refresh read it at once).
+const SALE_LIST_EVERY: Duration = Duration::from_secs(10);
+/// How long after its end a sale stays exported while orders of it are unsettled.
+const SALE_GAUGES_AFTER_END_MS: i64 = 3600 * 1000;
+
 /// Attempts of a failed confirmation batch, and the wait before the second one (doubled
 /// before each further one).
 const CONFIRM_ATTEMPTS: u32 = 6;
@@ -120,6 +132,11 @@ pub struct Ingest {
     rates: DashMap<SaleId, RateWindow>,
     /// The instance's metrics.
     pub metrics: Metrics,
+    /// What `GET /metrics` renders: the process's registry (see [`Ingest::with_metrics`]),
+    /// or this instance's families alone.
+    registry: Arc<Registry>,
+    /// The per-sale gauges' snapshot, refreshed by [`Ingest::run_sale_gauges`].
+    sale_gauges: SaleGauges,
 }
 
 impl std::fmt::Debug for Ingest {
@@ -198,7 +215,7 @@ pub struct SaleView {
 }
 
 /// `GET /v1/sales/{id}/stats`.
-#[derive(Debug, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct SaleStats {
     /// Sale id.
     pub sale_id: String,
@@ -471,6 +488,10 @@ impl Ingest {
                 backoff: CONFIRM_BACKOFF,
             },
         ));
+        let metrics = Metrics::default();
+        let sale_gauges = SaleGauges::default();
+        let mut registry = metrics.registry();
+        registry.register_collector(Box::new(sale_gauges.clone()));
         Ingest {
             admission,
             log,
@@ -487,9 +508,86 @@ impl Ingest {
                 .build(),
             confirmer,
             rates: DashMap::new(),
-            metrics: Metrics::default(),
+            metrics,
+            registry: Arc::new(registry),
+            sale_gauges,
             config,
         }
+    }
+
+    /// The per-sale gauges (a collector to register in the process's registry).
+    pub fn sale_gauges(&self) -> SaleGauges {
+        self.sale_gauges.clone()
+    }
+
+    /// Refreshes the per-sale gauges every [`SALE_GAUGES_EVERY`] until `shutdown`.
+    pub async fn run_sale_gauges(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut tick = tokio::time::interval(SALE_GAUGES_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                _ = tick.tick() => self.refresh_sale_gauges().await,
+            }
+        }
+    }
+
+    /// One refresh of the per-sale gauges: the stats of each exported sale, read as
+    /// `GET /v1/sales/{id}/stats` reads them (so they agree). A sale is exported while it
+    /// is open and, after its end, until every accepted order of it is settled (at most an
+    /// hour); at most [`SALE_GAUGES_MAX`] sales. A sale whose stats cannot be read keeps
+    /// its last ones.
+    pub async fn refresh_sale_gauges(&self) {
+        let now = Timestamp::now();
+        let relist = {
+            let r = self.sale_gauges.refresh.lock();
+            r.listed_at.is_none_or(|t| t.elapsed() >= SALE_LIST_EVERY)
+        };
+        if relist {
+            match self.store.list_sales().await {
+                Ok(mut sales) => {
+                    sales.retain(|s| now < s.ends_at.plus_millis(SALE_GAUGES_AFTER_END_MS));
+                    sales.sort_by_key(|s| std::cmp::Reverse(s.starts_at));
+                    sales.truncate(SALE_GAUGES_MAX);
+                    let mut r = self.sale_gauges.refresh.lock();
+                    r.sales = sales;
+                    r.listed_at = Some(Instant::now());
+                }
+                Err(e) => tracing::debug!(error = %e, "per-sale gauges: listing the sales failed"),
+            }
+        }
+        let sales = self.sale_gauges.refresh.lock().sales.clone();
+        let mut previous: std::collections::HashMap<String, SaleStats> = self
+            .sale_gauges
+            .snapshot()
+            .into_iter()
+            .map(|s| (s.sale_id.clone(), s))
+            .collect();
+        let mut out = Vec::with_capacity(sales.len());
+        for sale in &sales {
+            let stats = match self.sale_stats(&sale.id).await {
+                Ok(stats) => stats,
+                Err(_) => match previous.remove(sale.id.as_str()) {
+                    Some(stats) => stats,
+                    None => continue,
+                },
+            };
+            let settled = stats.persisted >= stats.accepted
+                && stats.persisted == stats.paid + stats.payment_failed + stats.expired;
+            if now >= sale.ends_at && settled {
+                continue;
+            }
+            out.push(stats);
+        }
+        self.sale_gauges.set(out);
+    }
+
+    /// Uses `metrics` for this instance's families and renders `registry` (the process's,
+    /// which holds them) on `GET /metrics`.
+    pub fn with_metrics(mut self, metrics: Metrics, registry: Arc<Registry>) -> Self {
+        self.metrics = metrics;
+        self.registry = registry;
+        self
     }
 
     /// Sends the confirmations still queued and stops the background confirmer; call it
@@ -499,28 +597,42 @@ impl Ingest {
         self.confirmer.shutdown().await;
     }
 
-    /// Answers one request.
+    /// Answers one request. Every answer is counted and timed by route and status, and
+    /// every answer of the order route also by its outcome and code, from the final
+    /// response (validation and auth refusals included).
     pub async fn handle(&self, req: Request<Incoming>) -> Resp {
         let started = Instant::now();
         let method = req.method().clone();
         let path = req.uri().path().to_owned();
         let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
         let route = route_name(&method, &segments);
-        let result = self.route(&method, &segments, req).await;
-        let resp = result.unwrap_or_else(ApiError::into_response);
-        self.metrics
-            .responses
-            .get_or_create(&ResponseLabel {
-                route,
-                status: resp.status().as_u16(),
-            })
-            .inc();
+        let result = match (&method, segments.as_slice()) {
+            (&Method::POST, ["v1", "sales", id, "orders"]) => self.post_order(id, req).await,
+            _ => self.route(&method, &segments, req).await.map(|r| (r, "")),
+        };
+        let (resp, code) = match result {
+            Ok(answered) => answered,
+            Err(e) => {
+                let code = e.code;
+                (e.into_response(), code)
+            }
+        };
+        let elapsed = started.elapsed();
+        let status = resp.status().as_u16();
         if route == "order" {
-            self.metrics
-                .order_latency
-                .observe(started.elapsed().as_secs_f64());
+            self.metrics.record_order_answer(code, status, elapsed);
         }
+        self.metrics.record_response(route, status, elapsed);
         resp
+    }
+
+    /// `GET /metrics`: OpenMetrics for a client asking for it (Prometheus), else the text
+    /// format 0.0.4 (see [`metrics::render`]).
+    fn metrics_response(&self, headers: &HeaderMap) -> Resp {
+        let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok());
+        let (body, content_type) =
+            metrics::render(&self.registry, metrics::wants_openmetrics(accept));
+        text(StatusCode::OK, body, content_type)
     }
 
     async fn route(
@@ -530,7 +642,6 @@ impl Ingest {
         req: Request<Incoming>,
     ) -> Result<Resp, ApiError> {
         match (method, segments) {
-            (&Method::POST, ["v1", "sales", id, "orders"]) => self.post_order(id, req).await,
             (&Method::POST, ["v1", "sales"]) => self.create_sale(req).await,
             (&Method::GET, ["v1", "sales", id]) => self.get_sale(id).await,
             (&Method::GET, ["v1", "sales", id, "stats"]) => {
@@ -543,11 +654,7 @@ impl Ingest {
                 Ok(json(StatusCode::OK, &serde_json::json!({"status": "ok"})))
             }
             (&Method::GET, ["readyz"]) => self.ready().await,
-            (&Method::GET, ["metrics"]) => Ok(text(
-                StatusCode::OK,
-                self.metrics.render(),
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            )),
+            (&Method::GET, ["metrics"]) => Ok(self.metrics_response(req.headers())),
             (_, ["v1", "sales", _, "orders" | "stock"] | ["v1", "sales"]) => Err(
                 ApiError::method_not_allowed(format!("{method} is not allowed here")).allow("POST"),
             ),
@@ -575,14 +682,12 @@ impl Ingest {
             })
     }
 
-    fn count(&self, outcome: &'static str) {
-        self.metrics
-            .orders
-            .get_or_create(&OutcomeLabel { outcome })
-            .inc();
-    }
-
-    async fn post_order(&self, sale_id: &str, req: Request<Incoming>) -> Result<Resp, ApiError> {
+    /// The order route; on success also the answer's code (`accepted` or `replayed`).
+    async fn post_order(
+        &self,
+        sale_id: &str,
+        req: Request<Incoming>,
+    ) -> Result<(Resp, &'static str), ApiError> {
         let user = self.auth.buyer(req.headers())?;
         let key = idempotency_key(req.headers())?;
         let body: OrderBody = json_body(
@@ -635,7 +740,6 @@ impl Ingest {
                 // it in the background; abort gives back only what this order holds, so a
                 // decision that never ran costs nothing. If the backend stays down, the
                 // buyer's retry answers in-progress until reconcile repairs the counters.
-                self.count("admission_unavailable");
                 let (admission, task_sale) = (Arc::clone(&self.admission), sale_id.clone());
                 let oref = OrderRef {
                     order_id: admit.order_id,
@@ -654,7 +758,7 @@ impl Ingest {
                 });
             }
         };
-        let answer = match decision {
+        let (answer, code) = match decision {
             Decision::Accepted(answer) => {
                 let accepted_at = Timestamp::now();
                 let record = OrderRecord {
@@ -715,7 +819,6 @@ impl Ingest {
                 .await
                 .unwrap_or(false);
                 if !durable {
-                    self.count("log_unavailable");
                     return Err(ApiError::unavailable("order log unavailable").retry_after(1));
                 }
                 self.recent.insert(
@@ -732,13 +835,9 @@ impl Ingest {
                     .entry(sale_id.clone())
                     .or_default()
                     .add(accepted_at.millis() / 1000, 1);
-                self.count("accepted");
-                answer
+                (answer, outcome::ACCEPTED)
             }
-            Decision::Replayed(answer) => {
-                self.count("replayed");
-                answer
-            }
+            Decision::Replayed(answer) => (answer, outcome::REPLAYED),
             Decision::InProgress => {
                 // Durable and answered by this instance, confirmation not landed yet.
                 let idem: IdemKey = (sale_id.clone(), admit.user.clone(), admit.key.clone());
@@ -747,17 +846,14 @@ impl Ingest {
                     .get(&idem)
                     .filter(|d| d.fingerprint == admit.fingerprint)
                 {
-                    self.count("replayed");
-                    return Ok(accepted_response(&sale_id, &d.answer));
+                    return Ok((accepted_response(&sale_id, &d.answer), outcome::REPLAYED));
                 }
-                self.count("request_in_progress");
                 return Err(ApiError::request_in_progress(
                     "the first request with this key is still being processed",
                 )
                 .retry_after(1));
             }
             Decision::Rejected(r) => {
-                self.count(r.code());
                 return Err(match r {
                     Rejection::IdempotencyConflict => ApiError::idempotency_conflict(
                         "this Idempotency-Key was used with a different body",
@@ -775,7 +871,7 @@ impl Ingest {
                 });
             }
         };
-        Ok(accepted_response(&sale_id, &answer))
+        Ok((accepted_response(&sale_id, &answer), code))
     }
 
     async fn create_sale(&self, req: Request<Incoming>) -> Result<Resp, ApiError> {
@@ -804,6 +900,8 @@ impl Ingest {
         .await
         .map_err(|_| ApiError::internal("creating the sale failed"))??;
         self.sales.put(sale.clone()).await;
+        // The per-sale gauges pick the new sale up at their next refresh.
+        self.sale_gauges.refresh.lock().listed_at = None;
         let mut resp = json(
             StatusCode::CREATED,
             &sale_view(&sale, Some(i64::from(sale.stock))),

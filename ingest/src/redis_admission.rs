@@ -15,6 +15,7 @@
 //! counters are rebuilt from the order store.
 
 use crate::admission::{Admission, Error, Result};
+use crate::metrics::{self, AdmissionOp, Backend};
 use crate::model::{
     AbortOutcome, AdmitRequest, Answer, Counters, Decision, OrderRef, Rejection, Snapshot,
 };
@@ -98,6 +99,11 @@ fn evalsha<K: redis::ToRedisArgs>(script: &Script, keys: &[K]) -> Cmd {
     let mut cmd = redis::cmd("EVALSHA");
     cmd.arg(script.get_hash()).arg(keys.len()).arg(keys);
     cmd
+}
+
+/// How many calls of a batch failed.
+fn failed<T>(results: &[Result<T>]) -> u64 {
+    results.iter().filter(|r| r.is_err()).count() as u64
 }
 
 /// An integer reply of a script call in a batch.
@@ -559,13 +565,17 @@ impl Admission for RedisAdmission {
 
     async fn admit(&self, sale: &SaleId, req: &AdmitRequest) -> Result<Decision> {
         let Some(flags) = &self.flags else {
-            return self.decide(sale, req).await.map(|(d, _, _)| d);
+            let timer = metrics::admission(Backend::Redis, AdmissionOp::Admit);
+            return timer
+                .result(self.decide(sale, req).await)
+                .map(|(d, _, _)| d);
         };
         if flags.answer_locally(sale, req) {
             return Ok(Decision::Rejected(Rejection::SoldOut));
         }
         let epoch = flags.epoch();
-        let (decision, _, left) = self.decide(sale, req).await?;
+        let timer = metrics::admission(Backend::Redis, AdmissionOp::Admit);
+        let (decision, _, left) = timer.result(self.decide(sale, req).await)?;
         if left == Some(0) {
             let k = self.keys(sale);
             let keys = FlagKeys {
@@ -578,8 +588,9 @@ impl Admission for RedisAdmission {
     }
 
     async fn confirm(&self, sale: &SaleId, order: &OrderRef) -> Result<()> {
+        let timer = metrics::admission(Backend::Redis, AdmissionOp::Confirm);
         let mut conn = self.conn.clone();
-        let _: i64 = self
+        let confirmed: Result<i64> = self
             .scripts
             .confirm
             .key(self.keys(sale).idem)
@@ -588,22 +599,26 @@ impl Admission for RedisAdmission {
             .arg(order.order_id.to_string())
             .invoke_async(&mut conn)
             .await
-            .map_err(unavailable)?;
-        Ok(())
+            .map_err(unavailable);
+        timer.result(confirmed).map(drop)
     }
 
     async fn abort(&self, sale: &SaleId, order: &OrderRef) -> Result<AbortOutcome> {
-        Ok(match self.release_mode(sale, order, "abort").await? {
-            1 => AbortOutcome::Undone,
-            2 => AbortOutcome::AlreadyClaimed,
-            _ => AbortOutcome::Nothing,
-        })
+        let timer = metrics::admission(Backend::Redis, AdmissionOp::Abort);
+        Ok(
+            match timer.result(self.release_mode(sale, order, "abort").await)? {
+                1 => AbortOutcome::Undone,
+                2 => AbortOutcome::AlreadyClaimed,
+                _ => AbortOutcome::Nothing,
+            },
+        )
     }
 
     async fn claim(&self, sale: &SaleId, order_id: OrderId) -> Result<bool> {
+        let timer = metrics::admission(Backend::Redis, AdmissionOp::Claim);
         let k = self.keys(sale);
         let mut conn = self.conn.clone();
-        let n: i64 = self
+        let claimed: Result<i64> = self
             .scripts
             .claim
             .key(&k.sale)
@@ -612,20 +627,22 @@ impl Admission for RedisAdmission {
             .arg(order_id.to_string())
             .invoke_async(&mut conn)
             .await
-            .map_err(unavailable)?;
-        match n {
+            .map_err(unavailable);
+        timer.result(claimed.and_then(|n| match n {
             -1 => Err(missing(sale)),
             n => Ok(n == 1),
-        }
+        }))
     }
 
     async fn release(&self, sale: &SaleId, order: &OrderRef) -> Result<bool> {
-        self.release_mode(sale, order, "release")
-            .await
+        let timer = metrics::admission(Backend::Redis, AdmissionOp::Release);
+        timer
+            .result(self.release_mode(sale, order, "release").await)
             .map(|n| n == 1)
     }
 
     async fn confirm_batch(&self, orders: &[(SaleId, OrderRef)]) -> Vec<Result<()>> {
+        let timer = metrics::admission(Backend::Redis, AdmissionOp::Confirm);
         let calls = orders
             .iter()
             .map(|(sale, order)| {
@@ -637,14 +654,18 @@ impl Admission for RedisAdmission {
                 cmd
             })
             .collect();
-        self.eval_each(&self.scripts.confirm, calls)
+        let results: Vec<Result<()>> = self
+            .eval_each(&self.scripts.confirm, calls)
             .await
             .into_iter()
             .map(|r| int_reply(r).map(|_| ()))
-            .collect()
+            .collect();
+        timer.finish(failed(&results));
+        results
     }
 
     async fn claim_batch(&self, orders: &[(SaleId, OrderId)]) -> Vec<Result<bool>> {
+        let timer = metrics::admission(Backend::Redis, AdmissionOp::Claim);
         let calls = orders
             .iter()
             .map(|(sale, id)| {
@@ -654,7 +675,8 @@ impl Admission for RedisAdmission {
                 cmd
             })
             .collect();
-        self.eval_each(&self.scripts.claim, calls)
+        let results: Vec<Result<bool>> = self
+            .eval_each(&self.scripts.claim, calls)
             .await
             .into_iter()
             .zip(orders)
@@ -662,15 +684,19 @@ impl Admission for RedisAdmission {
                 -1 => Err(missing(sale)),
                 n => Ok(n == 1),
             })
-            .collect()
+            .collect();
+        timer.finish(failed(&results));
+        results
     }
 
     async fn release_batch(&self, orders: &[(SaleId, OrderRef)]) -> Vec<Result<bool>> {
+        let timer = metrics::admission(Backend::Redis, AdmissionOp::Release);
         let calls = orders
             .iter()
             .map(|(sale, order)| self.release_call(sale, order, "release"))
             .collect();
-        self.eval_each(&self.scripts.release, calls)
+        let results: Vec<Result<bool>> = self
+            .eval_each(&self.scripts.release, calls)
             .await
             .into_iter()
             .zip(orders)
@@ -678,7 +704,9 @@ impl Admission for RedisAdmission {
                 -1 => Err(missing(sale)),
                 n => Ok(n == 1),
             })
-            .collect()
+            .collect();
+        timer.finish(failed(&results));
+        results
     }
 
     async fn counters(&self, sale: &SaleId) -> Result<Option<Counters>> {

@@ -3,20 +3,44 @@
 //!
 //! [`serve`] takes an already-bound listener (tests bind port 0) and a cancellation token.
 //! On cancel it stops accepting, asks every connection to finish its in-flight request and
-//! close, waits up to the grace period, then aborts what is left.
+//! close, waits up to the grace period, then aborts what is left. [`serve_with`] is the same
+//! server for any [`Handler`] (the metrics listener of `flashsale settle` uses it).
+//!
+//! Each connection's task (which runs its requests' handlers) can be instrumented with a
+//! `tokio-metrics` [`TaskMonitor`] (`ServerConfig::task_monitor`): its long polls and
+//! scheduling delay are the runtime metrics of the HTTP side.
 
 use crate::api::Ingest;
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::Full;
+use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
+use prometheus_client::metrics::gauge::Gauge;
 use std::convert::Infallible;
+use std::future::Future;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
+use tokio_metrics::TaskMonitor;
 use tokio_util::sync::CancellationToken;
+
+/// Answers requests; what [`serve_with`] serves.
+pub trait Handler: Send + Sync + 'static {
+    /// Answers one request.
+    fn handle(&self, req: Request<Incoming>) -> impl Future<Output = Response<Full<Bytes>>> + Send;
+}
+
+impl Handler for Ingest {
+    fn handle(&self, req: Request<Incoming>) -> impl Future<Output = Response<Full<Bytes>>> + Send {
+        Ingest::handle(self, req)
+    }
+}
 
 /// Connection-level settings.
 #[derive(Debug, Clone)]
@@ -32,6 +56,8 @@ pub struct ServerConfig {
     pub idle_timeout: Duration,
     /// How long shutdown waits for in-flight requests.
     pub shutdown_grace: Duration,
+    /// Instruments every connection's task (and so its requests' handlers).
+    pub task_monitor: Option<TaskMonitor>,
 }
 
 impl Default for ServerConfig {
@@ -41,6 +67,7 @@ impl Default for ServerConfig {
             header_read_timeout: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(5),
             shutdown_grace: Duration::from_secs(10),
+            task_monitor: None,
         }
     }
 }
@@ -73,6 +100,19 @@ pub async fn serve(
     config: ServerConfig,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
+    let open = ingest.metrics.open_connections.clone();
+    serve_with(listener, ingest, Some(open), config, shutdown).await
+}
+
+/// Serves `handler` on `listener` until `shutdown` is cancelled; `open_connections`, when
+/// given, follows the connections open.
+pub async fn serve_with<H: Handler>(
+    listener: TcpListener,
+    handler: Arc<H>,
+    open_connections: Option<Gauge>,
+    config: ServerConfig,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
     let permits = Arc::new(Semaphore::new(config.max_connections.max(1)));
     let mut conns = JoinSet::new();
     loop {
@@ -96,27 +136,30 @@ pub async fn serve(
             },
         };
         let _ = stream.set_nodelay(true);
-        let ingest = Arc::clone(&ingest);
+        let handler = Arc::clone(&handler);
+        let open = open_connections.clone();
         let config = config.clone();
         let shutdown = shutdown.clone();
         // Reap finished connections so the set does not grow.
         while conns.try_join_next().is_some() {}
-        conns.spawn(async move {
+        let monitor = config.task_monitor.clone();
+        let connection = async move {
             let _permit = permit;
-            ingest.metrics.open_connections.inc();
+            if let Some(open) = &open {
+                open.inc();
+            }
             let activity = Arc::new(Activity {
                 started: Instant::now(),
                 last_ms: AtomicU64::new(0),
                 in_flight: AtomicUsize::new(0),
             });
             let act = Arc::clone(&activity);
-            let svc_ingest = Arc::clone(&ingest);
             let service = service_fn(move |req| {
-                let ingest = Arc::clone(&svc_ingest);
+                let handler = Arc::clone(&handler);
                 let act = Arc::clone(&act);
                 async move {
                     act.in_flight.fetch_add(1, Ordering::Relaxed);
-                    let resp = ingest.handle(req).await;
+                    let resp = handler.handle(req).await;
                     act.in_flight.fetch_sub(1, Ordering::Relaxed);
                     act.touch();
                     Ok::<_, Infallible>(resp)
@@ -150,8 +193,14 @@ pub async fn serve(
                     }
                 }
             }
-            ingest.metrics.open_connections.dec();
-        });
+            if let Some(open) = &open {
+                open.dec();
+            }
+        };
+        match monitor {
+            Some(m) => conns.spawn(m.instrument(connection)),
+            None => conns.spawn(connection),
+        };
     }
     drop(listener);
     let drained = tokio::time::timeout(config.shutdown_grace, async {

@@ -131,6 +131,7 @@ impl SoldOutFlags {
                 None => *self.shared.unflushed.entry(sale.clone()).or_default() += 1,
             }
             self.shared.answered.fetch_add(1, Ordering::Relaxed);
+            crate::metrics::sold_out_local().inc();
         }
         local
     }

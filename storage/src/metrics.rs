@@ -20,7 +20,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
-use std::sync::{LazyLock, Mutex, PoisonError, Weak};
+use std::sync::{LazyLock, Mutex, OnceLock, PoisonError, Weak};
 use std::time::Instant;
 
 /// Name of the store-call histogram.
@@ -143,17 +143,14 @@ type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 struct StoreMetrics {
     duration: HistogramFamily<OpLabel>,
-    /// One handle per operation, created once (no label lookup per call).
-    by_op: Vec<Histogram>,
+    /// One handle per operation, created at its first call (no label lookup after; an
+    /// operation never called has no series).
+    by_op: [OnceLock<Histogram>; Op::ALL.len()],
 }
 
-static METRICS: LazyLock<StoreMetrics> = LazyLock::new(|| {
-    let duration: HistogramFamily<OpLabel> = Family::new_with_constructor(duration_histogram);
-    let by_op = Op::ALL
-        .iter()
-        .map(|op| duration.get_or_create(&OpLabel { op: op.as_str() }).clone())
-        .collect();
-    StoreMetrics { duration, by_op }
+static METRICS: LazyLock<StoreMetrics> = LazyLock::new(|| StoreMetrics {
+    duration: Family::new_with_constructor(duration_histogram),
+    by_op: std::array::from_fn(|_| OnceLock::new()),
 });
 
 /// How busy a store's connections are right now.
@@ -253,8 +250,14 @@ struct Timer {
 
 impl Timer {
     fn start(op: Op) -> Timer {
+        let m = &*METRICS;
+        let histogram = m.by_op[op.index()].get_or_init(|| {
+            m.duration
+                .get_or_create(&OpLabel { op: op.as_str() })
+                .clone()
+        });
         Timer {
-            histogram: &METRICS.by_op[op.index()],
+            histogram,
             started: Instant::now(),
         }
     }
