@@ -83,8 +83,10 @@ impl LogMetrics {
         self.append_duration
             .get_or_create(&label)
             .observe(elapsed.as_secs_f64());
+        // Created at 0 with the first append, so a rate over it has data before any error.
+        let errors = self.append_errors.get_or_create(&label);
         if !ok {
-            self.append_errors.get_or_create(&label).inc();
+            errors.inc();
         }
     }
 }

@@ -427,14 +427,10 @@ impl MockMetrics {
             .observe(elapsed.as_secs_f64());
     }
 
-    /// The Prometheus text exposition of the mock's families.
-    pub fn encode(&self) -> String {
-        let mut out = String::new();
-        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
-            tracing::error!(error = %e, "mock metrics did not encode");
-            out.clear();
-        }
-        out
+    /// The exposition of the mock's families (OpenMetrics when `openmetrics`, else the
+    /// text format 0.0.4) and its content type.
+    pub fn encode(&self, openmetrics: bool) -> (String, &'static str) {
+        storage::exposition::render(&self.registry, openmetrics)
     }
 }
 
@@ -505,8 +501,9 @@ mod tests {
         let (one, two) = (MockMetrics::default(), MockMetrics::default());
         one.request("charge", "ok", Duration::from_millis(2));
         assert!(one
-            .encode()
+            .encode(true)
+            .0
             .contains("flashsale_mock_requests_total{route=\"charge\",outcome=\"ok\"} 1"));
-        assert!(!two.encode().contains("route=\"charge\""));
+        assert!(!two.encode(true).0.contains("route=\"charge\""));
     }
 }

@@ -59,6 +59,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use storage::exposition::wants_openmetrics;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
@@ -71,8 +72,6 @@ const MAX_BODY: usize = 64 * 1024;
 const MAX_CONNECTIONS: usize = 1024;
 /// Longest an idempotency key may be.
 const MAX_KEY: usize = 255;
-/// Content type of `GET /metrics`.
-const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 /// How the mock behaves. Durations are humantime strings (`"5ms"`) in JSON and TOML. Rates
 /// are probabilities in `0..=1`. See the module docs for the order the faults are drawn in.
@@ -734,14 +733,17 @@ async fn dispatch(state: &State, req: Request<Incoming>) -> (&'static str, Proce
                 &serde_json::json!({"status": "ok"}),
             )),
         ),
-        (&Method::GET, ["metrics"]) => (
-            "metrics",
-            Ok(Ok(reply(
-                StatusCode::OK,
-                OPENMETRICS,
-                state.metrics.encode().into_bytes(),
-            ))),
-        ),
+        (&Method::GET, ["metrics"]) => {
+            let accept = req
+                .headers()
+                .get(http::header::ACCEPT)
+                .and_then(|v| v.to_str().ok());
+            let (body, content_type) = state.metrics.encode(wants_openmetrics(accept));
+            (
+                "metrics",
+                Ok(Ok(reply(StatusCode::OK, content_type, body.into_bytes()))),
+            )
+        }
         (&Method::POST, ["v1", "charges"]) => ("charge", charge(state, req).await),
         (&Method::GET, ["v1", "charges", key]) => ("charge_lookup", Ok(lookup(state, key))),
         (&Method::POST, ["v1", "refunds"]) => ("refund", Ok(refund(state, req).await)),

@@ -7,6 +7,7 @@
 
 #[cfg(any(feature = "embedded", feature = "postgres"))]
 mod batch;
+pub mod exposition;
 pub mod metrics;
 pub mod model;
 #[cfg(feature = "postgres")]
