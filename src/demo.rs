@@ -516,6 +516,7 @@ async fn drive(config: &Config, running: &Running, opts: &DemoOptions) -> anyhow
     let mut polls = 0u32;
     let settled = wait_until(opts.settle_timeout, || {
         let ingest = Arc::clone(&ingest);
+        let store = Arc::clone(&running.store);
         let sale_id = sale_id.clone();
         polls = polls.wrapping_add(1);
         let near = polls.is_multiple_of(50)
@@ -527,14 +528,21 @@ async fn drive(config: &Config, running: &Running, opts: &DemoOptions) -> anyhow
             if !near {
                 return false;
             }
-            match ingest.sale_stats(&sale_id).await {
+            let totals_final = match ingest.sale_stats(&sale_id).await {
                 Ok(s) => {
                     s.persisted >= expected
                         && s.paid + s.payment_failed + s.expired == s.persisted
                         && s.released == s.payment_failed + s.expired
                 }
                 Err(_) => false,
-            }
+            };
+            // The buyer is told after the final status is written: wait for that too.
+            totals_final
+                && store.orders_of_sale(&sale_id).await.is_ok_and(|orders| {
+                    orders
+                        .iter()
+                        .all(|o| o.status.is_final() && o.notified_at.is_some())
+                })
         }
     })
     .await;

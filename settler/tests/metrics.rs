@@ -198,7 +198,13 @@ async fn the_mock_serves_its_own_metrics_and_counts_a_charge() {
         let http = http.clone();
         let url = format!("{}/metrics", h.mock.url());
         async move {
-            let response = http.get(url).send().await.expect("GET /metrics");
+            // As Prometheus asks; without it the text format 0.0.4 comes back.
+            let response = http
+                .get(url)
+                .header("accept", "application/openmetrics-text; version=1.0.0")
+                .send()
+                .await
+                .expect("GET /metrics");
             assert!(response.status().is_success());
             let content_type = response
                 .headers()
