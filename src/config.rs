@@ -217,6 +217,11 @@ pub struct LogSection {
     /// Kafka: longest wait for a delivery report before the buyer gets 503.
     #[serde(with = "humantime_serde")]
     pub delivery_timeout: Duration,
+    /// Kafka: `fetch.wait.max.ms` of the settler's consumer, the longest a fetch waits for
+    /// records (default 20 ms; librdkafka's own is 500 ms, which tansu waits out in full,
+    /// so every order waited about half a second between its 202 and its settlement).
+    #[serde(with = "humantime_serde")]
+    pub fetch_wait: Duration,
 }
 
 impl Default for LogSection {
@@ -232,6 +237,7 @@ impl Default for LogSection {
             linger: Duration::from_millis(1),
             batch_size: 256 * 1024,
             delivery_timeout: Duration::from_secs(5),
+            fetch_wait: Duration::from_millis(20),
         }
     }
 }
@@ -254,6 +260,7 @@ impl LogSection {
             linger: self.linger,
             batch_size: self.batch_size,
             delivery_timeout: self.delivery_timeout,
+            fetch_wait: self.fetch_wait,
         })
     }
 }

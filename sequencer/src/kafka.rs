@@ -71,6 +71,10 @@ pub struct KafkaConfig {
     pub batch_size: usize,
     /// Longest wait for a delivery report; past it the append fails.
     pub delivery_timeout: Duration,
+    /// `fetch.wait.max.ms` of the consumer: the longest a fetch waits for records. Some
+    /// brokers (tansu 0.6.0) hold every fetch this long even when records arrive, so it
+    /// bounds the time from append to consumption.
+    pub fetch_wait: Duration,
 }
 
 impl Default for KafkaConfig {
@@ -83,6 +87,7 @@ impl Default for KafkaConfig {
             linger: Duration::from_millis(1),
             batch_size: 256 * 1024,
             delivery_timeout: Duration::from_secs(5),
+            fetch_wait: Duration::from_millis(20),
         }
     }
 }
@@ -686,6 +691,10 @@ impl KafkaConsumer {
             .set("auto.offset.reset", "earliest")
             .set("session.timeout.ms", "6000")
             .set("heartbeat.interval.ms", "500")
+            .set(
+                "fetch.wait.max.ms",
+                config.fetch_wait.as_millis().clamp(1, 300_000).to_string(),
+            )
             .set("max.poll.interval.ms", "60000")
             .set("statistics.interval.ms", STATISTICS_INTERVAL_MS)
             .create_with_context(ResumeContext {
