@@ -344,3 +344,47 @@ async fn a_full_bucket_map_answers_503_capacity_exceeded() {
     assert_eq!(app.stock_left("capped").await, 97, "nothing was taken");
     app.stop().await;
 }
+
+#[tokio::test]
+async fn an_ended_settled_sale_drops_its_admission_entries() {
+    let app = TestApp::start_with(|c| c.admission.retention = Duration::ZERO).await;
+    let ends = storage::Timestamp::now().plus_millis(1500);
+    let a = app
+        .create_sale(json!({
+            "id": "short", "sku": "sku-1", "stock": 10, "price_cents": 1000,
+            "currency": "EUR", "per_user_limit": 2, "ends_at": ends.to_string(),
+            "user_rate": {"per_second": 1000, "burst": 1000}
+        }))
+        .await;
+    assert_eq!(a.status, 201, "{}", a.body);
+    let token = app.token("u");
+    let first = app.order("short", &token, "k", 1).await;
+    assert_eq!(first.status, 202, "{}", first.body);
+    let answers = "flashsale_admission_entries{map=\"answers\"} ";
+    let metrics = |app: &TestApp| {
+        let req = app.client.get(format!("{}/metrics", app.url)).send();
+        async move { req.await.expect("metrics").text().await.expect("text") }
+    };
+    eventually(
+        "the entries gauge counts the answer",
+        Duration::from_secs(30),
+        || {
+            let m = metrics(&app);
+            async move { m.await.contains(&format!("{answers}1")) }
+        },
+    )
+    .await;
+    // Once the sale ended and its order is final, its entries go, and the retry of its
+    // order is past its retention.
+    eventually("the sale retired", Duration::from_secs(30), || {
+        let retry = app.order("short", &token, "k", 1);
+        let m = metrics(&app);
+        async move {
+            retry.await.code() == "sale_not_active" && m.await.contains(&format!("{answers}0"))
+        }
+    })
+    .await;
+    let stats = app.stats("short").await;
+    assert_eq!(stats["stock_left"], 9, "the counters stay: {stats}");
+    app.stop().await;
+}
