@@ -4,10 +4,10 @@
 //! Written by the maintenance task (`src/maintain.rs`) every `log.checkpoint_interval`:
 //! first it reads the log from the previous checkpoint to the current end `L` and marks
 //! each order there durable ([`SaleState::mark_durable`]: its answer confirmed, claimed),
-//! then it snapshots each sale ([`SaleState::durable_snapshot`]: unconfirmed answers left
-//! out with their effect undone). Every record before `L` was accepted before the snapshot
-//! and is now confirmed, so the snapshot holds exactly the records before `L` plus whatever
-//! is confirmed past it; recovery replays from `L` with
+//! then it snapshots each sale ([`SaleState::durable_snapshot`]: answers neither confirmed
+//! nor claimed left out with their effect undone). Every record before `L` was accepted
+//! before the snapshot and is now confirmed, so the snapshot holds exactly the records
+//! before `L` plus whatever is confirmed or claimed past it; recovery replays from `L` with
 //! [`SaleState::restore_accepted`], which counts an order it already holds once.
 //!
 //! Format: one JSON document (`version`, `log_offset`, `sales`), written to a temporary

@@ -671,8 +671,8 @@ impl SaleState {
     }
 
     /// What a checkpoint keeps: the effect of the orders whose records are durable (the
-    /// confirmed answers) and the releases, without the token buckets (they start full,
-    /// as after any restart). An unconfirmed answer is left out with its effect undone
+    /// confirmed or claimed answers) and the releases, without the token buckets (they
+    /// start full, as after any restart). Any other answer is left out with its effect undone
     /// (stock, units, accepted counters; its sequence number stays used): its record is
     /// either past the checkpoint's log position, where recovery replays it, or never
     /// lands. Not sorted: the checkpoint is read back into maps.
@@ -681,8 +681,12 @@ impl SaleState {
         let mut units = self.units.clone();
         let mut answers = Vec::with_capacity(self.idem.len());
         for ((user, key), e) in &self.idem {
-            if e.confirmed {
-                answers.push((user.clone(), key.clone(), e.clone()));
+            // Claimed: the settler read its record, so it is durable even if its
+            // confirmation has not landed yet (it may even be released already).
+            if e.confirmed || self.claimed.contains(&e.answer.order_id) {
+                let mut e = e.clone();
+                e.confirmed = true;
+                answers.push((user.clone(), key.clone(), e));
                 continue;
             }
             let q = e.answer.quantity;
@@ -955,6 +959,58 @@ mod tests {
             ..a.clone()
         };
         assert!(matches!(s.admit(&retry, SEC), Decision::Accepted(_)));
+    }
+
+    #[test]
+    fn a_checkpoint_plus_the_log_after_it_counts_every_order_once() {
+        let mut s = SaleState::new(rules(10, 5));
+        let done = req(1, 1, 1, 1); // durable and confirmed before the checkpoint
+        let late = req(2, 1, 1, 1); // durable, claimed and released, confirmation late
+        let pending = req(3, 2, 1, 1); // its record lands after the checkpoint
+        let lost = req(4, 1, 1, 1); // its record never lands
+        for r in [&done, &late, &pending, &lost] {
+            assert!(matches!(s.admit(r, SEC), Decision::Accepted(_)));
+        }
+        s.confirm(&oref(&done));
+        assert!(s.claim(late.order_id));
+        assert!(s.release(&oref(&late)));
+        let snapshot = s.durable_snapshot();
+        let json = serde_json::to_string(&snapshot).expect("encode");
+        let back: Snapshot = serde_json::from_str(&json).expect("decode");
+        let mut r = SaleState::from_snapshot(back, rules(12, 5), Limits::default());
+        // Recovery replays the log after the checkpoint: `late` (claimed before the
+        // snapshot, so already counted) and `pending`.
+        r.restore_accepted(&oref(&late), &late.fingerprint, 2);
+        r.restore_accepted(&oref(&pending), &pending.fingerprint, 3);
+        // The store's releases are replayed too; `late` was released once already.
+        assert!(!r.release(&oref(&late)));
+        assert_eq!(
+            r.stock_left,
+            12 - 1 - 2,
+            "done and pending hold units; 2 added"
+        );
+        assert_eq!(r.units_of(&late.user), 0);
+        assert_eq!(r.units_of(&pending.user), 2);
+        assert_eq!(
+            r.units_of(&lost.user),
+            0,
+            "a record that never landed is gone"
+        );
+        assert_eq!(r.next_sequence, 5, "sequence numbers are never reused");
+        let c = r.counters();
+        assert_eq!(
+            (c.accepted_orders, c.accepted_units, c.released_units),
+            (3, 4, 1)
+        );
+        assert_eq!(
+            r.admit(&done, SEC),
+            Decision::Replayed(Answer {
+                order_id: done.order_id,
+                sequence: 1,
+                quantity: 1
+            })
+        );
+        assert!(matches!(r.admit(&lost, SEC), Decision::Accepted(_)));
     }
 
     #[derive(Debug, Clone)]
