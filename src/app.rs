@@ -343,6 +343,17 @@ impl LogParts {
                         data_dir.display()
                     );
                 }
+                // The store is older than the log's first segment (restored from a
+                // backup?): the records between were deleted as settled.
+                if from < log.start_offset() {
+                    bail!(
+                        "the store's checkpoint ({from}) is before the first record the order \
+                         log in {} still holds ({}): segments were deleted as settled; \
+                         restore the store that settled them",
+                        data_dir.display(),
+                        log.start_offset()
+                    );
+                }
                 Ok(Box::new(log.consumer(from)))
             }
             #[cfg(feature = "kafka")]
