@@ -483,7 +483,7 @@ impl FileLog {
     /// empty answer means `from` is the end of the log). Fails for an offset before
     /// [`start_offset`](Self::start_offset).
     pub fn read_from(&self, from: u64, max: usize) -> Result<Vec<LogEntry>> {
-        let (file, mut pos, mut skip, want, bytes) = {
+        let (file, mut pos, mut skip, want, span_end) = {
             let segments = self.shared.segments.read();
             let start = segments.first().map_or(0, |s| s.base);
             if from < start {
@@ -508,17 +508,24 @@ impl FileLog {
                     .ok_or_else(|| invalid("sparse index"))?,
             );
             let want = (seg.end() - from).min(max as u64) as usize;
+            // The wanted records end before the next indexed record after them starts: read
+            // no further than that.
+            let next_slot = (rel + want as u64).div_ceil(SPARSE) as usize;
+            let span_end = seg
+                .sparse
+                .get(next_slot)
+                .map_or(seg.bytes, |p| u64::from(*p).min(seg.bytes));
             (
                 Arc::clone(&seg.file),
                 pos,
                 rel - slot as u64 * SPARSE,
                 want,
-                seg.bytes,
+                span_end,
             )
         };
         let mut out = Vec::with_capacity(want);
-        while out.len() < want && pos < bytes {
-            let len = (bytes - pos).min(READ_CHUNK) as usize;
+        while out.len() < want && pos < span_end {
+            let len = (span_end - pos).min(READ_CHUNK) as usize;
             let mut buf = vec![0u8; len];
             file.read_exact_at(&mut buf, pos)?;
             let mut buf = Bytes::from(buf);
@@ -537,8 +544,8 @@ impl FileLog {
                         break;
                     }
                     // A frame larger than one chunk: read it whole.
-                    if pos + (FRAME_HEADER + n) as u64 > bytes {
-                        return Err(invalid("frame past the committed end"));
+                    if pos + (FRAME_HEADER + n) as u64 > span_end {
+                        return Err(invalid("frame past the span the index gives"));
                     }
                     let mut whole = vec![0u8; FRAME_HEADER + n];
                     file.read_exact_at(&mut whole, pos)?;
