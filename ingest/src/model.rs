@@ -329,6 +329,9 @@ pub struct SaleState {
     limits: Limits,
     /// No bucket becomes full before this: a prune before it would free nothing.
     prune_at_us: i64,
+    /// Buckets left by the last prune: a periodic prune waits until the map doubled, so
+    /// its scans cost a constant per bucket added.
+    pruned_len: usize,
     /// Ended and settled: every per-user and per-order entry was dropped.
     retired: bool,
 }
@@ -344,6 +347,7 @@ impl SaleState {
         SaleState {
             limits,
             prune_at_us: i64::MIN,
+            pruned_len: 0,
             retired: false,
             rules,
             stock_left: rules.stock as i64,
@@ -582,15 +586,19 @@ impl SaleState {
             true
         });
         self.prune_at_us = next;
+        self.pruned_len = self.buckets.len();
         if self.buckets.capacity() > 4 * self.buckets.len().max(1024) {
             self.buckets.shrink_to_fit();
         }
         before - self.buckets.len()
     }
 
-    /// Whether a prune at `now_us` would drop a bucket.
+    /// Whether a periodic prune is worth it at `now_us`: a bucket has refilled and the map
+    /// doubled since the last prune.
     pub fn prune_due(&self, now_us: i64) -> bool {
-        !self.buckets.is_empty() && now_us >= self.prune_at_us
+        !self.buckets.is_empty()
+            && now_us >= self.prune_at_us
+            && self.buckets.len() >= 2 * self.pruned_len
     }
 
     /// The sale ended and every order of it is final: drops every per-user and per-order
@@ -748,6 +756,7 @@ impl SaleState {
             rejected,
             limits,
             prune_at_us: i64::MIN,
+            pruned_len: 0,
             retired: snapshot.retired,
         }
     }
