@@ -3,7 +3,9 @@
 //! A backend owns the per-sale counters (stock, users' units, token buckets, idempotency
 //! answers, sequence). The embedded backend keeps them in memory behind one mutex per sale
 //! and runs the I/O-free [`model`](crate::model) directly; after a restart it is rebuilt
-//! from the order log and the store (see [`EmbeddedAdmission::restore_accepted`]).
+//! from its [`checkpoint`](crate::checkpoint), the order log after it and the store (see
+//! [`EmbeddedAdmission::restore_accepted`]). Its memory is bounded per sale by
+//! [`Limits`] and [`EmbeddedAdmission::maintain`] / [`EmbeddedAdmission::retire`].
 //!
 //! Each backend times its calls itself (`flashsale_admission_duration_seconds{backend,op}`,
 //! errors in `flashsale_admission_errors_total`, see [`crate::metrics`]), around the
