@@ -9,13 +9,14 @@
 //! the API; `settle` renders it on a listener of its own.
 
 use crate::config::{Config, EMBEDDED};
+use crate::maintain::Maintenance;
 use crate::metrics::{process_registry, serve_metrics, RuntimeWatch};
 use anyhow::{bail, Context};
 use async_trait::async_trait;
 use ingest::admission::{Admission, EmbeddedAdmission};
 use ingest::api::{ApiConfig, Ingest};
 use ingest::auth::Auth;
-use ingest::model::OrderRef;
+use ingest::model::{Limits, OrderRef};
 use ingest::redis_admission::RedisAdmission;
 use ingest::server::{self, ServerConfig};
 use prometheus_client::registry::Registry;
@@ -110,6 +111,8 @@ pub struct Running {
     shutdown: CancellationToken,
     server: JoinHandle<std::io::Result<()>>,
     settler: Option<JoinHandle<Result<(), settler::Error>>>,
+    /// Embedded admission's maintenance (writes a last checkpoint when stopped).
+    maintenance: Option<JoinHandle<()>>,
     mock: Option<MockProvider>,
     /// Dropped last: the settler and the mock provider run on it.
     settler_rt: SettlerRuntime,
@@ -146,6 +149,9 @@ impl Running {
         if let Some(s) = self.settler {
             s.await.context("settler task")??;
         }
+        if let Some(m) = self.maintenance {
+            m.await.context("maintenance task")?;
+        }
         if let Some(m) = self.mock {
             m.stop().await;
         }
@@ -169,17 +175,55 @@ fn unsupported(key: &str, url: &str) -> anyhow::Error {
     anyhow::anyhow!("{key} = {url:?}: not supported; use {available}")
 }
 
-/// Rebuilds the embedded admission counters after a restart: sales from the catalog,
-/// accepted orders from the log, releases from the store.
+/// Rebuilds the embedded admission counters after a restart: sales from the catalog, their
+/// state from the admission checkpoint, accepted orders from the log after it, releases
+/// from the store. Returns the offset the checkpoint covered.
 async fn recover_admission(
     admission: &EmbeddedAdmission,
     store: &dyn OrderStore,
     log: &FileLog,
-) -> anyhow::Result<()> {
-    for sale in store.list_sales().await? {
-        admission.restore_sale(&sale);
+    log_dir: &std::path::Path,
+) -> anyhow::Result<u64> {
+    let catalog = store.list_sales().await?;
+    let checkpoint = ingest::checkpoint::read(log_dir).with_context(|| {
+        format!(
+            "reading the admission checkpoint in {} (move it aside to rebuild from the whole \
+             log, which works only while no segment was deleted)",
+            log_dir.display()
+        )
+    })?;
+    let covered = match checkpoint {
+        Some(c) => {
+            let offset = c.log_offset;
+            admission.restore_checkpoint(c, &catalog);
+            offset
+        }
+        None => {
+            for sale in &catalog {
+                admission.restore_sale(sale);
+            }
+            0
+        }
+    };
+    if covered < log.start_offset() {
+        bail!(
+            "the order log in {} starts at offset {} but the admission checkpoint covers only \
+             the records before {covered}: the records between are gone; restore the \
+             checkpoint file ({})",
+            log_dir.display(),
+            log.start_offset(),
+            ingest::checkpoint::CHECKPOINT_FILE
+        );
     }
-    let mut from = 0;
+    if covered > log.len() {
+        bail!(
+            "the admission checkpoint in {} covers {covered} records but the order log ends at \
+             {}: the log lost records; restore it before starting",
+            log_dir.display(),
+            log.len()
+        );
+    }
+    let mut from = covered;
     let mut replayed = 0u64;
     loop {
         let entries = log.read_from(from, 4096)?;
@@ -220,14 +264,15 @@ async fn recover_admission(
         };
         let _ = admission.restore_release(&o.new.sale_id, &oref);
     }
-    if replayed > 0 {
+    if replayed > 0 || covered > 0 {
         tracing::info!(
+            checkpoint = covered,
             orders = replayed,
             released = released.len(),
-            "admission counters rebuilt from the log and the store"
+            "admission counters rebuilt from the checkpoint, the log after it and the store"
         );
     }
-    Ok(())
+    Ok(covered)
 }
 
 /// The order log of this process: the embedded file or a Kafka topic.
@@ -262,6 +307,7 @@ impl LogParts {
                 fsync: config.log.fsync,
                 max_batch: config.log.max_batch,
                 queue_capacity: config.log.queue_capacity,
+                segment_bytes: config.log.segment_bytes,
             },
         )
         .with_context(|| format!("opening the order log in {}", config.data_dir.display()))?;
@@ -295,6 +341,17 @@ impl LogParts {
                          records) in {}: the log lost records; restore it before starting",
                         log.len(),
                         data_dir.display()
+                    );
+                }
+                // The store is older than the log's first segment (restored from a
+                // backup?): the records between were deleted as settled.
+                if from < log.start_offset() {
+                    bail!(
+                        "the store's checkpoint ({from}) is before the first record the order \
+                         log in {} still holds ({}): segments were deleted as settled; \
+                         restore the store that settled them",
+                        data_dir.display(),
+                        log.start_offset()
                     );
                 }
                 Ok(Box::new(log.consumer(from)))
@@ -450,11 +507,12 @@ pub async fn migrate_store(config: &Config) -> anyhow::Result<String> {
     Ok(format!("store {} is at the latest schema", path.display()))
 }
 
+/// The admission backend, and with embedded admission its maintenance task (not started).
 async fn open_admission(
     config: &Config,
-    store: &dyn OrderStore,
+    store: &Arc<dyn OrderStore>,
     log: &LogParts,
-) -> anyhow::Result<Arc<dyn Admission>> {
+) -> anyhow::Result<(Arc<dyn Admission>, Option<Maintenance>)> {
     if config.admission.url.starts_with("redis://") {
         // Redis keeps the counters across restarts of this process; a sale whose keys
         // Redis lost answers 503 until `flashsale reconcile` rebuilds them.
@@ -466,10 +524,11 @@ async fn open_admission(
         .await
         .with_context(|| format!("admission.url: cannot use {}", config.admission.url))?;
         if config.admission.sold_out_ttl.is_zero() {
-            return Ok(Arc::new(redis));
+            return Ok((Arc::new(redis), None));
         }
-        return Ok(Arc::new(
-            redis.with_sold_out_flags(config.admission.sold_out_ttl),
+        return Ok((
+            Arc::new(redis.with_sold_out_flags(config.admission.sold_out_ttl)),
+            None,
         ));
     }
     if config.admission.url != EMBEDDED {
@@ -487,9 +546,23 @@ async fn open_admission(
             config.log.url
         ),
     };
-    let embedded = EmbeddedAdmission::new();
-    recover_admission(&embedded, store, file).await?;
-    Ok(Arc::new(embedded))
+    let embedded = Arc::new(EmbeddedAdmission::with_limits(Limits {
+        max_orders: config.admission.max_orders_per_sale,
+        max_buckets: config.admission.max_buckets_per_sale,
+    }));
+    let log_dir = config.data_dir.join("log");
+    let covered = recover_admission(&embedded, store.as_ref(), file, &log_dir).await?;
+    let maintenance = Maintenance {
+        admission: Arc::clone(&embedded),
+        store: Arc::clone(store),
+        log: file.clone(),
+        log_dir,
+        consumer: config.settler.consumer.clone(),
+        retention: config.admission.retention,
+        checkpoint_interval: config.log.checkpoint_interval,
+        covered,
+    };
+    Ok((embedded, Some(maintenance)))
 }
 
 /// Provider URLs, with the built-in mock started where `embedded` is configured.
@@ -648,7 +721,7 @@ impl App {
         }
         let store = open_store(config).await?;
         let log = LogParts::open(config).await?;
-        let admission = open_admission(config, store.as_ref(), &log).await?;
+        let (admission, maintenance) = open_admission(config, &store, &log).await?;
         // The settler and the built-in mock provider run on their own runtime.
         let settler_rt = SettlerRuntime::new(config.settler.threads, config.settler.nice)?;
         let providers = {
@@ -690,6 +763,8 @@ impl App {
         settler_rt
             .handle()
             .spawn(Arc::clone(&ingest).run_sale_gauges(shutdown.clone()));
+        // Bounded memory and the admission checkpoint, off the HTTP workers.
+        let maintenance = maintenance.map(|m| settler_rt.handle().spawn(m.run(shutdown.clone())));
         let (settler, settler_stats) = if config.settler.enabled {
             let release = settler_admission(config, &admission).await?;
             let s = build_settler(config, &store, &log, release, &providers).await?;
@@ -733,6 +808,7 @@ impl App {
             shutdown,
             server,
             settler,
+            maintenance,
             mock: providers.mock,
             settler_rt,
         })
@@ -779,7 +855,8 @@ impl App {
                  runs the settler itself; `settle` needs a Kafka log (kafka://host:port)"
             );
         }
-        let admission = open_admission(config, store.as_ref(), &log).await?;
+        // A Kafka log: embedded admission (and so its maintenance) is refused above.
+        let (admission, _) = open_admission(config, &store, &log).await?;
         let providers = providers(config).await?;
         let s = build_settler(config, &store, &log, admission, &providers).await?;
         runtime

@@ -178,6 +178,16 @@ pub struct AdmissionSection {
     /// dropped as soon as units come back); `0s` turns the flags off.
     #[serde(with = "humantime_serde")]
     pub sold_out_ttl: Duration,
+    /// Embedded: most orders one sale accepts (bounds its idempotency answers, users'
+    /// units, released and claimed sets); past it orders get 503 `capacity_exceeded`.
+    pub max_orders_per_sale: u64,
+    /// Embedded: most token buckets one sale keeps at once (refilled ones are dropped);
+    /// a new buyer meeting a full map gets 503 `capacity_exceeded` with `Retry-After`.
+    pub max_buckets_per_sale: usize,
+    /// Embedded: how long after its end a settled sale keeps its idempotency answers (and
+    /// every other per-user and per-order entry) before they are dropped.
+    #[serde(with = "humantime_serde")]
+    pub retention: Duration,
 }
 
 impl Default for AdmissionSection {
@@ -187,6 +197,9 @@ impl Default for AdmissionSection {
             key_prefix: "fs:".into(),
             decision_timeout: Duration::from_millis(250),
             sold_out_ttl: Duration::from_secs(1),
+            max_orders_per_sale: 1_000_000,
+            max_buckets_per_sale: 1_000_000,
+            retention: Duration::from_secs(3600),
         }
     }
 }
@@ -203,6 +216,12 @@ pub struct LogSection {
     pub max_batch: usize,
     /// Most appends waiting for the disk.
     pub queue_capacity: usize,
+    /// Embedded: a segment file is sealed and a new one started past this size (bytes).
+    pub segment_bytes: u64,
+    /// Embedded: how often the admission checkpoint is written (and settled segments
+    /// deleted).
+    #[serde(with = "humantime_serde")]
+    pub checkpoint_interval: Duration,
     /// Kafka: prefix of every topic name.
     pub topic_prefix: String,
     /// Kafka: partitions of each topic `flashsale migrate` creates.
@@ -231,6 +250,8 @@ impl Default for LogSection {
             fsync: true,
             max_batch: 4096,
             queue_capacity: 65_536,
+            segment_bytes: 64 << 20,
+            checkpoint_interval: Duration::from_secs(60),
             topic_prefix: String::new(),
             partitions: 12,
             replication: 1,

@@ -6,5 +6,6 @@ pub mod app;
 pub mod cli;
 pub mod config;
 pub mod demo;
+pub mod maintain;
 pub mod metrics;
 pub mod reconcile;

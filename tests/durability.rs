@@ -57,6 +57,10 @@ fn serve(data: &Path, provider: &str) -> (Child, String) {
         &[
             ("FLASHSALE_PROVIDERS__PAYMENT_URL", provider.to_owned()),
             ("FLASHSALE_PROVIDERS__NOTIFICATION_URL", provider.to_owned()),
+            // Small segments and frequent admission checkpoints, so the kill lands amid
+            // segment rolls, checkpoints and segment deletions.
+            ("FLASHSALE_LOG__SEGMENT_BYTES", "65536".to_owned()),
+            ("FLASHSALE_LOG__CHECKPOINT_INTERVAL", "100ms".to_owned()),
         ],
     )
 }
@@ -238,6 +242,13 @@ async fn acknowledged_orders_survive_kill_9() {
         stats["stock_left"].as_i64().expect("left") + accepted as i64,
         100_000
     );
+    // Settled segments are deleted once a checkpoint covers them.
+    let first_segment = dir.path().join("log").join("00000000000000000000.seg");
+    until("the first segment deleted", Duration::from_secs(30), || {
+        let gone = !first_segment.exists();
+        async move { gone }
+    })
+    .await;
     // One successful charge per acknowledged order at the provider.
     let audit: Value = client
         .get(format!("{provider_url}/v1/audit"))

@@ -253,7 +253,8 @@ async fn a_log_that_lost_records_refuses_to_start() {
         .await
         .expect("stop");
     // Lose the log file: the store's checkpoint is now past its end.
-    std::fs::remove_file(config.data_dir.join("log").join("orders-0.log")).expect("remove");
+    std::fs::remove_file(config.data_dir.join("log").join("00000000000000000000.seg"))
+        .expect("remove");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
@@ -261,4 +262,129 @@ async fn a_log_that_lost_records_refuses_to_start() {
         .await
         .expect_err("must refuse to start");
     assert!(format!("{err:#}").contains("checkpoint"), "{err:#}");
+}
+
+#[tokio::test]
+async fn a_restart_reads_only_the_log_after_the_admission_checkpoint() {
+    let mut app = TestApp::start_with(|c| {
+        c.log.segment_bytes = 2048;
+        c.log.checkpoint_interval = Duration::from_millis(50);
+    })
+    .await;
+    let sale = app.sale("ckpt", 1000, 1000).await;
+    let token = app.token("u");
+    let mut first = None;
+    for i in 0..60 {
+        let a = app.order(&sale, &token, &format!("k{i}"), 1).await;
+        assert_eq!(a.status, 202, "{}", a.body);
+        first.get_or_insert(a.body["order_id"].clone());
+    }
+    let log_dir = app.config.data_dir.join("log");
+    let first_segment = log_dir.join("00000000000000000000.seg");
+    eventually(
+        "settled segments deleted after a checkpoint",
+        Duration::from_secs(30),
+        || {
+            let stats = app.stats(&sale);
+            let gone = !first_segment.exists();
+            async move { stats.await["persisted"] == 60 && gone }
+        },
+    )
+    .await;
+    assert!(log_dir.join(ingest::checkpoint::CHECKPOINT_FILE).exists());
+    let config = app.config.clone();
+    app.running
+        .take()
+        .expect("running")
+        .stop()
+        .await
+        .expect("stop");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let running = flashsale::app::App::start(&config, listener)
+        .await
+        .expect("restart from the checkpoint");
+    app.url = running.url();
+    app.running = Some(running);
+    // The counters and the answers of orders whose records were deleted came back from
+    // the checkpoint.
+    assert_eq!(app.stock_left(&sale).await, 940);
+    let retry = app.order(&sale, &token, "k0", 1).await;
+    assert_eq!(retry.status, 202, "{}", retry.body);
+    assert_eq!(Some(retry.body["order_id"].clone()), first);
+    let next = app.order(&sale, &token, "k60", 1).await;
+    assert_eq!(next.status, 202, "{}", next.body);
+    assert_eq!(next.body["sequence"], 61, "{}", next.body);
+    assert_eq!(app.stock_left(&sale).await, 939);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_full_bucket_map_answers_503_capacity_exceeded() {
+    let app = TestApp::start_with(|c| c.admission.max_buckets_per_sale = 3).await;
+    let a = app
+        .create_sale(json!({
+            "id": "capped", "sku": "sku-1", "stock": 100, "price_cents": 1000,
+            "currency": "EUR", "per_user_limit": 5,
+            "user_rate": {"per_second": 1, "burst": 1}
+        }))
+        .await;
+    assert_eq!(a.status, 201, "{}", a.body);
+    for u in 0..3 {
+        let a = app
+            .order("capped", &app.token(&format!("u{u}")), "k", 1)
+            .await;
+        assert_eq!(a.status, 202, "{}", a.body);
+    }
+    let refused = app.order("capped", &app.token("u3"), "k", 1).await;
+    assert_eq!(refused.status, 503, "{}", refused.body);
+    assert_eq!(refused.code(), "capacity_exceeded");
+    assert!(refused.headers.contains_key("retry-after"));
+    assert_eq!(app.stock_left("capped").await, 97, "nothing was taken");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn an_ended_settled_sale_drops_its_admission_entries() {
+    let app = TestApp::start_with(|c| c.admission.retention = Duration::ZERO).await;
+    let ends = storage::Timestamp::now().plus_millis(1500);
+    let a = app
+        .create_sale(json!({
+            "id": "short", "sku": "sku-1", "stock": 10, "price_cents": 1000,
+            "currency": "EUR", "per_user_limit": 2, "ends_at": ends.to_string(),
+            "user_rate": {"per_second": 1000, "burst": 1000}
+        }))
+        .await;
+    assert_eq!(a.status, 201, "{}", a.body);
+    let token = app.token("u");
+    let first = app.order("short", &token, "k", 1).await;
+    assert_eq!(first.status, 202, "{}", first.body);
+    let answers = "flashsale_admission_entries{map=\"answers\"} ";
+    let metrics = |app: &TestApp| {
+        let req = app.client.get(format!("{}/metrics", app.url)).send();
+        async move { req.await.expect("metrics").text().await.expect("text") }
+    };
+    eventually(
+        "the entries gauge counts the answer",
+        Duration::from_secs(30),
+        || {
+            let m = metrics(&app);
+            async move { m.await.contains(&format!("{answers}1")) }
+        },
+    )
+    .await;
+    // Once the sale ended and its order is final, its entries go, and the retry of its
+    // order is past its retention.
+    eventually("the sale retired", Duration::from_secs(30), || {
+        let retry = app.order("short", &token, "k", 1);
+        let m = metrics(&app);
+        async move {
+            retry.await.code() == "sale_not_active" && m.await.contains(&format!("{answers}0"))
+        }
+    })
+    .await;
+    let stats = app.stats("short").await;
+    assert_eq!(stats["stock_left"], 9, "the counters stay: {stats}");
+    app.stop().await;
 }

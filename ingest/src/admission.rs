@@ -3,7 +3,9 @@
 //! A backend owns the per-sale counters (stock, users' units, token buckets, idempotency
 //! answers, sequence). The embedded backend keeps them in memory behind one mutex per sale
 //! and runs the I/O-free [`model`](crate::model) directly; after a restart it is rebuilt
-//! from the order log and the store (see [`EmbeddedAdmission::restore_accepted`]).
+//! from its [`checkpoint`](crate::checkpoint), the order log after it and the store (see
+//! [`EmbeddedAdmission::restore_accepted`]). Its memory is bounded per sale by
+//! [`Limits`] and [`EmbeddedAdmission::maintain`] / [`EmbeddedAdmission::retire`].
 //!
 //! Each backend times its calls itself (`flashsale_admission_duration_seconds{backend,op}`,
 //! errors in `flashsale_admission_errors_total`, see [`crate::metrics`]), around the
@@ -11,7 +13,7 @@
 
 use crate::metrics::{self, AdmissionOp, Backend};
 use crate::model::{
-    AbortOutcome, AdmitRequest, Counters, Decision, OrderRef, SaleRules, SaleState,
+    AbortOutcome, AdmitRequest, Counters, Decision, Entries, Limits, OrderRef, SaleRules, SaleState,
 };
 use async_trait::async_trait;
 use dashmap::DashMap;
@@ -96,12 +98,102 @@ pub trait Admission: Send + Sync + 'static {
 #[derive(Debug, Default)]
 pub struct EmbeddedAdmission {
     sales: DashMap<SaleId, Arc<Mutex<SaleState>>>,
+    limits: Limits,
 }
 
+/// Bucket maps smaller than this are not worth a periodic prune (the cap prunes anyway).
+const PRUNE_FROM: usize = 1024;
+
 impl EmbeddedAdmission {
-    /// An empty backend.
+    /// An empty backend with the default caps.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// An empty backend whose sales have these caps.
+    pub fn with_limits(limits: Limits) -> Self {
+        EmbeddedAdmission {
+            sales: DashMap::new(),
+            limits,
+        }
+    }
+
+    fn new_state(&self, sale: &Sale) -> Arc<Mutex<SaleState>> {
+        Arc::new(Mutex::new(SaleState::with_limits(
+            SaleRules::of(sale),
+            self.limits,
+        )))
+    }
+
+    /// Bounds memory, called every second by the maintenance task: drops the token buckets
+    /// that refilled (in sales with many) and sets the entries gauge. Returns the entries
+    /// held over every sale afterwards.
+    pub fn maintain(&self, now_us: i64) -> Entries {
+        let mut total = Entries::default();
+        for state in self.all_sales() {
+            let mut s = state.lock();
+            if s.entries().buckets >= PRUNE_FROM && s.prune_due(now_us) {
+                s.prune_buckets(now_us);
+            }
+            let e = s.entries();
+            total.buckets += e.buckets;
+            total.units += e.units;
+            total.answers += e.answers;
+            total.released += e.released;
+            total.claimed += e.claimed;
+        }
+        metrics::set_entries(&total);
+        total
+    }
+
+    fn all_sales(&self) -> Vec<Arc<Mutex<SaleState>>> {
+        self.sales.iter().map(|s| Arc::clone(s.value())).collect()
+    }
+
+    /// Entries a sale's state holds, per map.
+    pub fn entries(&self, sale: &SaleId) -> Option<Entries> {
+        self.sales.get(sale).map(|s| s.lock().entries())
+    }
+
+    /// Sales not yet retired whose end plus `retention_us` is before `now_us`, with the
+    /// orders each accepted: candidates for [`retire`](Self::retire) once the store shows
+    /// that many orders, all final.
+    pub fn ended_sales(&self, now_us: i64, retention_us: i64) -> Vec<(SaleId, u64)> {
+        self.sales
+            .iter()
+            .filter_map(|e| {
+                let s = e.value().lock();
+                let ended = s.rules.ends_at_us.saturating_add(retention_us) <= now_us;
+                (ended && !s.is_retired()).then(|| (e.key().clone(), s.accepted_orders()))
+            })
+            .collect()
+    }
+
+    /// Drops a settled sale's per-user and per-order entries (see
+    /// [`SaleState::retire`]). The caller checked that the sale ended, its idempotency
+    /// retention passed and every order it accepted is final in the store.
+    pub fn retire(&self, sale: &SaleId) {
+        if let Some(s) = self.sales.get(sale) {
+            s.lock().retire();
+        }
+    }
+
+    /// The state of every sale, to write an admission checkpoint.
+    pub fn sales(&self) -> Vec<(SaleId, Arc<Mutex<SaleState>>)> {
+        self.sales
+            .iter()
+            .map(|e| (e.key().clone(), Arc::clone(e.value())))
+            .collect()
+    }
+
+    /// Recovery: puts a sale's state as a checkpoint held it.
+    pub fn restore_state(&self, sale: SaleId, state: SaleState) {
+        self.sales.insert(sale, Arc::new(Mutex::new(state)));
+    }
+
+    /// The caps of this backend's sales.
+    pub fn limits(&self) -> Limits {
+        self.limits
     }
 
     fn sale(&self, id: &SaleId) -> Result<Arc<Mutex<SaleState>>> {
@@ -115,7 +207,7 @@ impl EmbeddedAdmission {
     pub fn restore_sale(&self, sale: &Sale) {
         self.sales
             .entry(sale.id.clone())
-            .or_insert_with(|| Arc::new(Mutex::new(SaleState::new(SaleRules::of(sale)))));
+            .or_insert_with(|| self.new_state(sale));
     }
 
     /// Recovery: replays an order that is durable in the log.
@@ -145,6 +237,14 @@ impl EmbeddedAdmission {
         self.sale(sale).map_or(0, |s| s.lock().units_of(user))
     }
 
+    /// The checkpoint writer read the order's record in the log: it is durable (see
+    /// [`SaleState::mark_durable`]).
+    pub fn mark_durable(&self, sale: &SaleId, order: &OrderRef) {
+        if let Some(s) = self.sales.get(sale) {
+            s.lock().mark_durable(order);
+        }
+    }
+
     /// Recovery: replays a release the store holds.
     pub fn restore_release(&self, sale: &SaleId, order: &OrderRef) -> Result<()> {
         self.sale(sale)?.lock().release(order);
@@ -158,7 +258,7 @@ impl Admission for EmbeddedAdmission {
         match self.sales.entry(sale.id.clone()) {
             dashmap::mapref::entry::Entry::Occupied(_) => Err(Error::SaleExists(sale.id.clone())),
             dashmap::mapref::entry::Entry::Vacant(v) => {
-                v.insert(Arc::new(Mutex::new(SaleState::new(SaleRules::of(sale)))));
+                v.insert(self.new_state(sale));
                 Ok(())
             }
         }

@@ -868,6 +868,13 @@ impl Ingest {
                         sale.per_user_limit
                     )),
                     Rejection::SoldOut => ApiError::sold_out("no stock left"),
+                    Rejection::Capacity { retry_after_s: 0 } => ApiError::capacity_exceeded(
+                        "the sale has taken the most orders this server holds for one sale",
+                    ),
+                    Rejection::Capacity { retry_after_s } => ApiError::capacity_exceeded(
+                        "too many buyers at once for this server; retry later",
+                    )
+                    .retry_after(retry_after_s),
                 });
             }
         };

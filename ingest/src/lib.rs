@@ -6,12 +6,13 @@
 //! definitions stale-while-revalidate; [`redis_admission`] the
 //! Redis backend (Lua scripts in `src/lua/`) and [`sold_out`] its per-instance sold-out
 //! flags; [`model`] the decision
-//! rules every backend agrees with; [`auth`] buyer JWTs and the operator token;
+//! rules every backend agrees with; [`checkpoint`] the embedded backend's checkpoint; [`auth`] buyer JWTs and the operator token;
 //! [`problem`] the error answers and their stable codes.
 
 pub mod admission;
 pub mod api;
 pub mod auth;
+pub mod checkpoint;
 mod confirmer;
 pub mod metrics;
 pub mod model;

@@ -46,6 +46,8 @@ pub const OPEN_CONNECTIONS: &str = "flashsale_http_open_connections";
 pub const ADMISSION_DURATION: &str = "flashsale_admission_duration_seconds";
 /// Failed admission calls.
 pub const ADMISSION_ERRORS: &str = "flashsale_admission_errors";
+/// Entries the embedded admission state holds, by map (the bounded-memory gauge).
+pub const ADMISSION_ENTRIES: &str = "flashsale_admission_entries";
 /// Sold-out answers given from the instance's flag, without a round trip.
 pub const SOLD_OUT_LOCAL: &str = "flashsale_sold_out_local";
 /// Per sale: units put on sale.
@@ -118,6 +120,13 @@ pub struct ResponseLabel {
 pub struct RouteLabel {
     /// Route name.
     pub route: &'static str,
+}
+
+/// Label of the admission entries gauge.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EntriesLabel {
+    /// `buckets`, `units`, `answers`, `released` or `claimed`.
+    pub map: &'static str,
 }
 
 /// Labels of an admission call.
@@ -340,6 +349,7 @@ struct Globals {
     /// (a process on one backend exports that backend's series only).
     ops: [OnceLock<OpMetrics>; ADMISSION_SLOTS],
     sold_out_local: Counter,
+    entries: Family<EntriesLabel, Gauge>,
 }
 
 static GLOBALS: LazyLock<Globals> = LazyLock::new(|| Globals {
@@ -347,6 +357,7 @@ static GLOBALS: LazyLock<Globals> = LazyLock::new(|| Globals {
     admission_errors: Family::default(),
     ops: std::array::from_fn(|_| OnceLock::new()),
     sold_out_local: Counter::default(),
+    entries: Family::default(),
 });
 
 /// Registers ingest's process-global families (admission, sold-out answers) in `registry`.
@@ -364,10 +375,30 @@ pub fn register(registry: &mut Registry) {
         g.admission_errors.clone(),
     );
     registry.register(
+        ADMISSION_ENTRIES,
+        "Entries the embedded admission state holds over every sale, by map (token buckets, \
+         users' units, idempotency answers, released and claimed orders)",
+        g.entries.clone(),
+    );
+    registry.register(
         SOLD_OUT_LOCAL,
         "Sold-out answers given from the instance's sold-out flag, without a round trip",
         g.sold_out_local.clone(),
     );
+}
+
+/// Sets the embedded admission entries gauge.
+pub(crate) fn set_entries(e: &crate::model::Entries) {
+    let g = &GLOBALS.entries;
+    for (map, n) in [
+        ("buckets", e.buckets),
+        ("units", e.units),
+        ("answers", e.answers),
+        ("released", e.released),
+        ("claimed", e.claimed),
+    ] {
+        g.get_or_create(&EntriesLabel { map }).set(n as i64);
+    }
 }
 
 /// Counts a sold-out answer given locally.

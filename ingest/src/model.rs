@@ -10,6 +10,7 @@
 //! distributed backend), and the token bucket counts milli-tokens in integers so the Lua
 //! script, whose numbers are doubles, computes exactly the same values.
 
+use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, HashSet};
 use storage::{OrderId, Sale, UserId};
 
@@ -17,7 +18,7 @@ use storage::{OrderId, Sale, UserId};
 pub const TOKEN: i64 = 1000;
 
 /// The rules of one sale that admission needs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SaleRules {
     /// Total units put on sale.
     pub stock: u64,
@@ -63,7 +64,7 @@ pub struct AdmitRequest {
 }
 
 /// The answer stored for an accepted order and replayed for its retries.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Answer {
     /// The order's id.
     pub order_id: OrderId,
@@ -91,6 +92,13 @@ pub enum Rejection {
     LimitExceeded,
     /// Not enough stock left.
     SoldOut,
+    /// A per-sale map of the admission state is at its cap (see [`Limits`]): nothing was
+    /// taken. `retry_after_s` is 0 when the sale has taken its most orders (retrying does
+    /// not help), else the seconds until a token bucket refills and frees room.
+    Capacity {
+        /// Whole seconds until room may be free (0: not before the sale ends).
+        retry_after_s: u32,
+    },
 }
 
 impl Rejection {
@@ -103,6 +111,7 @@ impl Rejection {
             Rejection::RateLimited { .. } => "rate_limited",
             Rejection::LimitExceeded => "limit_exceeded",
             Rejection::SoldOut => "sold_out",
+            Rejection::Capacity { .. } => "capacity_exceeded",
         }
     }
 }
@@ -169,8 +178,64 @@ pub fn take_token(
     }
 }
 
+/// When a bucket has refilled to its capacity: from then on it is equivalent to no bucket
+/// at all (what [`take_token`] does with `None`), so it may be dropped.
+pub fn bucket_full_at(bucket: Bucket, rate_per_second: u32, burst: u32) -> i64 {
+    let cap = i64::from(burst) * TOKEN;
+    let rate = i64::from(rate_per_second.max(1));
+    let fill_us = cap * 1000 / rate + 1;
+    let missing = (cap - bucket.tokens).max(0);
+    let refill_us = (missing * 1000 + rate - 1) / rate;
+    bucket.at_us.saturating_add(refill_us.min(fill_us))
+}
+
+/// Caps of one sale's admission state, so a flash sale's memory stays bounded whatever the
+/// number of buyers (see `docs/ARCHITECTURE.md`, "Bounded memory").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Most orders a sale accepts (aborted ones included); this bounds the idempotency
+    /// answers, the users' units and the released and claimed sets. Past it orders are
+    /// refused with [`Rejection::Capacity`].
+    pub max_orders: u64,
+    /// Most token buckets kept at once. A bucket that refilled is dropped (it is the same
+    /// as none); when the map is full of buckets still refilling, a user without one is
+    /// refused with [`Rejection::Capacity`] until one refills.
+    pub max_buckets: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_orders: 1_000_000,
+            max_buckets: 1_000_000,
+        }
+    }
+}
+
+/// How many entries a sale's admission state holds, per map (the memory bound's gauge).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Entries {
+    /// Token buckets still refilling.
+    pub buckets: usize,
+    /// Users holding units.
+    pub units: usize,
+    /// Idempotency answers.
+    pub answers: usize,
+    /// Orders released or aborted.
+    pub released: usize,
+    /// Orders claimed by the settler.
+    pub claimed: usize,
+}
+
+impl Entries {
+    /// Every entry.
+    pub fn total(&self) -> usize {
+        self.buckets + self.units + self.answers + self.released + self.claimed
+    }
+}
+
 /// The stored answer of an idempotency key.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct IdemEntry {
     /// Digest of the body the key was first used with.
     pub fingerprint: String,
@@ -205,7 +270,7 @@ pub enum AbortOutcome {
 }
 
 /// Admission counters of a sale, for stats.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Counters {
     /// Total units put on sale.
     pub stock: u64,
@@ -222,7 +287,7 @@ pub struct Counters {
 }
 
 /// The content of a [`SaleState`], for writing it to another backend.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Snapshot {
     /// The sale's rules (stock includes additions).
     pub rules: SaleRules,
@@ -238,6 +303,9 @@ pub struct Snapshot {
     pub released: Vec<OrderId>,
     /// Orders the settler took (durable; no abort may undo them).
     pub claimed: Vec<OrderId>,
+    /// The sale ended and settled; its entries were dropped.
+    #[serde(default)]
+    pub retired: bool,
 }
 
 /// Admission state of one sale.
@@ -258,12 +326,29 @@ pub struct SaleState {
     released: HashSet<OrderId>,
     claimed: HashSet<OrderId>,
     rejected: HashMap<&'static str, u64>,
+    limits: Limits,
+    /// No bucket becomes full before this: a prune before it would free nothing.
+    prune_at_us: i64,
+    /// Buckets left by the last prune: a periodic prune waits until the map doubled, so
+    /// its scans cost a constant per bucket added.
+    pruned_len: usize,
+    /// Ended and settled: every per-user and per-order entry was dropped.
+    retired: bool,
 }
 
 impl SaleState {
     /// A sale with all its stock.
     pub fn new(rules: SaleRules) -> Self {
+        Self::with_limits(rules, Limits::default())
+    }
+
+    /// A sale with all its stock and the given caps.
+    pub fn with_limits(rules: SaleRules, limits: Limits) -> Self {
         SaleState {
+            limits,
+            prune_at_us: i64::MIN,
+            pruned_len: 0,
+            retired: false,
             rules,
             stock_left: rules.stock as i64,
             next_sequence: 1,
@@ -289,6 +374,10 @@ impl SaleState {
     }
 
     fn decide(&mut self, req: &AdmitRequest, now_us: i64) -> Decision {
+        if self.retired {
+            // Ended and settled; its answers are past their retention.
+            return Decision::Rejected(Rejection::NotActive);
+        }
         let idem_key = (req.user.clone(), req.key.clone());
         if let Some(entry) = self.idem.get(&idem_key) {
             if entry.fingerprint != req.fingerprint {
@@ -302,8 +391,21 @@ impl SaleState {
         if now_us < self.rules.starts_at_us || now_us >= self.rules.ends_at_us {
             return Decision::Rejected(Rejection::NotActive);
         }
+        let existing = self.buckets.get(&req.user).copied();
+        if existing.is_none() && self.buckets.len() >= self.limits.max_buckets {
+            if now_us >= self.prune_at_us {
+                self.prune_buckets(now_us);
+            }
+            if self.buckets.len() >= self.limits.max_buckets {
+                let wait_us = self.prune_at_us.saturating_sub(now_us).max(0);
+                let secs = ((wait_us + 999_999) / 1_000_000).clamp(1, i64::from(u32::MAX));
+                return Decision::Rejected(Rejection::Capacity {
+                    retry_after_s: secs as u32,
+                });
+            }
+        }
         let (bucket, took) = take_token(
-            self.buckets.get(&req.user).copied(),
+            existing,
             self.rules.rate_per_second,
             self.rules.burst,
             now_us,
@@ -318,6 +420,9 @@ impl SaleState {
         }
         if self.stock_left < i64::from(req.quantity) {
             return Decision::Rejected(Rejection::SoldOut);
+        }
+        if self.next_sequence > self.limits.max_orders {
+            return Decision::Rejected(Rejection::Capacity { retry_after_s: 0 });
         }
         let answer = Answer {
             order_id: req.order_id,
@@ -335,6 +440,16 @@ impl SaleState {
             },
         );
         Decision::Accepted(answer)
+    }
+
+    /// A user holding no unit needs no entry (absent means 0).
+    fn give_back_units(&mut self, user: &UserId, quantity: u32) {
+        if let Some(u) = self.units.get_mut(user) {
+            *u = u.saturating_sub(quantity);
+            if *u == 0 {
+                self.units.remove(user);
+            }
+        }
     }
 
     fn take(&mut self, user: &UserId, quantity: u32) {
@@ -358,13 +473,11 @@ impl SaleState {
     /// Gives an order's units back to the sale and its user, once per order id whatever
     /// the number of calls. Returns whether this call released it.
     pub fn release(&mut self, order: &OrderRef) -> bool {
-        if !self.released.insert(order.order_id) {
+        if self.retired || !self.released.insert(order.order_id) {
             return false;
         }
         self.stock_left += i64::from(order.quantity);
-        if let Some(u) = self.units.get_mut(&order.user) {
-            *u = u.saturating_sub(order.quantity);
-        }
+        self.give_back_units(&order.user, order.quantity);
         self.released_units += u64::from(order.quantity);
         true
     }
@@ -379,6 +492,9 @@ impl SaleState {
     /// (or was a refusal) gives nothing back, and an order whose record the settler already
     /// read stays.
     pub fn abort(&mut self, order: &OrderRef) -> AbortOutcome {
+        if self.retired {
+            return AbortOutcome::Nothing;
+        }
         if self.claimed.contains(&order.order_id) {
             // The settler holds the record: the order is durable, whatever the producer said.
             return AbortOutcome::AlreadyClaimed;
@@ -396,9 +512,7 @@ impl SaleState {
             return AbortOutcome::Nothing;
         }
         self.stock_left += i64::from(order.quantity);
-        if let Some(u) = self.units.get_mut(&order.user) {
-            *u = u.saturating_sub(order.quantity);
-        }
+        self.give_back_units(&order.user, order.quantity);
         self.accepted_orders = self.accepted_orders.saturating_sub(1);
         self.accepted_units = self
             .accepted_units
@@ -410,6 +524,10 @@ impl SaleState {
     /// it. Returns `false` if it was aborted first (the buyer got 503 and its stock went
     /// back), in which case the settler cancels it instead of charging it.
     pub fn claim(&mut self, order_id: OrderId) -> bool {
+        if self.retired {
+            // Retired only once every order was final: nothing is left to cancel.
+            return true;
+        }
         if self.claimed.contains(&order_id) {
             return true;
         }
@@ -422,8 +540,21 @@ impl SaleState {
 
     /// Rebuilds the effect of an order that is durable in the log (recovery after restart).
     pub fn restore_accepted(&mut self, order: &OrderRef, fingerprint: &str, sequence: u64) {
+        if self.retired {
+            return;
+        }
         // Durable in the log: no abort may undo it.
         self.claimed.insert(order.order_id);
+        let key = (order.user.clone(), order.key.clone());
+        if let Some(e) = self.idem.get_mut(&key) {
+            if e.answer.order_id == order.order_id {
+                // Already counted (a checkpoint taken while its confirmation was on its
+                // way): only its durability is news.
+                e.confirmed = true;
+                self.next_sequence = self.next_sequence.max(sequence + 1);
+                return;
+            }
+        }
         self.take(&order.user, order.quantity);
         self.next_sequence = self.next_sequence.max(sequence + 1);
         self.idem.insert(
@@ -438,6 +569,70 @@ impl SaleState {
                 confirmed: true,
             },
         );
+    }
+
+    /// Drops every token bucket that has refilled by `now_us` (equivalent to no bucket),
+    /// and notes when the next one will have. Returns how many were dropped.
+    pub fn prune_buckets(&mut self, now_us: i64) -> usize {
+        let (rate, burst) = (self.rules.rate_per_second, self.rules.burst);
+        let before = self.buckets.len();
+        let mut next = i64::MAX;
+        self.buckets.retain(|_, b| {
+            let full_at = bucket_full_at(*b, rate, burst);
+            if full_at <= now_us {
+                return false;
+            }
+            next = next.min(full_at);
+            true
+        });
+        self.prune_at_us = next;
+        self.pruned_len = self.buckets.len();
+        if self.buckets.capacity() > 4 * self.buckets.len().max(1024) {
+            self.buckets.shrink_to_fit();
+        }
+        before - self.buckets.len()
+    }
+
+    /// Whether a periodic prune is worth it at `now_us`: a bucket has refilled and the map
+    /// doubled since the last prune.
+    pub fn prune_due(&self, now_us: i64) -> bool {
+        !self.buckets.is_empty()
+            && now_us >= self.prune_at_us
+            && self.buckets.len() >= 2 * self.pruned_len
+    }
+
+    /// The sale ended and every order of it is final: drops every per-user and per-order
+    /// entry (buckets, units, idempotency answers, released and claimed sets); the counters
+    /// stay for stats. From now on every attempt is refused as `sale_not_active`, a retry
+    /// of an accepted order included (its answer is past its retention).
+    pub fn retire(&mut self) {
+        self.retired = true;
+        self.units = HashMap::new();
+        self.buckets = HashMap::new();
+        self.idem = HashMap::new();
+        self.released = HashSet::new();
+        self.claimed = HashSet::new();
+    }
+
+    /// Whether [`retire`](Self::retire) dropped the sale's entries.
+    pub fn is_retired(&self) -> bool {
+        self.retired
+    }
+
+    /// Orders accepted (replays and aborted ones not counted).
+    pub fn accepted_orders(&self) -> u64 {
+        self.accepted_orders
+    }
+
+    /// Entries held, per map.
+    pub fn entries(&self) -> Entries {
+        Entries {
+            buckets: self.buckets.len(),
+            units: self.units.len(),
+            answers: self.idem.len(),
+            released: self.released.len(),
+            claimed: self.claimed.len(),
+        }
     }
 
     /// Adds units to the sale.
@@ -479,6 +674,107 @@ impl SaleState {
             answers,
             released,
             claimed,
+            retired: self.retired,
+        }
+    }
+
+    /// What a checkpoint keeps: the effect of the orders whose records are durable (the
+    /// confirmed or claimed answers) and the releases, without the token buckets (they
+    /// start full, as after any restart). Any other answer is left out with its effect undone
+    /// (stock, units, accepted counters; its sequence number stays used): its record is
+    /// either past the checkpoint's log position, where recovery replays it, or never
+    /// lands. Not sorted: the checkpoint is read back into maps.
+    pub fn durable_snapshot(&self) -> Snapshot {
+        let mut counters = self.counters();
+        let mut units = self.units.clone();
+        let mut answers = Vec::with_capacity(self.idem.len());
+        for ((user, key), e) in &self.idem {
+            // Claimed: the settler read its record, so it is durable even if its
+            // confirmation has not landed yet (it may even be released already).
+            if e.confirmed || self.claimed.contains(&e.answer.order_id) {
+                let mut e = e.clone();
+                e.confirmed = true;
+                answers.push((user.clone(), key.clone(), e));
+                continue;
+            }
+            let q = e.answer.quantity;
+            counters.stock_left += i64::from(q);
+            counters.accepted_orders = counters.accepted_orders.saturating_sub(1);
+            counters.accepted_units = counters.accepted_units.saturating_sub(u64::from(q));
+            if let Some(u) = units.get_mut(user) {
+                *u = u.saturating_sub(q);
+            }
+        }
+        Snapshot {
+            rules: self.rules,
+            counters,
+            next_sequence: self.next_sequence,
+            units: units.into_iter().filter(|(_, u)| *u > 0).collect(),
+            answers,
+            released: self.released.iter().copied().collect(),
+            claimed: self.claimed.iter().copied().collect(),
+            retired: self.retired,
+        }
+    }
+
+    /// A sale's state as a checkpoint held it, under the catalog's current rules (stock
+    /// added since the checkpoint is added to what is left).
+    pub fn from_snapshot(snapshot: Snapshot, rules: SaleRules, limits: Limits) -> Self {
+        let added = rules.stock as i64 - snapshot.rules.stock as i64;
+        let c = snapshot.counters;
+        let codes = [
+            Rejection::IdempotencyConflict,
+            Rejection::UnknownSale,
+            Rejection::NotActive,
+            Rejection::RateLimited { retry_after_s: 0 },
+            Rejection::LimitExceeded,
+            Rejection::SoldOut,
+            Rejection::Capacity { retry_after_s: 0 },
+        ]
+        .map(Rejection::code);
+        let rejected = c
+            .rejected
+            .into_iter()
+            .filter_map(|(k, v)| codes.iter().find(|c| **c == k).map(|c| (*c, v)))
+            .collect();
+        SaleState {
+            rules,
+            stock_left: c.stock_left + added,
+            next_sequence: snapshot.next_sequence,
+            accepted_orders: c.accepted_orders,
+            accepted_units: c.accepted_units,
+            released_units: c.released_units,
+            units: snapshot.units.into_iter().collect(),
+            buckets: HashMap::new(),
+            idem: snapshot
+                .answers
+                .into_iter()
+                .map(|(u, k, e)| ((u, k), e))
+                .collect(),
+            released: snapshot.released.into_iter().collect(),
+            claimed: snapshot.claimed.into_iter().collect(),
+            rejected,
+            limits,
+            prune_at_us: i64::MIN,
+            pruned_len: 0,
+            retired: snapshot.retired,
+        }
+    }
+
+    /// The order's record is durable in the log (read back by the checkpoint writer): its
+    /// answer is confirmed and no abort may undo it. Unlike
+    /// [`restore_accepted`](Self::restore_accepted) it never takes anything: an order this
+    /// state does not hold is left alone.
+    pub fn mark_durable(&mut self, order: &OrderRef) {
+        if self.retired {
+            return;
+        }
+        let key = (order.user.clone(), order.key.clone());
+        if let Some(e) = self.idem.get_mut(&key) {
+            if e.answer.order_id == order.order_id {
+                e.confirmed = true;
+                self.claimed.insert(order.order_id);
+            }
         }
     }
 
@@ -674,6 +970,58 @@ mod tests {
         assert!(matches!(s.admit(&retry, SEC), Decision::Accepted(_)));
     }
 
+    #[test]
+    fn a_checkpoint_plus_the_log_after_it_counts_every_order_once() {
+        let mut s = SaleState::new(rules(10, 5));
+        let done = req(1, 1, 1, 1); // durable and confirmed before the checkpoint
+        let late = req(2, 1, 1, 1); // durable, claimed and released, confirmation late
+        let pending = req(3, 2, 1, 1); // its record lands after the checkpoint
+        let lost = req(4, 1, 1, 1); // its record never lands
+        for r in [&done, &late, &pending, &lost] {
+            assert!(matches!(s.admit(r, SEC), Decision::Accepted(_)));
+        }
+        s.confirm(&oref(&done));
+        assert!(s.claim(late.order_id));
+        assert!(s.release(&oref(&late)));
+        let snapshot = s.durable_snapshot();
+        let json = serde_json::to_string(&snapshot).expect("encode");
+        let back: Snapshot = serde_json::from_str(&json).expect("decode");
+        let mut r = SaleState::from_snapshot(back, rules(12, 5), Limits::default());
+        // Recovery replays the log after the checkpoint: `late` (claimed before the
+        // snapshot, so already counted) and `pending`.
+        r.restore_accepted(&oref(&late), &late.fingerprint, 2);
+        r.restore_accepted(&oref(&pending), &pending.fingerprint, 3);
+        // The store's releases are replayed too; `late` was released once already.
+        assert!(!r.release(&oref(&late)));
+        assert_eq!(
+            r.stock_left,
+            12 - 1 - 2,
+            "done and pending hold units; 2 added"
+        );
+        assert_eq!(r.units_of(&late.user), 0);
+        assert_eq!(r.units_of(&pending.user), 2);
+        assert_eq!(
+            r.units_of(&lost.user),
+            0,
+            "a record that never landed is gone"
+        );
+        assert_eq!(r.next_sequence, 5, "sequence numbers are never reused");
+        let c = r.counters();
+        assert_eq!(
+            (c.accepted_orders, c.accepted_units, c.released_units),
+            (3, 4, 1)
+        );
+        assert_eq!(
+            r.admit(&done, SEC),
+            Decision::Replayed(Answer {
+                order_id: done.order_id,
+                sequence: 1,
+                quantity: 1
+            })
+        );
+        assert!(matches!(r.admit(&lost, SEC), Decision::Accepted(_)));
+    }
+
     #[derive(Debug, Clone)]
     enum Op {
         Admit {
@@ -704,6 +1052,9 @@ mod tests {
         #[test]
         fn accepted_never_exceeds_stock(stock in 1u64..20, limit in 1u32..5, ops in prop::collection::vec(op(), 1..200)) {
             let mut s = SaleState::new(rules(stock, limit));
+            // The same sale dropping every refilled bucket after each step decides alike:
+            // a full bucket is the same as none.
+            let mut pruned = SaleState::new(rules(stock, limit));
             let mut now = SEC;
             let mut total_stock = stock;
             let mut accepted: Vec<AdmitRequest> = Vec::new();
@@ -713,19 +1064,25 @@ mod tests {
                 match op {
                     Op::Admit { user, qty, key, body } => {
                         let r = req(user, qty, key, body);
-                        if let Decision::Accepted(a) = s.admit(&r, now) {
+                        let d = s.admit(&r, now);
+                        prop_assert_eq!(pruned.admit(&r, now), d);
+                        pruned.prune_buckets(now);
+                        if let Decision::Accepted(a) = d {
                             prop_assert_eq!(a.order_id, r.order_id);
                             accepted.push(r);
                         }
                     }
-                    Op::Confirm(i) => if let Some(r) = accepted.get(i) { s.confirm(&oref(r)); },
+                    Op::Confirm(i) => if let Some(r) = accepted.get(i) { s.confirm(&oref(r)); pruned.confirm(&oref(r)); },
                     Op::Release(i) => if let Some(r) = accepted.get(i) {
                         let first = released.insert(r.order_id);
                         prop_assert_eq!(s.release(&oref(r)), first);
+                        prop_assert_eq!(pruned.release(&oref(r)), first);
                     },
                     Op::Abort(i) => if let Some(r) = accepted.get(i) {
                         let holds = !aborted.contains(&r.order_id);
-                        let undone = s.abort(&oref(r)) == AbortOutcome::Undone;
+                        let outcome = s.abort(&oref(r));
+                        prop_assert_eq!(pruned.abort(&oref(r)), outcome);
+                        let undone = outcome == AbortOutcome::Undone;
                         prop_assert!(!undone || (holds && !released.contains(&r.order_id)));
                         if undone {
                             released.insert(r.order_id);
@@ -733,7 +1090,7 @@ mod tests {
                         aborted.insert(r.order_id);
                     },
                     Op::Tick(us) => now += i64::from(us),
-                    Op::AddStock(n) => { s.add_stock(u64::from(n)); total_stock += u64::from(n); }
+                    Op::AddStock(n) => { s.add_stock(u64::from(n)); pruned.add_stock(u64::from(n)); total_stock += u64::from(n); }
                 }
                 let held: u64 = accepted.iter().filter(|r| !released.contains(&r.order_id)).map(|r| u64::from(r.quantity)).sum();
                 prop_assert!(held <= total_stock, "held {} > stock {}", held, total_stock);

@@ -70,6 +70,7 @@ codes! {
     idempotency_conflict => UNPROCESSABLE_ENTITY, "idempotency_conflict", "The Idempotency-Key was used with a different body";
     rate_limited => TOO_MANY_REQUESTS, "rate_limited", "Too many requests";
     unavailable => SERVICE_UNAVAILABLE, "unavailable", "A backend is unavailable; nothing was taken";
+    capacity_exceeded => SERVICE_UNAVAILABLE, "capacity_exceeded", "The sale's admission state is at its cap; nothing was taken";
     internal => INTERNAL_SERVER_ERROR, "internal", "Internal error";
 }
 

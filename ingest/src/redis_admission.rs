@@ -71,7 +71,11 @@ fn missing(sale: &SaleId) -> Error {
 struct Keys {
     sale: String,
     units: String,
+    /// No longer written (buckets are keys of their own, see `bucket_prefix`); still
+    /// created and deleted with the sale so older data goes with it.
     buckets: String,
+    /// A user's bucket is `{bucket_prefix}{user}`, expiring once it has refilled.
+    bucket_prefix: String,
     idem: String,
     rejected: String,
     released: String,
@@ -253,6 +257,7 @@ impl RedisAdmission {
             sale: format!("{base}:sale"),
             units: format!("{base}:units"),
             buckets: format!("{base}:buckets"),
+            bucket_prefix: format!("{base}:b:"),
             idem: format!("{base}:idem"),
             rejected: format!("{base}:rejected"),
             released: format!("{base}:released"),
@@ -279,7 +284,7 @@ impl RedisAdmission {
             .admit
             .key(&k.sale)
             .key(&k.units)
-            .key(&k.buckets)
+            .key(format!("{}{}", k.bucket_prefix, req.user.as_str()))
             .key(&k.idem)
             .key(&k.rejected)
             .arg(req.user.as_str())

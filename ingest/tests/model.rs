@@ -255,3 +255,57 @@ async fn a_missing_sale_is_unavailable_never_full_stock() {
         .expect("ttl");
     assert!(ttl > 4000, "idempotency answers outlive the sale: {ttl}");
 }
+
+#[tokio::test]
+async fn redis_buckets_expire_once_refilled() {
+    let server = testkit::RedisServer::start();
+    let redis = RedisAdmission::connect(&server.url(), "fs:", Duration::from_secs(2))
+        .await
+        .expect("connect");
+    let client = redis::Client::open(server.url()).expect("client");
+    let mut c = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("conn");
+    // 100 tokens a second, burst 1: a bucket that gave its token refills in 10 ms.
+    let id = SaleId::parse("many").expect("id");
+    redis
+        .create_sale(&sale(&id, 1, 1, 100, 1))
+        .await
+        .expect("create");
+    for u in 0..200u32 {
+        let req = AdmitRequest {
+            user: UserId::parse(format!("buyer-{u}")).expect("user"),
+            quantity: 1,
+            key: "k".into(),
+            fingerprint: "f".into(),
+            order_id: OrderId::new(),
+        };
+        redis.admit(&id, &req).await.expect("admit");
+    }
+    // Every buyer tried once (one accepted, the rest sold out); their buckets go once
+    // refilled, and nothing per buyer is kept in the old buckets hash.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg("fs:{many}:b:*")
+            .query_async(&mut c)
+            .await
+            .expect("keys");
+        if keys.is_empty() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} bucket keys never expired",
+            keys.len()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let in_hash: i64 = redis::cmd("HLEN")
+        .arg("fs:{many}:buckets")
+        .query_async(&mut c)
+        .await
+        .expect("hlen");
+    assert!(in_hash <= 1, "{in_hash} buckets kept in the hash");
+}

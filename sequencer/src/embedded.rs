@@ -1,11 +1,25 @@
-//! The embedded order log: one append-only file with group commit.
+//! The embedded order log: append-only segment files with group commit.
 //!
 //! Appends go through a bounded channel to one writer thread. The writer takes every record
 //! waiting (up to `max_batch`), writes their frames with one `write`, calls `fdatasync` once,
 //! and only then completes the appends: many buyers share one disk flush, and no append
 //! returns before its record is on disk. A frame is `len: u32 LE | crc32: u32 LE | payload`;
 //! on open, a torn or corrupt tail (a crash mid-write) is cut off, since no append of it
-//! ever returned. The file is locked so that two processes never write one log.
+//! ever returned. The directory is locked so that two processes never write one log.
+//!
+//! Segments: the log is a sequence of files `{base:020}.seg`, each holding the records from
+//! offset `base` on. Past `segment_bytes` (checked after each group commit, so a group
+//! never spans two files) the writer seals the segment: it writes its index file
+//! `{base:020}.idx` (record count, byte length, the position of every
+//! [`SPARSE`]-th record, crc32) and starts the next segment. Memory holds only that sparse
+//! index per segment (a reader scans at most `SPARSE - 1` frames to its offset), and on
+//! open a sealed segment whose index matches its length is not read at all; only the live
+//! (last) segment is scanned. [`FileLog::delete_before`] deletes sealed segments wholly
+//! before an offset; offsets never change, and [`FileLog::start_offset`] says where the log
+//! starts now.
+//!
+//! Older versions wrote one file, `orders-0.log`, with the same frames: it is migrated on
+//! open by renaming it to the first segment (`00000000000000000000.seg`).
 //!
 //! Metrics ([`crate::metrics`]): every append's latency and failure (`log="embedded"`),
 //! the records of each group commit and the time of its `fdatasync`.
@@ -30,7 +44,14 @@ use tokio::sync::{oneshot, watch};
 const FRAME_HEADER: usize = 8;
 /// Largest payload a frame may carry; anything larger is a corrupt length.
 const MAX_RECORD: usize = 1 << 20;
-const FILE_NAME: &str = "orders-0.log";
+/// The single file of logs written before segments; migrated on open.
+const LEGACY_FILE: &str = "orders-0.log";
+const LOCK_FILE: &str = "lock";
+/// One record in this many has its position in memory (and in a sealed segment's index).
+pub const SPARSE: u64 = 64;
+/// How much a read takes from the file at once.
+const READ_CHUNK: u64 = 1 << 20;
+const INDEX_MAGIC: &[u8; 8] = b"FSLOGIX1";
 
 /// Settings of the embedded log.
 #[derive(Debug, Clone)]
@@ -42,6 +63,8 @@ pub struct FileLogOptions {
     pub max_batch: usize,
     /// Most appends waiting for the writer; past it appends fail fast (503).
     pub queue_capacity: usize,
+    /// A segment is sealed, and the next one started, once it holds this many bytes.
+    pub segment_bytes: u64,
 }
 
 impl Default for FileLogOptions {
@@ -50,6 +73,7 @@ impl Default for FileLogOptions {
             fsync: true,
             max_batch: 4096,
             queue_capacity: 65_536,
+            segment_bytes: 64 << 20,
         }
     }
 }
@@ -62,12 +86,31 @@ struct Pending {
     reply: oneshot::Sender<Result<u64>>,
 }
 
+/// One segment file as readers see it.
+#[derive(Clone)]
+struct Segment {
+    base: u64,
+    /// Committed records.
+    count: u64,
+    /// Committed bytes.
+    bytes: u64,
+    /// Position of records `base`, `base + SPARSE`, ...
+    sparse: Vec<u32>,
+    file: Arc<File>,
+    path: PathBuf,
+}
+
+impl Segment {
+    fn end(&self) -> u64 {
+        self.base + self.count
+    }
+}
+
 struct Shared {
-    /// File position of every committed frame, by offset.
-    index: RwLock<Vec<u64>>,
+    /// The segments, oldest first; the last one is written.
+    segments: RwLock<Vec<Segment>>,
     /// Set when a failed write could not be undone: the log takes no more records.
     failed: AtomicBool,
-    reader: File,
     committed: watch::Sender<u64>,
 }
 
@@ -76,18 +119,38 @@ struct Shared {
 pub struct FileLog {
     tx: Sender<Pending>,
     shared: Arc<Shared>,
-    path: PathBuf,
+    dir: PathBuf,
 }
 
 impl std::fmt::Debug for FileLog {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("FileLog").field("path", &self.path).finish()
+        f.debug_struct("FileLog").field("dir", &self.dir).finish()
     }
 }
 
 /// Longest tail a crash can leave: one group commit of `max_batch` frames is written with
 /// one `write`, so a torn tail is far shorter than this.
 const MAX_TORN_TAIL: u64 = 64 << 20;
+
+fn segment_path(dir: &Path, base: u64) -> PathBuf {
+    dir.join(format!("{base:020}.seg"))
+}
+
+fn index_path(dir: &Path, base: u64) -> PathBuf {
+    dir.join(format!("{base:020}.idx"))
+}
+
+fn corrupt(msg: impl Into<String>) -> Error {
+    Error::Corrupt(msg.into())
+}
+
+fn invalid(msg: &'static str) -> Error {
+    std::io::Error::new(std::io::ErrorKind::InvalidData, msg).into()
+}
+
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    File::open(dir)?.sync_all()
+}
 
 /// Whether any intact frame starts after `from` (so the damage at `from` is not a tail).
 fn valid_frame_after(file: &mut File, from: u64, len: u64) -> std::io::Result<bool> {
@@ -110,12 +173,21 @@ fn valid_frame_after(file: &mut File, from: u64, len: u64) -> std::io::Result<bo
     Ok(false)
 }
 
-/// Scans frames from the start; returns their positions and the end of the last good one.
-fn scan(file: &mut File) -> std::io::Result<(Vec<u64>, u64)> {
+/// What a scan of a segment found.
+struct Scanned {
+    count: u64,
+    sparse: Vec<u32>,
+    /// End of the last intact frame.
+    end: u64,
+}
+
+/// Scans frames from the start of a segment.
+fn scan(file: &mut File) -> std::io::Result<Scanned> {
     let len = file.metadata()?.len();
     file.seek(SeekFrom::Start(0))?;
     let mut reader = std::io::BufReader::with_capacity(1 << 20, &mut *file);
-    let mut index = Vec::new();
+    let mut sparse = Vec::new();
+    let mut count = 0u64;
     let mut pos = 0u64;
     let mut header = [0u8; FRAME_HEADER];
     let mut payload = Vec::new();
@@ -131,125 +203,374 @@ fn scan(file: &mut File) -> std::io::Result<(Vec<u64>, u64)> {
         if crc32fast::hash(&payload) != crc {
             break;
         }
-        index.push(pos);
+        if count.is_multiple_of(SPARSE) {
+            sparse.push(pos as u32);
+        }
+        count += 1;
         pos += (FRAME_HEADER + n) as u64;
     }
-    Ok((index, pos))
+    Ok(Scanned {
+        count,
+        sparse,
+        end: pos,
+    })
+}
+
+/// Writes a sealed segment's index: magic, count, bytes, sparse positions, crc32.
+fn write_index(path: &Path, count: u64, bytes: u64, sparse: &[u32]) -> std::io::Result<()> {
+    let mut buf = Vec::with_capacity(28 + 4 * sparse.len());
+    buf.extend_from_slice(INDEX_MAGIC);
+    buf.extend_from_slice(&count.to_le_bytes());
+    buf.extend_from_slice(&bytes.to_le_bytes());
+    for p in sparse {
+        buf.extend_from_slice(&p.to_le_bytes());
+    }
+    let crc = crc32fast::hash(&buf);
+    buf.extend_from_slice(&crc.to_le_bytes());
+    let tmp = path.with_extension("idx.tmp");
+    let mut f = File::create(&tmp)?;
+    f.write_all(&buf)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
+/// Reads a sealed segment's index if it is intact and describes `len` bytes.
+fn read_index(path: &Path, len: u64) -> Option<Scanned> {
+    let buf = std::fs::read(path).ok()?;
+    if buf.len() < 28 || &buf[..8] != INDEX_MAGIC || (buf.len() - 28) % 4 != 0 {
+        return None;
+    }
+    let (body, crc) = buf.split_at(buf.len() - 4);
+    if crc32fast::hash(body) != u32::from_le_bytes(crc.try_into().ok()?) {
+        return None;
+    }
+    let count = u64::from_le_bytes(body[8..16].try_into().ok()?);
+    let bytes = u64::from_le_bytes(body[16..24].try_into().ok()?);
+    let sparse: Vec<u32> = body[24..]
+        .chunks_exact(4)
+        .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    (bytes == len && sparse.len() as u64 == count.div_ceil(SPARSE)).then_some(Scanned {
+        count,
+        sparse,
+        end: bytes,
+    })
+}
+
+/// The segment bases in `dir`, sorted.
+fn list_segments(dir: &Path) -> std::io::Result<Vec<u64>> {
+    let mut bases = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let name = entry?.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if let Some(base) = name.strip_suffix(".seg") {
+            if let Ok(base) = base.parse::<u64>() {
+                bases.push(base);
+            }
+        }
+    }
+    bases.sort_unstable();
+    Ok(bases)
+}
+
+/// Renames the single file of an older version to the first segment (same frames).
+fn migrate_legacy(dir: &Path, bases: &[u64]) -> Result<bool> {
+    let legacy = dir.join(LEGACY_FILE);
+    if !legacy.exists() {
+        return Ok(false);
+    }
+    if !bases.is_empty() {
+        return Err(corrupt(format!(
+            "{} holds both {LEGACY_FILE} (the single-file log of an older version) and \
+             segment files; move one of them aside",
+            dir.display()
+        )));
+    }
+    tracing::info!(dir = %dir.display(), "migrating the single-file order log to segments");
+    std::fs::rename(&legacy, segment_path(dir, 0))?;
+    sync_dir(dir)?;
+    Ok(true)
+}
+
+/// Opens a sealed segment: from its index when it matches, else by a scan, which must
+/// find the whole file intact (damage inside a sealed segment cannot be a torn tail).
+fn open_sealed(dir: &Path, base: u64) -> Result<Segment> {
+    let path = segment_path(dir, base);
+    let mut file = File::open(&path)?;
+    let len = file.metadata()?.len();
+    let found = match read_index(&index_path(dir, base), len) {
+        Some(found) => found,
+        None => {
+            let found = scan(&mut file)?;
+            if found.end != len {
+                return Err(corrupt(format!(
+                    "{} is damaged at byte {} of {len}, and it is not the last segment; \
+                     refusing to cut acknowledged orders (restore the file or move the log \
+                     aside)",
+                    path.display(),
+                    found.end
+                )));
+            }
+            write_index(&index_path(dir, base), found.count, len, &found.sparse)?;
+            found
+        }
+    };
+    Ok(Segment {
+        base,
+        count: found.count,
+        bytes: found.end,
+        sparse: found.sparse,
+        file: Arc::new(file),
+        path,
+    })
+}
+
+/// Opens the live segment for writing, cutting a torn tail off.
+fn open_live(dir: &Path, base: u64) -> Result<(Segment, File)> {
+    let path = segment_path(dir, base);
+    let mut file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(&path)?;
+    let found = scan(&mut file)?;
+    let len = file.metadata()?.len();
+    if found.end < len {
+        // Only a torn tail (the last group commit, cut short by a crash, never
+        // acknowledged) may be cut. A bad frame followed by good ones is damage to
+        // acknowledged orders: refuse to start rather than drop them.
+        if len - found.end > MAX_TORN_TAIL || valid_frame_after(&mut file, found.end, len)? {
+            return Err(corrupt(format!(
+                "{} is damaged at byte {} of {len} with records after the damage; \
+                 refusing to cut acknowledged orders (restore the file or move it aside)",
+                path.display(),
+                found.end
+            )));
+        }
+        tracing::warn!(path = %path.display(), at = found.end, "cutting torn tail of the order log");
+        file.set_len(found.end)?;
+        file.sync_all()?;
+    }
+    file.seek(SeekFrom::Start(found.end))?;
+    let reader = File::open(&path)?;
+    Ok((
+        Segment {
+            base,
+            count: found.count,
+            bytes: found.end,
+            sparse: found.sparse,
+            file: Arc::new(reader),
+            path,
+        },
+        file,
+    ))
 }
 
 impl FileLog {
-    /// Opens (creating if needed) the log in `dir`, cutting off a torn tail, and starts the
-    /// writer thread. Fails if another process holds the log.
-    pub fn open(dir: impl AsRef<Path>, options: FileLogOptions) -> Result<Self> {
+    /// Opens (creating if needed) the log in `dir`, migrating a single-file log of an older
+    /// version, cutting off a torn tail, and starts the writer thread. Fails if another
+    /// process holds the log.
+    pub fn open(dir: impl AsRef<Path>, mut options: FileLogOptions) -> Result<Self> {
+        // Positions inside a segment are u32.
+        options.segment_bytes = options.segment_bytes.clamp(1, 1 << 30);
         let dir = dir.as_ref();
         std::fs::create_dir_all(dir)?;
-        let path = dir.join(FILE_NAME);
-        let mut file = OpenOptions::new()
+        let lock = OpenOptions::new()
             .create(true)
             .truncate(false)
-            .read(true)
             .write(true)
-            .open(&path)?;
-        file.try_lock().map_err(|e| {
+            .open(dir.join(LOCK_FILE))?;
+        lock.try_lock().map_err(|e| {
             Error::Unavailable(format!(
                 "log {} is in use by another process: {e}",
-                path.display()
+                dir.display()
             ))
         })?;
-        let (index, end) = scan(&mut file)?;
-        let len = file.metadata()?.len();
-        if end < len {
-            // Only a torn tail (the last group commit, cut short by a crash, never
-            // acknowledged) may be cut. A bad frame followed by good ones is damage to
-            // acknowledged orders: refuse to start rather than drop them.
-            if len - end > MAX_TORN_TAIL || valid_frame_after(&mut file, end, len)? {
-                return Err(Error::Corrupt(format!(
-                    "{} is damaged at byte {end} of {len} with records after the damage; \
-                     refusing to cut acknowledged orders (restore the file or move it aside)",
-                    path.display()
+        let mut bases = list_segments(dir)?;
+        if migrate_legacy(dir, &bases)? {
+            bases = vec![0];
+        }
+        if bases.is_empty() {
+            bases.push(0);
+        }
+        let mut segments = Vec::with_capacity(bases.len());
+        let last = bases.len() - 1;
+        for &base in &bases[..last] {
+            segments.push(open_sealed(dir, base)?);
+        }
+        let (live, file) = open_live(dir, bases[last])?;
+        segments.push(live);
+        for pair in segments.windows(2) {
+            if pair[0].end() != pair[1].base {
+                return Err(corrupt(format!(
+                    "{} ends at offset {} but the next segment starts at {}: a segment is \
+                     missing or damaged",
+                    pair[0].path.display(),
+                    pair[0].end(),
+                    pair[1].base
                 )));
             }
-            tracing::warn!(path = %path.display(), at = end, "cutting torn tail of the order log");
-            file.set_len(end)?;
-            file.sync_all()?;
         }
-        file.seek(SeekFrom::Start(end))?;
-        let reader = File::open(&path)?;
-        let (committed, _) = watch::channel(index.len() as u64);
+        let end = segments.last().map_or(0, Segment::end);
+        let (committed, _) = watch::channel(end);
         let shared = Arc::new(Shared {
-            index: RwLock::new(index),
+            segments: RwLock::new(segments),
             failed: AtomicBool::new(false),
-            reader,
             committed,
         });
         let (tx, rx) = crossbeam_channel::bounded(options.queue_capacity.max(1));
         let writer_shared = Arc::clone(&shared);
+        let writer_dir = dir.to_path_buf();
         std::thread::Builder::new()
             .name("order-log-writer".into())
-            .spawn(move || writer(file, end, rx, writer_shared, options))?;
-        Ok(FileLog { tx, shared, path })
+            .spawn(move || {
+                // The lock lives as long as the writer.
+                let _lock = lock;
+                writer(file, writer_dir, rx, writer_shared, options)
+            })?;
+        Ok(FileLog {
+            tx,
+            shared,
+            dir: dir.to_path_buf(),
+        })
     }
 
-    /// Number of records durable in the log.
+    /// The offset the next record gets (records ever appended, deleted ones included).
     pub fn len(&self) -> u64 {
         *self.shared.committed.borrow()
     }
 
-    /// Whether the log holds no record.
+    /// Whether the log never held a record.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
-    /// Reads up to `max` records from `from` without waiting: one read of the whole span
-    /// (frames are contiguous), payloads sliced out of it without copies.
+    /// The first offset still held (records before it were deleted with their segments).
+    pub fn start_offset(&self) -> u64 {
+        self.shared.segments.read().first().map_or(0, |s| s.base)
+    }
+
+    /// Segment files held now.
+    pub fn segment_count(&self) -> usize {
+        self.shared.segments.read().len()
+    }
+
+    /// Deletes every sealed segment whose records are all before `offset` (the live
+    /// segment stays). Returns how many were deleted. Readers holding one keep reading it.
+    pub fn delete_before(&self, offset: u64) -> Result<usize> {
+        let gone: Vec<Segment> = {
+            let mut segments = self.shared.segments.write();
+            let n = segments
+                .iter()
+                .take(segments.len().saturating_sub(1))
+                .take_while(|s| s.end() <= offset)
+                .count();
+            segments.drain(..n).collect()
+        };
+        for s in &gone {
+            std::fs::remove_file(&s.path)?;
+            let _ = std::fs::remove_file(index_path(&self.dir, s.base));
+            tracing::info!(segment = %s.path.display(), "deleted a settled segment of the order log");
+        }
+        if !gone.is_empty() {
+            sync_dir(&self.dir)?;
+        }
+        Ok(gone.len())
+    }
+
+    /// Reads up to `max` records from `from` without waiting (fewer at a segment's end; an
+    /// empty answer means `from` is the end of the log). Fails for an offset before
+    /// [`start_offset`](Self::start_offset).
     pub fn read_from(&self, from: u64, max: usize) -> Result<Vec<LogEntry>> {
-        let (positions, span_end) = {
-            let index = self.shared.index.read();
-            let start = (from as usize).min(index.len());
-            let end = start.saturating_add(max).min(index.len());
-            (index[start..end].to_vec(), index.get(end).copied())
-        };
-        let (Some(&first), Some(&last)) = (positions.first(), positions.last()) else {
-            return Ok(Vec::new());
-        };
-        let span_end = match span_end {
-            Some(end) => end,
-            None => {
-                // The last committed frame ends where its header says.
-                let mut header = [0u8; FRAME_HEADER];
-                self.shared.reader.read_exact_at(&mut header, last)?;
-                let n = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
-                last + FRAME_HEADER as u64 + u64::from(n)
+        let (file, mut pos, mut skip, want, span_end) = {
+            let segments = self.shared.segments.read();
+            let start = segments.first().map_or(0, |s| s.base);
+            if from < start {
+                return Err(Error::Unavailable(format!(
+                    "offset {from} was deleted; the log starts at {start}"
+                )));
             }
-        };
-        let len = usize::try_from(span_end - first).map_err(|_| {
-            std::io::Error::new(std::io::ErrorKind::InvalidData, "log span too large")
-        })?;
-        let mut buf = vec![0u8; len];
-        self.shared.reader.read_exact_at(&mut buf, first)?;
-        let buf = Bytes::from(buf);
-        let mut out = Vec::with_capacity(positions.len());
-        for (i, pos) in positions.into_iter().enumerate() {
-            let at = (pos - first) as usize;
-            let header = buf.get(at..at + FRAME_HEADER).ok_or_else(|| {
-                std::io::Error::new(std::io::ErrorKind::InvalidData, "frame past the span")
-            })?;
-            let n = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
-            let body = at + FRAME_HEADER;
-            if body + n > buf.len() {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::InvalidData,
-                    "frame past the span",
-                )
-                .into());
+            let i = segments
+                .partition_point(|s| s.base <= from)
+                .saturating_sub(1);
+            let Some(seg) = segments.get(i) else {
+                return Ok(Vec::new());
+            };
+            if from >= seg.end() || max == 0 {
+                return Ok(Vec::new());
             }
-            out.push(LogEntry {
-                position: LogPosition {
-                    partition: 0,
-                    offset: from + i as u64,
-                },
-                payload: buf.slice(body..body + n),
-            });
+            let rel = from - seg.base;
+            let slot = (rel / SPARSE) as usize;
+            let pos = u64::from(
+                *seg.sparse
+                    .get(slot)
+                    .ok_or_else(|| invalid("sparse index"))?,
+            );
+            let want = (seg.end() - from).min(max as u64) as usize;
+            // The wanted records end before the next indexed record after them starts: read
+            // no further than that.
+            let next_slot = (rel + want as u64).div_ceil(SPARSE) as usize;
+            let span_end = seg
+                .sparse
+                .get(next_slot)
+                .map_or(seg.bytes, |p| u64::from(*p).min(seg.bytes));
+            (
+                Arc::clone(&seg.file),
+                pos,
+                rel - slot as u64 * SPARSE,
+                want,
+                span_end,
+            )
+        };
+        let mut out = Vec::with_capacity(want);
+        while out.len() < want && pos < span_end {
+            let len = (span_end - pos).min(READ_CHUNK) as usize;
+            let mut buf = vec![0u8; len];
+            file.read_exact_at(&mut buf, pos)?;
+            let mut buf = Bytes::from(buf);
+            let mut at = 0usize;
+            while out.len() < want {
+                let Some(header) = buf.get(at..at + FRAME_HEADER) else {
+                    break;
+                };
+                let n = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
+                if n > MAX_RECORD {
+                    return Err(invalid("frame length past the largest record"));
+                }
+                let body = at + FRAME_HEADER;
+                if body + n > buf.len() {
+                    if at > 0 {
+                        break;
+                    }
+                    // A frame larger than one chunk: read it whole.
+                    if pos + (FRAME_HEADER + n) as u64 > span_end {
+                        return Err(invalid("frame past the span the index gives"));
+                    }
+                    let mut whole = vec![0u8; FRAME_HEADER + n];
+                    file.read_exact_at(&mut whole, pos)?;
+                    buf = Bytes::from(whole);
+                }
+                if skip > 0 {
+                    skip -= 1;
+                } else {
+                    out.push(LogEntry {
+                        position: LogPosition {
+                            partition: 0,
+                            offset: from + out.len() as u64,
+                        },
+                        payload: buf.slice(body..body + n),
+                    });
+                }
+                at = body + n;
+            }
+            if at == 0 {
+                return Err(invalid("no frame where the index says"));
+            }
+            pos += at as u64;
+        }
+        if out.len() < want {
+            return Err(invalid("segment ends before its committed records"));
         }
         Ok(out)
     }
@@ -293,13 +614,74 @@ impl FileLog {
     }
 }
 
+/// The writer's live segment.
+struct Live {
+    file: File,
+    base: u64,
+    count: u64,
+    end: u64,
+}
+
+/// Seals the live segment (its index written) and starts the next one.
+fn roll(dir: &Path, live: &mut Live, shared: &Shared) -> std::io::Result<()> {
+    let sparse = {
+        let segments = shared.segments.read();
+        segments
+            .last()
+            .map(|s| s.sparse.clone())
+            .unwrap_or_default()
+    };
+    write_index(&index_path(dir, live.base), live.count, live.end, &sparse)?;
+    let base = live.base + live.count;
+    let path = segment_path(dir, base);
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .read(true)
+        .write(true)
+        .open(&path)?;
+    let reader = match sync_dir(dir).and_then(|()| File::open(&path)) {
+        Ok(reader) => reader,
+        Err(e) => {
+            // Not started: the sealed segment stays the live one.
+            let _ = std::fs::remove_file(&path);
+            return Err(e);
+        }
+    };
+    shared.segments.write().push(Segment {
+        base,
+        count: 0,
+        bytes: 0,
+        sparse: Vec::new(),
+        file: Arc::new(reader),
+        path,
+    });
+    *live = Live {
+        file,
+        base,
+        count: 0,
+        end: 0,
+    };
+    Ok(())
+}
+
 fn writer(
-    mut file: File,
-    mut end: u64,
+    file: File,
+    dir: PathBuf,
     rx: Receiver<Pending>,
     shared: Arc<Shared>,
     options: FileLogOptions,
 ) {
+    let mut live = {
+        let segments = shared.segments.read();
+        let last = segments.last().expect("a log has a live segment");
+        Live {
+            file,
+            base: last.base,
+            count: last.count,
+            end: last.bytes,
+        }
+    };
     let mut batch: Vec<Pending> = Vec::with_capacity(options.max_batch);
     let mut buf: Vec<u8> = Vec::with_capacity(1 << 20);
     let mut failed: Option<String> = None;
@@ -318,18 +700,20 @@ fn writer(
             continue;
         }
         buf.clear();
-        let mut positions = Vec::with_capacity(batch.len());
-        for p in &batch {
-            positions.push(end + buf.len() as u64);
+        let mut sparse = Vec::new();
+        for (i, p) in batch.iter().enumerate() {
+            if (live.count + i as u64).is_multiple_of(SPARSE) {
+                sparse.push((live.end + buf.len() as u64) as u32);
+            }
             buf.extend_from_slice(&(p.payload.len() as u32).to_le_bytes());
             buf.extend_from_slice(&crc32fast::hash(&p.payload).to_le_bytes());
             buf.extend_from_slice(&p.payload);
         }
         metrics().group_commit_records.observe(batch.len() as f64);
-        let written = file.write_all(&buf).and_then(|()| {
+        let written = live.file.write_all(&buf).and_then(|()| {
             if options.fsync {
                 let start = Instant::now();
-                let synced = file.sync_data();
+                let synced = live.file.sync_data();
                 metrics()
                     .fsync_duration
                     .observe(start.elapsed().as_secs_f64());
@@ -346,10 +730,12 @@ fn writer(
             for p in batch.drain(..) {
                 let _ = p.reply.send(Err(Error::Unavailable(why.clone())));
             }
-            let cut = file
+            let end = live.end;
+            let cut = live
+                .file
                 .set_len(end)
-                .and_then(|()| file.sync_all())
-                .and_then(|()| file.seek(SeekFrom::Start(end)).map(drop));
+                .and_then(|()| live.file.sync_all())
+                .and_then(|()| live.file.seek(SeekFrom::Start(end)).map(drop));
             match cut {
                 Ok(()) => {
                     tracing::error!(error = %e, "order log write failed; batch refused and cut off")
@@ -362,11 +748,15 @@ fn writer(
             }
             continue;
         }
-        end += buf.len() as u64;
+        live.end += buf.len() as u64;
+        live.count += batch.len() as u64;
         let first_offset = {
-            let mut index = shared.index.write();
-            let first = index.len() as u64;
-            index.extend_from_slice(&positions);
+            let mut segments = shared.segments.write();
+            let seg = segments.last_mut().expect("a log has a live segment");
+            let first = seg.end();
+            seg.count = live.count;
+            seg.bytes = live.end;
+            seg.sparse.extend_from_slice(&sparse);
             first
         };
         shared
@@ -374,6 +764,12 @@ fn writer(
             .send_replace(first_offset + batch.len() as u64);
         for (i, p) in batch.drain(..).enumerate() {
             let _ = p.reply.send(Ok(first_offset + i as u64));
+        }
+        if live.end >= options.segment_bytes {
+            if let Err(e) = roll(&dir, &mut live, &shared) {
+                // The full segment keeps taking records; the next group commit retries.
+                tracing::error!(error = %e, "could not start a new segment of the order log");
+            }
         }
     }
 }
@@ -574,7 +970,7 @@ mod tests {
             );
         }
         // Simulate a crash mid-write: half a frame at the end.
-        let path = dir.path().join(FILE_NAME);
+        let path = segment_path(dir.path(), 0);
         let mut f = OpenOptions::new().append(true).open(&path).expect("open");
         f.write_all(&[200, 0, 0, 0, 1, 2, 3, 4, 5]).expect("write");
         drop(f);
@@ -603,7 +999,7 @@ mod tests {
             }
         }
         // Flip a byte inside the third record's payload.
-        let path = dir.path().join(FILE_NAME);
+        let path = segment_path(dir.path(), 0);
         let mut bytes = std::fs::read(&path).expect("read");
         let third = {
             let mut pos = 0usize;
@@ -637,5 +1033,117 @@ mod tests {
             bytes.len(),
             "nothing was cut"
         );
+    }
+
+    fn small_segments() -> FileLogOptions {
+        FileLogOptions {
+            segment_bytes: 4096,
+            ..FileLogOptions::default()
+        }
+    }
+
+    async fn reopen(dir: &Path, options: FileLogOptions) -> FileLog {
+        // The writer thread of the previous log may still hold the lock briefly.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            match FileLog::open(dir, options.clone()) {
+                Ok(l) => break l,
+                Err(e) if std::time::Instant::now() > deadline => panic!("reopen: {e}"),
+                Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+            }
+        }
+    }
+
+    fn offsets_of(log: &FileLog, from: u64) -> Vec<u64> {
+        let mut out = Vec::new();
+        let mut next = from;
+        loop {
+            let batch = log.read_from(next, 37).expect("read");
+            if batch.is_empty() {
+                break out;
+            }
+            for e in batch {
+                assert_eq!(e.position.offset, next);
+                let r = decode(&e.payload).expect("decodes");
+                assert_eq!(r.sequence, sample(next).sequence, "record at {next}");
+                out.push(next);
+                next += 1;
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn segments_roll_read_back_from_every_offset_and_settled_ones_are_deleted() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = FileLog::open(dir.path(), small_segments()).expect("open");
+        for i in 0..400 {
+            log.append(&sample(i)).await.expect("append");
+        }
+        let segments = log.segment_count();
+        assert!(segments > 5, "4 KiB segments: {segments}");
+        assert_eq!(offsets_of(&log, 0), (0..400).collect::<Vec<_>>());
+        for from in [1, 63, 64, 65, 130, 399] {
+            assert_eq!(
+                log.read_from(from, 1).expect("read")[0].position.offset,
+                from
+            );
+        }
+        drop(log);
+        // Sealed segments reopen from their index; offsets survive.
+        let log = reopen(dir.path(), small_segments()).await;
+        assert_eq!(log.len(), 400);
+        assert_eq!(log.segment_count(), segments);
+        let indexes = std::fs::read_dir(dir.path())
+            .expect("dir")
+            .filter(|e| {
+                e.as_ref()
+                    .expect("entry")
+                    .file_name()
+                    .to_string_lossy()
+                    .ends_with(".idx")
+            })
+            .count();
+        assert_eq!(indexes, segments - 1, "every sealed segment has its index");
+        assert_eq!(offsets_of(&log, 0), (0..400).collect::<Vec<_>>());
+        // Delete what is wholly before offset 200; the segment holding 200 stays.
+        let deleted = log.delete_before(200).expect("delete");
+        assert!(deleted >= 2, "{deleted}");
+        let start = log.start_offset();
+        assert!(start > 0 && start <= 200, "{start}");
+        assert!(
+            log.read_from(start - 1, 1).is_err(),
+            "deleted offsets are refused"
+        );
+        assert_eq!(offsets_of(&log, start), (start..400).collect::<Vec<_>>());
+        log.delete_before(u64::MAX).expect("delete");
+        assert_eq!(log.segment_count(), 1, "the live segment always stays");
+        let pos = log.append(&sample(400)).await.expect("append");
+        assert_eq!(pos.offset, 400);
+        drop(log);
+        let log = reopen(dir.path(), small_segments()).await;
+        assert_eq!((log.start_offset() <= 400, log.len()), (true, 401));
+        assert_eq!(
+            log.read_from(400, 10).expect("read")[0].position.offset,
+            400
+        );
+    }
+
+    #[tokio::test]
+    async fn a_single_file_log_of_an_older_version_is_migrated_on_open() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut bytes = Vec::new();
+        for i in 0..100 {
+            let payload = encode(&sample(i)).expect("encode");
+            bytes.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+            bytes.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
+            bytes.extend_from_slice(&payload);
+        }
+        std::fs::write(dir.path().join(LEGACY_FILE), &bytes).expect("write");
+        let log = FileLog::open(dir.path(), FileLogOptions::default()).expect("open");
+        assert_eq!(log.len(), 100);
+        assert!(!dir.path().join(LEGACY_FILE).exists());
+        assert!(segment_path(dir.path(), 0).exists());
+        assert_eq!(offsets_of(&log, 0), (0..100).collect::<Vec<_>>());
+        assert_eq!(log.append(&sample(100)).await.expect("append").offset, 100);
     }
 }

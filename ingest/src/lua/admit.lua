@@ -3,7 +3,8 @@
 -- KEYS[1] sale hash     stock, left, limit, rate, burst, starts, ends, seq, acc_o, acc_u,
 --                       rel_u, skew, ready
 -- KEYS[2] units hash    user -> units held
--- KEYS[3] buckets hash  user -> "tokens:at_us" (milli-tokens)
+-- KEYS[3] the user's bucket "tokens:at_us" (milli-tokens), a string key of its own that
+--         expires once the bucket has refilled (absent and full are the same bucket)
 -- KEYS[4] idem hash     user.."\n"..key -> "fingerprint|order_id|sequence|quantity|confirmed"
 -- KEYS[5] rejected hash code -> count
 -- ARGV    user, quantity, key, fingerprint, order_id
@@ -48,7 +49,7 @@ local TOKEN = 1000
 local cap = tonumber(f[5]) * TOKEN
 local rate = math.max(tonumber(f[4]), 1)
 local tokens, at = cap, now
-local b = redis.call('HGET', buckets, user)
+local b = redis.call('GET', buckets)
 if b then
   local bt, ba = string.match(b, '^([^:]*):([^:]*)$')
   tokens, at = tonumber(bt), tonumber(ba)
@@ -65,7 +66,15 @@ else
 end
 local allowed = tokens >= TOKEN
 if allowed then tokens = tokens - TOKEN end
-redis.call('HSET', buckets, user, string.format('%.0f:%.0f', tokens, at))
+-- Kept until it has refilled (bucket_full_at in the model), as a relative expiry: the test
+-- clock's skew only grows, so by then the bucket is full on the skewed clock too.
+local full_at = at + math.min(math.floor(((cap - tokens) * 1000 + rate - 1) / rate), fill)
+if full_at > now then
+  redis.call('SET', buckets, string.format('%.0f:%.0f', tokens, at), 'PX',
+    string.format('%.0f', math.floor((full_at - now + 999) / 1000)))
+else
+  redis.call('DEL', buckets)
+end
 if not allowed then
   local missing_us = math.floor(((TOKEN - tokens) * 1000 + rate - 1) / rate)
   local secs = math.floor((missing_us + 999999) / 1000000)
