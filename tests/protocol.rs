@@ -116,6 +116,7 @@ async fn exchange(app: &TestApp, request: &[u8], heads: &[bool]) -> Vec<Raw> {
 }
 
 fn order_request(app: &TestApp, sale: &str, key: &str, extra_headers: &str) -> Vec<u8> {
+    let key = key.replace(' ', "-");
     let body = r#"{"quantity":1,"payment_token":"tok_visa"}"#;
     format!(
         "POST /v1/sales/{sale}/orders HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\
