@@ -7,8 +7,9 @@
 # Kafka-protocol broker, then checks the alerting rules (promtool check and test rules) and
 # the scrape config, type-checks the Grafana dashboards against @grafana/schema
 # (scripts/grafana-check, npm packages cached in ~/.cache/flashsale/grafana-check), and runs
-# cargo fmt --check, clippy with -D warnings on all targets, and the whole test suite with
-# cargo-nextest (or cargo test when nextest is absent).
+# cargo fmt --check, clippy with -D warnings on all targets, schemathesis against the OpenAPI
+# document and a live server (scripts/schemathesis.sh, in a venv in ~/.cache/flashsale/venv),
+# and the whole test suite with cargo-nextest (or cargo test when nextest is absent).
 # The build cache lives outside the clone: CARGO_TARGET_DIR defaults to
 # ~/.cache/flashsale/target.
 set -euo pipefail
@@ -21,7 +22,7 @@ mkdir -p "$CARGO_TARGET_DIR"
 step() { printf '\n== %s ==\n' "$*"; }
 
 step "system packages"
-packages=(cmake pkg-config libcurl4-openssl-dev libssl-dev zlib1g-dev redis-server postgresql prometheus nodejs npm)
+packages=(cmake pkg-config libcurl4-openssl-dev libssl-dev zlib1g-dev redis-server postgresql prometheus nodejs npm python3-venv curl)
 missing=()
 for p in "${packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 && continue
@@ -29,6 +30,9 @@ for p in "${packages[@]}"; do
   case "$p" in
     nodejs) command -v node >/dev/null && continue ;;
     npm) command -v npm >/dev/null && continue ;;
+    # A Python built elsewhere may bring venv and ensurepip itself.
+    python3-venv) python3 -c 'import ensurepip, venv' 2>/dev/null && continue ;;
+    curl) command -v curl >/dev/null && continue ;;
   esac
   missing+=("$p")
 done
@@ -70,6 +74,9 @@ cargo fmt --all --check
 
 step "cargo clippy (all targets, -D warnings)"
 cargo clippy --workspace --all-targets --all-features --locked -- -D warnings
+
+step "the API against docs/openapi.json (schemathesis on a live flashsale serve)"
+scripts/schemathesis.sh
 
 step "tests"
 if cargo nextest --version >/dev/null 2>&1; then

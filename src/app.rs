@@ -783,6 +783,8 @@ impl App {
             header_read_timeout: config.server.header_read_timeout,
             idle_timeout: config.server.idle_timeout,
             shutdown_grace: config.server.shutdown_grace,
+            max_header_bytes: config.server.max_header_bytes,
+            max_headers: config.server.max_headers,
             task_monitor: Some(http_rt.monitor().clone()),
         };
         let server = tokio::spawn(server::serve(
@@ -892,6 +894,12 @@ where
 pub fn check(config: &Config) -> anyhow::Result<()> {
     if config.server.order_body_limit == 0 {
         bail!("server.order_body_limit must be positive");
+    }
+    if !(1024..=256 * 1024).contains(&config.server.max_header_bytes) {
+        bail!("server.max_header_bytes must be between 1024 and 262144");
+    }
+    if !(1..=10_000).contains(&config.server.max_headers) {
+        bail!("server.max_headers must be between 1 and 10000");
     }
     if config.settler.batch_size == 0 {
         bail!("settler.batch_size must be positive");

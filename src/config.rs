@@ -81,6 +81,10 @@ pub struct ServerSection {
     pub shutdown_grace: Duration,
     /// Largest order body in bytes.
     pub order_body_limit: usize,
+    /// Most bytes in a request head (request line and header fields); more get 431.
+    pub max_header_bytes: usize,
+    /// Most header fields in a request; more get 431.
+    pub max_headers: usize,
 }
 
 impl Default for ServerSection {
@@ -93,6 +97,8 @@ impl Default for ServerSection {
             idle_timeout: Duration::from_secs(5),
             shutdown_grace: Duration::from_secs(10),
             order_body_limit: 4096,
+            max_header_bytes: ingest::server::DEFAULT_MAX_HEADER_BYTES,
+            max_headers: ingest::server::DEFAULT_MAX_HEADERS,
         }
     }
 }

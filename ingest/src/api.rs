@@ -151,8 +151,49 @@ impl std::fmt::Debug for Ingest {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct OrderBody {
-    quantity: i64,
+    quantity: Quantity,
     payment_token: String,
+}
+
+/// A quantity as sent: any JSON number, so that an integer too large for 64 bits is refused
+/// as out of range (`invalid_quantity`) like any other, not as a body that does not parse.
+#[derive(Debug, Deserialize)]
+#[serde(transparent)]
+struct Quantity(serde_json::Number);
+
+impl Quantity {
+    /// The integer sent (saturated at the bounds of `i128`: only compared with a range);
+    /// `invalid_body` for a number with a fraction or an exponent that is not an integer.
+    fn integer(&self) -> Result<i128, ApiError> {
+        let n = &self.0;
+        if let Some(i) = n.as_i64() {
+            return Ok(i128::from(i));
+        }
+        if let Some(u) = n.as_u64() {
+            return Ok(i128::from(u));
+        }
+        // serde_json reads an integer beyond 64 bits as a float; so is 1.5 or 1e3.
+        match n.as_f64() {
+            // 2^63: below it, an integer fits an i64 and is read as one.
+            Some(f)
+                if f.is_finite() && f.fract() == 0.0 && f.abs() >= 9_223_372_036_854_775_808.0 =>
+            {
+                Ok(f as i128)
+            }
+            _ => Err(ApiError::invalid_body("quantity must be an integer")),
+        }
+    }
+
+    /// The quantity if it is an integer in `1..=max`; `invalid_quantity` for any other
+    /// integer.
+    fn within(&self, max: u32) -> Result<u32, ApiError> {
+        u32::try_from(self.integer()?)
+            .ok()
+            .filter(|q| (1..=max).contains(q))
+            .ok_or_else(|| {
+                ApiError::invalid_quantity(format!("quantity must be between 1 and {max}"))
+            })
+    }
 }
 
 /// Body of `POST /v1/sales`.
@@ -184,7 +225,7 @@ pub struct CreateSale {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct AddStock {
-    quantity: i64,
+    quantity: Quantity,
 }
 
 /// A sale as the API shows it.
@@ -704,7 +745,7 @@ impl Ingest {
                 "payment_token must be 1 to 256 visible ASCII characters",
             ));
         }
-        if body.quantity < 1 {
+        if body.quantity.integer()? < 1 {
             return Err(ApiError::invalid_quantity("quantity must be at least 1"));
         }
         let sale_id = SaleId::parse(sale_id).map_err(|_| ApiError::unknown_sale("no such sale"))?;
@@ -712,15 +753,7 @@ impl Ingest {
             .sale(&sale_id)
             .await?
             .ok_or_else(|| ApiError::unknown_sale("no such sale"))?;
-        let quantity = u32::try_from(body.quantity)
-            .ok()
-            .filter(|q| *q <= sale.max_quantity_per_order)
-            .ok_or_else(|| {
-                ApiError::invalid_quantity(format!(
-                    "quantity must be between 1 and {}",
-                    sale.max_quantity_per_order
-                ))
-            })?;
+        let quantity = body.quantity.within(sale.max_quantity_per_order)?;
         let admit = AdmitRequest {
             user,
             quantity,
@@ -942,12 +975,7 @@ impl Ingest {
             self.config.body_read_timeout,
         )
         .await?;
-        let units = u32::try_from(body.quantity)
-            .ok()
-            .filter(|q| (1..=100_000_000).contains(q))
-            .ok_or_else(|| {
-                ApiError::invalid_quantity("quantity must be between 1 and 100000000")
-            })?;
+        let units = body.quantity.within(100_000_000)?;
         // Catalog first (durable), then the counters, in a task of their own so a client
         // that hangs up cannot leave the two apart.
         let (store, admission, task_id) = (
@@ -1096,6 +1124,36 @@ fn order_view(order: Order) -> OrderView {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_integer_out_of_range_is_an_invalid_quantity() {
+        let code = |json: &str| match serde_json::from_str::<Quantity>(json)
+            .expect("a number")
+            .within(10)
+        {
+            Ok(q) => format!("ok {q}"),
+            Err(e) => e.code.to_owned(),
+        };
+        assert_eq!(code("1"), "ok 1");
+        assert_eq!(code("10"), "ok 10");
+        for out in [
+            "0",
+            "-1",
+            "11",
+            "4294967297",
+            "9223372036854775807",
+            "9223372036854775808",
+            "18446744073709551616",
+            "-9223372036854775809",
+            "100000000000000000000000000000000000000000000",
+            "1e30",
+        ] {
+            assert_eq!(code(out), "invalid_quantity", "{out}");
+        }
+        for not_integer in ["1.5", "2.0", "1e2"] {
+            assert_eq!(code(not_integer), "invalid_body", "{not_integer}");
+        }
+    }
 
     #[test]
     fn fingerprint_is_the_hex_of_the_first_half_of_sha256() {

@@ -17,6 +17,7 @@ mod confirmer;
 pub mod metrics;
 pub mod model;
 pub mod problem;
+pub mod protocol;
 pub mod redis_admission;
 mod sale_cache;
 pub mod server;

@@ -46,6 +46,7 @@ macro_rules! codes {
 
 codes! {
     malformed_json => BAD_REQUEST, "malformed_json", "The body is not valid JSON";
+    malformed_request => BAD_REQUEST, "malformed_request", "The request is not valid HTTP/1.1";
     missing_idempotency_key => BAD_REQUEST, "missing_idempotency_key", "The Idempotency-Key header is required";
     invalid_idempotency_key => BAD_REQUEST, "invalid_idempotency_key", "The Idempotency-Key header is invalid";
     missing_token => UNAUTHORIZED, "missing_token", "A bearer token is required";
@@ -62,12 +63,14 @@ codes! {
     request_in_progress => CONFLICT, "request_in_progress", "A request with this Idempotency-Key is still in progress";
     request_timeout => REQUEST_TIMEOUT, "request_timeout", "The request body did not arrive in time";
     body_too_large => PAYLOAD_TOO_LARGE, "body_too_large", "The request body is too large";
+    uri_too_long => URI_TOO_LONG, "uri_too_long", "The request target is too long";
     unsupported_media_type => UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type", "The body must be application/json";
     invalid_body => UNPROCESSABLE_ENTITY, "invalid_body", "The body does not match the schema";
     invalid_quantity => UNPROCESSABLE_ENTITY, "invalid_quantity", "The quantity is out of range";
     invalid_payment_token => UNPROCESSABLE_ENTITY, "invalid_payment_token", "The payment token is invalid";
     invalid_sale => UNPROCESSABLE_ENTITY, "invalid_sale", "The sale definition is invalid";
     idempotency_conflict => UNPROCESSABLE_ENTITY, "idempotency_conflict", "The Idempotency-Key was used with a different body";
+    headers_too_large => REQUEST_HEADER_FIELDS_TOO_LARGE, "headers_too_large", "The request head is too large or has too many header fields";
     rate_limited => TOO_MANY_REQUESTS, "rate_limited", "Too many requests";
     unavailable => SERVICE_UNAVAILABLE, "unavailable", "A backend is unavailable; nothing was taken";
     capacity_exceeded => SERVICE_UNAVAILABLE, "capacity_exceeded", "The sale's admission state is at its cap; nothing was taken";
@@ -87,8 +90,8 @@ impl ApiError {
         self
     }
 
-    /// The problem+json response.
-    pub fn into_response(self) -> Response<Full<Bytes>> {
+    /// The problem+json body.
+    pub fn body(&self) -> Vec<u8> {
         #[derive(Serialize)]
         struct Problem<'a> {
             #[serde(rename = "type")]
@@ -98,15 +101,19 @@ impl ApiError {
             code: &'a str,
             detail: &'a str,
         }
-        let body = serde_json::to_vec(&Problem {
+        serde_json::to_vec(&Problem {
             kind: format!("urn:flashsale:problem:{}", self.code),
             title: title_of(self.code),
             status: self.status.as_u16(),
             code: self.code,
             detail: &self.detail,
         })
-        .unwrap_or_default();
-        let mut resp = Response::new(Full::new(Bytes::from(body)));
+        .unwrap_or_default()
+    }
+
+    /// The problem+json response.
+    pub fn into_response(self) -> Response<Full<Bytes>> {
+        let mut resp = Response::new(Full::new(Bytes::from(self.body())));
         *resp.status_mut() = self.status;
         resp.headers_mut().insert(
             header::CONTENT_TYPE,

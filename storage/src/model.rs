@@ -333,7 +333,8 @@ impl Sale {
     /// Checks the rules every sale must meet; the first broken one is returned.
     pub fn validate(&self) -> Result<(), InvalidValue> {
         let bad = |field, reason| Err(InvalidValue { field, reason });
-        if self.sku.is_empty() || self.sku.len() > 64 {
+        // Characters, as the message and the OpenAPI document say (not UTF-8 bytes).
+        if self.sku.is_empty() || self.sku.chars().count() > 64 {
             return bad("sku", "must be 1 to 64 characters");
         }
         if self.stock == 0 || self.stock > MAX_STOCK {
