@@ -433,7 +433,7 @@ async fn broker_hung_mid_burst_gives_503_and_leaks_no_stock() {
 
 /// tansu 0.6.0 on SQLite panics when an idempotent producer goes on after a restart (and
 /// then refuses every produce): this passes because the producer is replaced, with a new
-/// producer id, once every broker went down after it had delivered records.
+/// producer id, once a broker connection failed after it had delivered records.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_crashed_mid_burst_gives_503_and_leaks_no_stock() {
     broker_down_mid_burst(Outage::Crash).await;

@@ -213,24 +213,37 @@ fn decode_stats(json: &[u8]) -> Option<RawStats> {
 /// [`KafkaLog`] using it).
 #[derive(Debug, Default)]
 struct Connection {
-    /// librdkafka reported every broker down (a broker crash or restart, a partition).
-    brokers_down: AtomicBool,
     /// A record of this producer was delivered: the broker holds its producer id.
     delivered: AtomicBool,
+    /// A broker connection failed after a record was delivered (a broker crash or restart,
+    /// a partition): the broker may have lost this producer's idempotence state.
+    stale: AtomicBool,
 }
 
 impl Connection {
-    /// Whether the broker may have lost this producer's idempotence state: it delivered
-    /// records, then lost every broker. tansu 0.6.0 on SQLite panics when a producer goes
-    /// on after a broker restart (and then refuses every produce), so such a producer is
-    /// replaced before it sends again.
+    /// Whether the producer must be replaced before it sends again. tansu 0.6.0 on SQLite
+    /// panics when a producer goes on under its old producer id after a broker restart
+    /// (and then refuses every produce, from any producer), so a producer that lost a
+    /// broker connection after it had delivered is not used again.
     fn stale(&self) -> bool {
-        self.delivered.load(Ordering::Acquire) && self.brokers_down.load(Ordering::Acquire)
+        self.stale.load(Ordering::Acquire)
+    }
+
+    /// librdkafka reported `error`: a lost broker connection makes a producer that had
+    /// delivered stale (one that never delivered has no producer id to lose).
+    fn failed(&self, error: &KafkaError) {
+        let lost = matches!(
+            error.rdkafka_error_code(),
+            Some(RDKafkaErrorCode::BrokerTransportFailure | RDKafkaErrorCode::AllBrokersDown)
+        );
+        if lost && self.delivered.load(Ordering::Acquire) {
+            self.stale.store(true, Ordering::Release);
+        }
     }
 }
 
 /// A producer's context: turns its statistics into the queue gauge and the retry counter,
-/// and notes when every broker went down. Each producer adds what changed since its last
+/// and notes a lost broker connection. Each producer adds what changed since its last
 /// report, so the gauge is the sum over the process's producers and the counter never
 /// goes back when a producer is replaced.
 #[derive(Debug, Default)]
@@ -251,9 +264,7 @@ impl ProducerStats {
 
 impl ClientContext for ProducerStats {
     fn error(&self, error: KafkaError, reason: &str) {
-        if error.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown) {
-            self.connection.brokers_down.store(true, Ordering::Release);
-        }
+        self.connection.failed(&error);
         tracing::warn!(%error, reason, "Kafka producer");
     }
 
@@ -439,7 +450,7 @@ impl KafkaLog {
         if current.connection.stale() {
             self.recreate(
                 &current,
-                "every broker went down after records were delivered",
+                "a broker connection failed after records were delivered",
                 false,
             );
             current = self.current();
@@ -978,29 +989,30 @@ mod tests {
     }
 
     #[test]
-    fn a_producer_is_stale_once_it_delivered_and_then_lost_every_broker() {
+    fn a_producer_is_stale_once_it_lost_a_broker_after_it_delivered() {
+        let lost = || KafkaError::Global(RDKafkaErrorCode::BrokerTransportFailure);
         let connection = Arc::new(Connection::default());
         let context = ProducerStats::new(Arc::clone(&connection));
-        context.error(
-            KafkaError::Global(RDKafkaErrorCode::AllBrokersDown),
-            "1/1 brokers are down",
-        );
+        context.error(lost(), "Connect to ipv4#127.0.0.1:9092 failed");
+        connection.delivered.store(true, Ordering::Release);
         assert!(
             !connection.stale(),
-            "a producer that never delivered has no producer id to lose"
+            "failing to connect before it delivered leaves no producer id to lose"
         );
-        connection.delivered.store(true, Ordering::Release);
+        context.error(
+            KafkaError::Global(RDKafkaErrorCode::MessageTimedOut),
+            "something else",
+        );
+        assert!(!connection.stale(), "only a lost connection counts");
+        context.error(lost(), "Disconnected (after 98ms in state UP)");
         assert!(connection.stale());
         let other = Arc::new(Connection::default());
         other.delivered.store(true, Ordering::Release);
         ProducerStats::new(Arc::clone(&other)).error(
-            KafkaError::Global(RDKafkaErrorCode::BrokerTransportFailure),
-            "disconnected",
+            KafkaError::Global(RDKafkaErrorCode::AllBrokersDown),
+            "1/1 brokers are down",
         );
-        assert!(
-            !other.stale(),
-            "one connection lost is not every broker down"
-        );
+        assert!(other.stale());
     }
 
     #[test]

@@ -80,8 +80,8 @@ pub struct LogMetrics {
     pub kafka_retries: Counter,
     /// Offset commits of the Kafka consumers, by the outcome the broker reported.
     pub kafka_commits: Family<OutcomeLabel, Counter>,
-    /// Kafka producers replaced (refused by the broker, or every broker went down after
-    /// they had delivered records).
+    /// Kafka producers replaced (refused by the broker, or a broker connection failed
+    /// after they had delivered records).
     pub kafka_producer_recreated: Counter,
 }
 
