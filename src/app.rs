@@ -104,6 +104,8 @@ pub struct Running {
     pub payment_url: String,
     /// Counters of the settler, when it runs here.
     pub settler_stats: Option<settler::SettlerStats>,
+    /// Liveness of the settler's stages, when it runs here (what `/readyz` reports).
+    pub settler_health: Option<settler::SettlerHealth>,
     /// The process's metrics registry (what `GET /metrics` renders).
     pub registry: Arc<Registry>,
     #[cfg(feature = "kafka")]
@@ -135,35 +137,80 @@ impl Running {
         self.shutdown.clone()
     }
 
-    /// Stops accepting, drains in-flight requests, stops the settler.
+    /// Stops accepting, drains in-flight requests, stops the settler. Fails (after
+    /// stopping everything) when the producer was left with undelivered records or the
+    /// settler failed.
     pub async fn stop(self) -> anyhow::Result<()> {
         self.shutdown.cancel();
         self.server.await.context("server task")??;
         // Confirmations still queued by answered orders reach admission.
         self.ingest.shutdown().await;
         #[cfg(feature = "kafka")]
-        if let Some(kafka) = self.kafka {
+        let flushed = match self.kafka {
             // Records handed to the producer by requests that finished are delivered.
-            let _ = tokio::task::spawn_blocking(move || kafka.flush(Duration::from_secs(10))).await;
-        }
-        if let Some(s) = self.settler {
-            s.await.context("settler task")??;
-        }
-        if let Some(m) = self.maintenance {
-            m.await.context("maintenance task")?;
-        }
+            Some(kafka) => flush_producer(kafka).await,
+            None => Ok(()),
+        };
+        #[cfg(not(feature = "kafka"))]
+        let flushed: anyhow::Result<()> = Ok(());
+        let settled = match self.settler {
+            Some(s) => s
+                .await
+                .context("settler task")
+                .and_then(|r| r.context("settler")),
+            None => Ok(()),
+        };
+        let maintained = match self.maintenance {
+            Some(m) => m.await.context("maintenance task"),
+            None => Ok(()),
+        };
         if let Some(m) = self.mock {
             m.stop().await;
         }
         drop(self.settler_rt);
-        Ok(())
+        flushed.and(settled).and(maintained)
     }
 
-    /// Waits until the shutdown token is cancelled (by a signal), then stops.
-    pub async fn wait(self) -> anyhow::Result<()> {
-        self.shutdown.cancelled().await;
-        self.stop().await
+    /// Waits until the shutdown token is cancelled (by a signal), then stops. When the
+    /// in-process settler gives up first (a stage kept dying), stops everything and fails:
+    /// `serve` exits non-zero rather than answer 202 for orders nothing settles.
+    pub async fn wait(mut self) -> anyhow::Result<()> {
+        let Some(settler) = self.settler.as_mut() else {
+            self.shutdown.cancelled().await;
+            return self.stop().await;
+        };
+        let ended = tokio::select! {
+            () = self.shutdown.cancelled() => None,
+            ended = settler => Some(ended),
+        };
+        let Some(ended) = ended else {
+            return self.stop().await;
+        };
+        self.settler = None;
+        let failure = match ended {
+            Ok(Ok(())) => anyhow::anyhow!("the settler stopped on its own"),
+            Ok(Err(e)) => anyhow::Error::new(e),
+            Err(e) => anyhow::Error::new(e).context("settler task"),
+        };
+        tracing::error!(error = %failure, "the in-process settler failed; stopping");
+        if let Err(e) = self.stop().await {
+            tracing::error!(error = %format!("{e:#}"), "stopping after the settler failed");
+        }
+        Err(failure.context("the in-process settler failed; serve stopped"))
     }
+}
+
+/// Delivers what the producer still holds (at most 10 s); fails naming how many records
+/// were left undelivered, so `serve` exits non-zero.
+#[cfg(feature = "kafka")]
+async fn flush_producer(kafka: Arc<KafkaLog>) -> anyhow::Result<()> {
+    let flushed = tokio::task::spawn_blocking(move || kafka.flush(Duration::from_secs(10)))
+        .await
+        .context("flushing the Kafka producer")?;
+    flushed.map_err(|e| {
+        tracing::error!(error = %e, "records left undelivered at shutdown");
+        anyhow::Error::new(e).context("flushing the Kafka producer at shutdown")
+    })
 }
 
 fn unsupported(key: &str, url: &str) -> anyhow::Error {
@@ -244,6 +291,7 @@ async fn recover_admission(
             if let Err(err) =
                 admission.restore_accepted(&r.sale_id, &oref, &r.fingerprint, r.sequence)
             {
+                crate::metrics::recovery_skipped(crate::metrics::SKIPPED_RECORD);
                 tracing::warn!(error = %err, order = %r.order_id, "log record of an unknown sale");
             }
             replayed += 1;
@@ -262,7 +310,13 @@ async fn recover_admission(
             quantity: o.new.quantity,
             key: o.new.idempotency_key.clone(),
         };
-        let _ = admission.restore_release(&o.new.sale_id, &oref);
+        // A release whose sale the catalog lacks has no counters to give units back to
+        // (its log records were skipped above for the same reason): counted and logged,
+        // and recovery goes on, since refusing to start would not bring the sale back.
+        if let Err(err) = admission.restore_release(&o.new.sale_id, &oref) {
+            crate::metrics::recovery_skipped(crate::metrics::SKIPPED_RELEASE);
+            tracing::warn!(error = %err, order = %o.new.order_id, "release of an unknown sale");
+        }
     }
     if replayed > 0 || covered > 0 {
         tracing::info!(
@@ -322,44 +376,26 @@ impl LogParts {
         }
     }
 
-    /// The settler's reader: from the store's checkpoint (embedded) or the consumer
-    /// group's committed offsets (Kafka).
-    async fn consumer(
+    /// Where the settler's reader opens: the store's checkpoint (embedded) or the consumer
+    /// group's committed offsets (Kafka). Opened again when the settler restarts.
+    fn consumer_source(
         &self,
-        store: &dyn OrderStore,
+        store: &Arc<dyn OrderStore>,
         name: &str,
         data_dir: &std::path::Path,
-    ) -> anyhow::Result<Box<dyn LogConsumer>> {
+    ) -> ConsumerSpec {
         match self {
-            LogParts::Embedded(log) => {
-                let from = store.checkpoint(name, 0).await?.unwrap_or(0);
-                // The store has read further than the log holds: the log lost
-                // acknowledged records. Starting would skip new orders; refuse instead.
-                if from > log.len() {
-                    bail!(
-                        "the store's checkpoint ({from}) is past the end of the order log ({} \
-                         records) in {}: the log lost records; restore it before starting",
-                        log.len(),
-                        data_dir.display()
-                    );
-                }
-                // The store is older than the log's first segment (restored from a
-                // backup?): the records between were deleted as settled.
-                if from < log.start_offset() {
-                    bail!(
-                        "the store's checkpoint ({from}) is before the first record the order \
-                         log in {} still holds ({}): segments were deleted as settled; \
-                         restore the store that settled them",
-                        data_dir.display(),
-                        log.start_offset()
-                    );
-                }
-                Ok(Box::new(log.consumer(from)))
-            }
+            LogParts::Embedded(log) => ConsumerSpec::Embedded {
+                log: log.clone(),
+                store: Arc::clone(store),
+                name: name.to_owned(),
+                data_dir: data_dir.to_path_buf(),
+            },
             #[cfg(feature = "kafka")]
-            LogParts::Kafka { config, .. } => Ok(Box::new(
-                KafkaConsumer::new(config, name).context("settler consumer")?,
-            )),
+            LogParts::Kafka { config, .. } => ConsumerSpec::Kafka {
+                config: config.clone(),
+                group: name.to_owned(),
+            },
         }
     }
 
@@ -409,6 +445,66 @@ impl LogParts {
             LogParts::Kafka { log, .. } => Some(Arc::clone(log)),
             LogParts::Embedded(_) => None,
         }
+    }
+}
+
+/// How the settler's log consumer is opened, at start and at each restart.
+enum ConsumerSpec {
+    Embedded {
+        log: FileLog,
+        store: Arc<dyn OrderStore>,
+        name: String,
+        data_dir: std::path::PathBuf,
+    },
+    #[cfg(feature = "kafka")]
+    Kafka { config: KafkaConfig, group: String },
+}
+
+impl ConsumerSpec {
+    async fn consumer(&self) -> anyhow::Result<Box<dyn LogConsumer>> {
+        match self {
+            ConsumerSpec::Embedded {
+                log,
+                store,
+                name,
+                data_dir,
+            } => {
+                let from = store.checkpoint(name, 0).await?.unwrap_or(0);
+                // The store has read further than the log holds: the log lost
+                // acknowledged records. Starting would skip new orders; refuse instead.
+                if from > log.len() {
+                    bail!(
+                        "the store's checkpoint ({from}) is past the end of the order log ({} \
+                         records) in {}: the log lost records; restore it before starting",
+                        log.len(),
+                        data_dir.display()
+                    );
+                }
+                // The store is older than the log's first segment (restored from a
+                // backup?): the records between were deleted as settled.
+                if from < log.start_offset() {
+                    bail!(
+                        "the store's checkpoint ({from}) is before the first record the order \
+                         log in {} still holds ({}): segments were deleted as settled; \
+                         restore the store that settled them",
+                        data_dir.display(),
+                        log.start_offset()
+                    );
+                }
+                Ok(Box::new(log.consumer(from)))
+            }
+            #[cfg(feature = "kafka")]
+            ConsumerSpec::Kafka { config, group } => Ok(Box::new(
+                KafkaConsumer::new(config, group).context("settler consumer")?,
+            )),
+        }
+    }
+}
+
+#[async_trait]
+impl settler::ConsumerSource for ConsumerSpec {
+    async fn open(&self) -> Result<Box<dyn LogConsumer>, String> {
+        self.consumer().await.map_err(|e| format!("{e:#}"))
     }
 }
 
@@ -614,15 +710,16 @@ async fn build_settler(
     // The settler's own producer: event and dead-letter sends never queue in front of
     // order appends.
     let producer = log.settler_producer()?;
+    let source = log.consumer_source(store, &config.settler.consumer, &config.data_dir);
     Ok(settler::Settler::new(
         Arc::clone(store),
-        log.consumer(store.as_ref(), &config.settler.consumer, &config.data_dir)
-            .await?,
+        source.consumer().await?,
         Arc::new(AdmissionRelease(admission)),
         producer.dead_letter(&config.data_dir)?,
         settler_config,
     )?
-    .with_event_sink(producer.event_sink()))
+    .with_event_sink(producer.event_sink())
+    .with_consumer_source(Arc::new(source)))
 }
 
 /// The admission backend the settler uses: its own Redis connection (claims and releases
@@ -712,8 +809,36 @@ pub struct App;
 
 impl App {
     /// Builds every part from `config` and serves the API on `listener`; runs the settler
-    /// in the same process when `settler.enabled`.
+    /// in the same process when `settler.enabled`. Refuses `settler.enabled = false` with
+    /// the embedded log: no other process can settle it (`flashsale settle` needs Kafka).
     pub async fn start(config: &Config, listener: TcpListener) -> anyhow::Result<Running> {
+        if !config.settler.enabled && config.log.url == EMBEDDED {
+            bail!(
+                "settler.enabled = false with log.url = {:?}: nothing would settle the orders \
+                 this process accepts (only `serve` can read the embedded log, and \
+                 `flashsale settle` needs a Kafka log); set settler.enabled = true or use a \
+                 kafka:// log.url with `flashsale settle` running",
+                config.log.url
+            );
+        }
+        Self::start_parts(config, listener, config.settler.enabled).await
+    }
+
+    /// Starts without the settler whatever `settler.enabled` says, the embedded log
+    /// included, where the orders wait in the log until a later start with the settler:
+    /// for benchmarks and tests that fill the log first. `serve` never calls it.
+    pub async fn start_unsettled(
+        config: &Config,
+        listener: TcpListener,
+    ) -> anyhow::Result<Running> {
+        Self::start_parts(config, listener, false).await
+    }
+
+    async fn start_parts(
+        config: &Config,
+        listener: TcpListener,
+        with_settler: bool,
+    ) -> anyhow::Result<Running> {
         let auth = Auth::new(&config.auth.to_auth_config()?).context("auth")?;
         let redis_admission = config.admission.url.starts_with("redis://");
         if !redis_admission && config.admission.url != EMBEDDED {
@@ -733,6 +858,15 @@ impl App {
                 .context("starting the providers")??
         };
 
+        // Built here (spawned below) so that `/readyz` can report its stages.
+        let settler = if with_settler {
+            let release = settler_admission(config, &admission).await?;
+            Some(build_settler(config, &store, &log, release, &providers).await?)
+        } else {
+            None
+        };
+        let settler_health = settler.as_ref().map(settler::Settler::health);
+
         let ingest = Ingest::new(
             Arc::clone(&admission),
             log.order_log(),
@@ -750,6 +884,12 @@ impl App {
         let http_rt = RuntimeWatch::new("http", tokio::runtime::Handle::current());
         let settler_watch = RuntimeWatch::new("settler", settler_rt.handle());
         let mut registry = process_registry("serve", vec![http_rt.clone(), settler_watch.clone()]);
+        let ingest = match settler_health.clone() {
+            Some(health) => {
+                ingest.with_readiness(Arc::new(move || health.down().map(settler::Stage::as_str)))
+            }
+            None => ingest,
+        };
         let api_metrics = ingest::metrics::Metrics::default();
         api_metrics.register(&mut registry);
         registry.register_collector(Box::new(ingest.sale_gauges()));
@@ -765,17 +905,8 @@ impl App {
             .spawn(Arc::clone(&ingest).run_sale_gauges(shutdown.clone()));
         // Bounded memory and the admission checkpoint, off the HTTP workers.
         let maintenance = maintenance.map(|m| settler_rt.handle().spawn(m.run(shutdown.clone())));
-        let (settler, settler_stats) = if config.settler.enabled {
-            let release = settler_admission(config, &admission).await?;
-            let s = build_settler(config, &store, &log, release, &providers).await?;
-            let stats = s.stats();
-            (
-                Some(settler_watch.spawn(s.run(shutdown.child_token()))),
-                Some(stats),
-            )
-        } else {
-            (None, None)
-        };
+        let settler_stats = settler.as_ref().map(settler::Settler::stats);
+        let settler = settler.map(|s| settler_watch.spawn(s.run(shutdown.child_token())));
 
         let addr = listener.local_addr()?;
         let server_config = ServerConfig {
@@ -804,6 +935,7 @@ impl App {
             ingest,
             payment_url: providers.payment_url,
             settler_stats,
+            settler_health,
             registry,
             #[cfg(feature = "kafka")]
             kafka: log.kafka(),
@@ -911,4 +1043,71 @@ pub fn check(config: &Config) -> anyhow::Result<()> {
         bail!("providers.mock_error_rate must be between 0 and 1");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sequencer::{OrderRecord, RECORD_VERSION};
+    use storage::{Currency, OrderId, SaleId, Timestamp, UserId};
+
+    /// The value of `series` in a fresh process registry (0 when absent).
+    fn sample(series: &str) -> f64 {
+        let registry = process_registry("test", Vec::new());
+        let (text, _) = ingest::metrics::render(&registry, false);
+        text.lines()
+            .find_map(|l| {
+                l.strip_prefix(series)?
+                    .strip_prefix(' ')?
+                    .trim()
+                    .parse()
+                    .ok()
+            })
+            .unwrap_or(0.0)
+    }
+
+    #[tokio::test]
+    async fn recovery_counts_and_skips_a_record_and_a_release_of_a_sale_the_catalog_lacks() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SqliteStore::open(dir.path().join("db.sqlite")).expect("store");
+        let log = FileLog::open(dir.path().join("log"), FileLogOptions::default()).expect("log");
+        let record = OrderRecord {
+            v: RECORD_VERSION,
+            order_id: OrderId::new(),
+            sale_id: SaleId::parse("ghost").expect("sale id"),
+            user_id: UserId::parse("u1").expect("user id"),
+            quantity: 1,
+            amount_minor: 100,
+            currency: Currency::parse("EUR").expect("currency"),
+            sequence: 0,
+            idempotency_key: "k1".into(),
+            fingerprint: "f".repeat(32),
+            payment_token: "tok_visa".into(),
+            accepted_at: Timestamp::now(),
+        };
+        log.append(&record).await.expect("append");
+        store
+            .persist_batch(&[record.to_new_order()], None)
+            .await
+            .expect("persist");
+        assert!(store
+            .transition(
+                record.order_id,
+                OrderStatus::Persisted,
+                OrderStatus::Expired,
+                None
+            )
+            .await
+            .expect("expire"));
+        let records = r#"flashsale_recovery_skipped_total{what="log_record"}"#;
+        let releases = r#"flashsale_recovery_skipped_total{what="release"}"#;
+        let (r0, l0) = (sample(records), sample(releases));
+
+        let admission = EmbeddedAdmission::new();
+        recover_admission(&admission, &store, &log)
+            .await
+            .expect("recovery goes on");
+        assert_eq!(sample(records), r0 + 1.0);
+        assert_eq!(sample(releases), l0 + 1.0);
+    }
 }

@@ -14,12 +14,12 @@ use hyper::body::Incoming;
 use ingest::server::{self, Handler, ServerConfig};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
-use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::registry::Registry;
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_metrics::TaskMonitor;
@@ -36,6 +36,13 @@ pub const RUNTIME_LONG_POLLS: &str = "flashsale_runtime_long_polls";
 /// Time instrumented tasks waited to be polled once woken.
 pub const RUNTIME_SCHEDULING_DELAY: &str = "flashsale_runtime_scheduling_delay_seconds";
 
+/// What embedded recovery skipped because the catalog lacks its sale.
+pub const RECOVERY_SKIPPED: &str = "flashsale_recovery_skipped";
+/// `what` of [`RECOVERY_SKIPPED`]: a log record (its units are not counted as taken).
+pub const SKIPPED_RECORD: &str = "log_record";
+/// `what` of [`RECOVERY_SKIPPED`]: a failed or expired order (its units are not given back).
+pub const SKIPPED_RELEASE: &str = "release";
+
 /// A poll of an instrumented task longer than this is a long poll.
 pub const LONG_POLL: Duration = Duration::from_millis(1);
 /// How often a runtime's probe task wakes (its scheduling delay is the runtime's when
@@ -47,6 +54,27 @@ pub const PROBE_EVERY: Duration = Duration::from_millis(100);
 struct BuildLabels {
     version: &'static str,
     process: &'static str,
+}
+
+/// Label of [`RECOVERY_SKIPPED`].
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SkippedLabel {
+    what: &'static str,
+}
+
+static RECOVERY_SKIPS: LazyLock<Family<SkippedLabel, Counter>> = LazyLock::new(|| {
+    let family = Family::<SkippedLabel, Counter>::default();
+    // Both series from the start at 0.
+    for what in [SKIPPED_RECORD, SKIPPED_RELEASE] {
+        let _ = family.get_or_create(&SkippedLabel { what });
+    }
+    family
+});
+
+/// Counts one item embedded recovery skipped (`what`: [`SKIPPED_RECORD`] or
+/// [`SKIPPED_RELEASE`]).
+pub fn recovery_skipped(what: &'static str) {
+    RECOVERY_SKIPS.get_or_create(&SkippedLabel { what }).inc();
 }
 
 /// A runtime whose metrics the process exports, under the label `runtime`: tokio's stable
@@ -180,6 +208,11 @@ pub fn process_registry(process: &'static str, runtimes: Vec<RuntimeWatch>) -> R
         })
         .set(1);
     registry.register(BUILD_INFO, "Build of the process (always 1)", build);
+    registry.register(
+        RECOVERY_SKIPPED,
+        "Log records and releases embedded recovery skipped because the catalog lacks their sale",
+        RECOVERY_SKIPS.clone(),
+    );
     registry.register_collector(Box::new(RuntimeCollector(runtimes)));
     registry
 }

@@ -486,6 +486,19 @@ pub struct Diagnostics {
     pub kafka_consumer: bool,
 }
 
+/// Starts flashsale; with `settler.enabled = false` through `App::start_unsettled`, which
+/// also takes the embedded log (the settler-alone measurement fills the log first).
+async fn start(
+    config: &flashsale::config::Config,
+    listener: tokio::net::TcpListener,
+) -> anyhow::Result<flashsale::app::Running> {
+    if config.settler.enabled {
+        flashsale::app::App::start(config, listener).await
+    } else {
+        flashsale::app::App::start_unsettled(config, listener).await
+    }
+}
+
 /// flashsale running in this process on the server runtime, and the servers it uses.
 pub struct Flashsale {
     running: Option<flashsale::app::Running>,
@@ -538,7 +551,7 @@ impl Flashsale {
             }
         }
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let running = flashsale::app::App::start(&config, listener).await?;
+        let running = start(&config, listener).await?;
         Ok(Flashsale {
             running: Some(running),
             backends,
@@ -564,7 +577,7 @@ impl Flashsale {
         }
         self.config.settler.enabled = settler;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let running = flashsale::app::App::start(&self.config, listener)
+        let running = start(&self.config, listener)
             .await
             .context("starting flashsale again")?;
         self.running = Some(running);

@@ -137,7 +137,14 @@ pub struct Ingest {
     registry: Arc<Registry>,
     /// The per-sale gauges' snapshot, refreshed by [`Ingest::run_sale_gauges`].
     sale_gauges: SaleGauges,
+    /// Parts of the process besides the backends that `/readyz` reports (the in-process
+    /// settler); see [`Ingest::with_readiness`].
+    readiness: Option<ReadinessCheck>,
 }
+
+/// A part of the process `/readyz` reports besides the backends: the name of what is down
+/// in it (a settler stage), or `None` when it is fine. Called on every `/readyz`: no I/O.
+pub type ReadinessCheck = Arc<dyn Fn() -> Option<&'static str> + Send + Sync>;
 
 impl std::fmt::Debug for Ingest {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -552,8 +559,16 @@ impl Ingest {
             metrics,
             registry: Arc::new(registry),
             sale_gauges,
+            readiness: None,
             config,
         }
+    }
+
+    /// Makes `/readyz` answer 503 `settler_stage_down` (with the stage in `stage`) while
+    /// `check` names a settler stage that is down.
+    pub fn with_readiness(mut self, check: ReadinessCheck) -> Self {
+        self.readiness = Some(check);
+        self
     }
 
     /// The per-sale gauges (a collector to register in the process's registry).
@@ -1077,6 +1092,15 @@ impl Ingest {
     }
 
     async fn ready(&self) -> Result<Resp, ApiError> {
+        // A dead stage of the in-process settler: orders would be accepted and never
+        // settled. Checked first: it needs no I/O.
+        if let Some(stage) = self.readiness.as_ref().and_then(|check| check()) {
+            return Err(ApiError::settler_stage_down(format!(
+                "the settler's {stage} stage is down; it is being restarted"
+            ))
+            .member("stage", stage)
+            .retry_after(1));
+        }
         let admission = self.admission.ping().await.is_ok();
         let log = self.log.ping().await.is_ok();
         let store = self.store.ping().await.is_ok();

@@ -22,6 +22,9 @@ pub struct ApiError {
     pub retry_after: Option<u32>,
     /// Methods the resource allows (sent as `Allow` with 405).
     pub allow: Option<&'static str>,
+    /// One extension member of the problem body (name, value), such as the `stage` of
+    /// `settler_stage_down`.
+    pub member: Option<(&'static str, &'static str)>,
 }
 
 macro_rules! codes {
@@ -30,7 +33,7 @@ macro_rules! codes {
             $(
                 #[doc = concat!("`", $code, "`: ", $title)]
                 pub fn $fn(detail: impl Into<Cow<'static, str>>) -> Self {
-                    ApiError { status: StatusCode::$status, code: $code, detail: detail.into(), retry_after: None, allow: None }
+                    ApiError { status: StatusCode::$status, code: $code, detail: detail.into(), retry_after: None, allow: None, member: None }
                 }
             )*
         }
@@ -74,6 +77,7 @@ codes! {
     rate_limited => TOO_MANY_REQUESTS, "rate_limited", "Too many requests";
     unavailable => SERVICE_UNAVAILABLE, "unavailable", "A backend is unavailable; nothing was taken";
     capacity_exceeded => SERVICE_UNAVAILABLE, "capacity_exceeded", "The sale's admission state is at its cap; nothing was taken";
+    settler_stage_down => SERVICE_UNAVAILABLE, "settler_stage_down", "A stage of the in-process settler is down";
     internal => INTERNAL_SERVER_ERROR, "internal", "Internal error";
 }
 
@@ -81,6 +85,12 @@ impl ApiError {
     /// Adds a `Retry-After` in seconds.
     pub fn retry_after(mut self, seconds: u32) -> Self {
         self.retry_after = Some(seconds);
+        self
+    }
+
+    /// Adds the extension member `name` to the problem body.
+    pub fn member(mut self, name: &'static str, value: &'static str) -> Self {
+        self.member = Some((name, value));
         self
     }
 
@@ -100,6 +110,8 @@ impl ApiError {
             status: u16,
             code: &'a str,
             detail: &'a str,
+            #[serde(flatten)]
+            member: Option<std::collections::BTreeMap<&'a str, &'a str>>,
         }
         serde_json::to_vec(&Problem {
             kind: format!("urn:flashsale:problem:{}", self.code),
@@ -107,6 +119,7 @@ impl ApiError {
             status: self.status.as_u16(),
             code: self.code,
             detail: &self.detail,
+            member: self.member.map(|(k, v)| std::iter::once((k, v)).collect()),
         })
         .unwrap_or_default()
     }

@@ -34,13 +34,14 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol, StreamConsumer,
 };
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Header, Message, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer, PurgeConfig};
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
 use serde::Deserialize;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -208,16 +209,65 @@ fn decode_stats(json: &[u8]) -> Option<RawStats> {
     }
 }
 
-/// A producer's context: turns its statistics into the queue gauge and the retry counter.
-/// Each producer adds what changed since its last report, so the gauge is the sum over the
-/// process's producers and the counter never goes back when a producer is replaced.
+/// What a producer learnt about its broker connections (shared by its context and the
+/// [`KafkaLog`] using it).
+#[derive(Debug, Default)]
+struct Connection {
+    /// A record of this producer was delivered: the broker holds its producer id.
+    delivered: AtomicBool,
+    /// A broker connection failed after a record was delivered (a broker crash or restart,
+    /// a partition): the broker may have lost this producer's idempotence state.
+    stale: AtomicBool,
+}
+
+impl Connection {
+    /// Whether the producer must be replaced before it sends again. tansu 0.6.0 on SQLite
+    /// panics when a producer goes on under its old producer id after a broker restart
+    /// (and then refuses every produce, from any producer), so a producer that lost a
+    /// broker connection after it had delivered is not used again.
+    fn stale(&self) -> bool {
+        self.stale.load(Ordering::Acquire)
+    }
+
+    /// librdkafka reported `error`: a lost broker connection makes a producer that had
+    /// delivered stale (one that never delivered has no producer id to lose).
+    fn failed(&self, error: &KafkaError) {
+        let lost = matches!(
+            error.rdkafka_error_code(),
+            Some(RDKafkaErrorCode::BrokerTransportFailure | RDKafkaErrorCode::AllBrokersDown)
+        );
+        if lost && self.delivered.load(Ordering::Acquire) {
+            self.stale.store(true, Ordering::Release);
+        }
+    }
+}
+
+/// A producer's context: turns its statistics into the queue gauge and the retry counter,
+/// and notes a lost broker connection. Each producer adds what changed since its last
+/// report, so the gauge is the sum over the process's producers and the counter never
+/// goes back when a producer is replaced.
 #[derive(Debug, Default)]
 struct ProducerStats {
     /// `(msg_cnt, txretries)` of the last report.
     last: parking_lot::Mutex<(i64, u64)>,
+    connection: Arc<Connection>,
+}
+
+impl ProducerStats {
+    fn new(connection: Arc<Connection>) -> Self {
+        ProducerStats {
+            last: parking_lot::Mutex::default(),
+            connection,
+        }
+    }
 }
 
 impl ClientContext for ProducerStats {
+    fn error(&self, error: KafkaError, reason: &str) {
+        self.connection.failed(&error);
+        tracing::warn!(%error, reason, "Kafka producer");
+    }
+
     fn stats_raw(&self, json: &[u8]) {
         let Some(stats) = decode_stats(json) else {
             return;
@@ -240,14 +290,23 @@ impl Drop for ProducerStats {
 
 /// The producer side: [`OrderLog`] on Kafka.
 pub struct KafkaLog {
-    producer: parking_lot::RwLock<FutureProducer<ProducerStats>>,
+    current: parking_lot::RwLock<Current>,
     recreated: parking_lot::Mutex<std::time::Instant>,
     topic: String,
     config: KafkaConfig,
 }
 
-fn producer(config: &KafkaConfig) -> Result<FutureProducer<ProducerStats>> {
-    ClientConfig::new()
+/// The producer in use and what its context learnt.
+#[derive(Clone)]
+struct Current {
+    producer: FutureProducer<ProducerStats>,
+    connection: Arc<Connection>,
+}
+
+fn producer(config: &KafkaConfig) -> Result<Current> {
+    let connection = Arc::new(Connection::default());
+    let context = ProducerStats::new(Arc::clone(&connection));
+    let producer = ClientConfig::new()
         .set("bootstrap.servers", &config.bootstrap)
         .set("enable.idempotence", "true")
         .set("acks", "all")
@@ -262,8 +321,12 @@ fn producer(config: &KafkaConfig) -> Result<FutureProducer<ProducerStats>> {
             config.delivery_timeout.as_millis().max(1).to_string(),
         )
         .set("statistics.interval.ms", STATISTICS_INTERVAL_MS)
-        .create_with_context(ProducerStats::default())
-        .map_err(unavailable)
+        .create_with_context(context)
+        .map_err(unavailable)?;
+    Ok(Current {
+        producer,
+        connection,
+    })
 }
 
 impl std::fmt::Debug for KafkaLog {
@@ -278,25 +341,37 @@ impl KafkaLog {
     /// An idempotent producer of accepted orders.
     pub fn new(config: &KafkaConfig) -> Result<Self> {
         Ok(KafkaLog {
-            producer: parking_lot::RwLock::new(producer(config)?),
+            current: parking_lot::RwLock::new(producer(config)?),
             recreated: parking_lot::Mutex::new(std::time::Instant::now()),
             topic: config.orders_topic(),
             config: config.clone(),
         })
     }
 
-    /// Replaces a producer the broker no longer takes records from (a fatal error, or an
-    /// idempotence state the broker lost), at most once per delivery timeout.
-    fn recreate(&self, why: &str) {
+    fn current(&self) -> Current {
+        self.current.read().clone()
+    }
+
+    /// Replaces the producer `stale` (if it is still the one in use) by a new one, with a
+    /// new producer id, and purges what the old one still holds, so that nothing is sent
+    /// again under the old id: its queued records fail as never sent, those in flight as
+    /// indeterminate. `rate_limited`: at most once per delivery timeout.
+    fn recreate(&self, stale: &Current, why: &str, rate_limited: bool) {
         let mut last = self.recreated.lock();
-        if last.elapsed() < self.config.delivery_timeout {
+        if !Arc::ptr_eq(&self.current.read().connection, &stale.connection)
+            || (rate_limited && last.elapsed() < self.config.delivery_timeout)
+        {
             return;
         }
         match producer(&self.config) {
             Ok(p) => {
                 tracing::warn!(why, "recreating the Kafka producer");
-                *self.producer.write() = p;
+                let old = std::mem::replace(&mut *self.current.write(), p);
                 *last = std::time::Instant::now();
+                drop(last);
+                old.producer
+                    .purge(PurgeConfig::default().queue().inflight());
+                metrics().kafka_producer_recreated.inc();
             }
             Err(e) => tracing::error!(error = %e, "recreating the Kafka producer failed"),
         }
@@ -305,7 +380,7 @@ impl KafkaLog {
     /// Fails with the names of the pipeline's topics the broker does not have (a missing
     /// topic is a clear error at start-up, not a hang).
     pub async fn check_topics(&self) -> Result<()> {
-        let producer = self.producer.read().clone();
+        let producer = self.current().producer;
         let wanted = self.config.topics();
         tokio::task::spawn_blocking(move || {
             let metadata = producer
@@ -332,7 +407,7 @@ impl KafkaLog {
     /// The end offset (high watermark: the offset the next record gets) of every partition
     /// of `topic`, by partition.
     pub async fn end_offsets(&self, topic: &str) -> Result<Vec<(u32, u64)>> {
-        let producer = self.producer.read().clone();
+        let producer = self.current().producer;
         let topic = topic.to_owned();
         tokio::task::spawn_blocking(move || {
             let timeout = Duration::from_secs(5);
@@ -371,18 +446,35 @@ impl KafkaLog {
             .key(key)
             .payload(payload)
             .headers(headers);
-        let producer = self.producer.read().clone();
-        let sent = producer.send(record, self.config.delivery_timeout).await;
-        if let Err((e, _)) = &sent {
-            let fatal = producer.client().fatal_error().is_some();
-            let refused = !matches!(
-                e,
-                KafkaError::MessageProduction(
-                    RDKafkaErrorCode::MessageTimedOut | RDKafkaErrorCode::QueueFull
-                )
+        let mut current = self.current();
+        if current.connection.stale() {
+            self.recreate(
+                &current,
+                "a broker connection failed after records were delivered",
+                false,
             );
-            if fatal || refused {
-                self.recreate(&e.to_string());
+            current = self.current();
+        }
+        let sent = current
+            .producer
+            .send(record, self.config.delivery_timeout)
+            .await;
+        match &sent {
+            Ok(_) => current.connection.delivered.store(true, Ordering::Release),
+            Err((e, _)) => {
+                let fatal = current.producer.client().fatal_error().is_some();
+                let refused = !matches!(
+                    e,
+                    KafkaError::MessageProduction(
+                        RDKafkaErrorCode::MessageTimedOut
+                            | RDKafkaErrorCode::QueueFull
+                            | RDKafkaErrorCode::PurgeQueue
+                            | RDKafkaErrorCode::PurgeInflight
+                    )
+                );
+                if fatal || refused {
+                    self.recreate(&current, &e.to_string(), true);
+                }
             }
         }
         match sent {
@@ -394,6 +486,7 @@ impl KafkaLog {
             Err((
                 KafkaError::MessageProduction(
                     code @ (RDKafkaErrorCode::QueueFull
+                    | RDKafkaErrorCode::PurgeQueue
                     | RDKafkaErrorCode::MessageSizeTooLarge
                     | RDKafkaErrorCode::UnknownTopic
                     | RDKafkaErrorCode::UnknownTopicOrPartition
@@ -409,10 +502,16 @@ impl KafkaLog {
         }
     }
 
-    /// Waits until every record handed to the producer is delivered or failed.
+    /// Waits until every record handed to the producer is delivered or failed; fails
+    /// naming how many records it still holds when `timeout` passes first.
     pub fn flush(&self, timeout: Duration) -> Result<()> {
-        let producer = self.producer.read().clone();
-        producer.flush(timeout).map_err(unavailable)
+        let producer = self.current().producer;
+        producer.flush(timeout).map_err(|e| {
+            Error::Unavailable(format!(
+                "{} record(s) left undelivered: {e}",
+                producer.in_flight_count()
+            ))
+        })
     }
 }
 
@@ -619,6 +718,34 @@ impl ResumeContext {
 }
 
 impl ConsumerContext for ResumeContext {
+    /// Commits are asynchronous: their outcome arrives here. A failed one is counted and
+    /// logged; its records are read again after a restart or rebalance (persisting them is
+    /// idempotent), and the next commit covers them.
+    fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
+        let failed: Vec<String> = offsets
+            .elements()
+            .iter()
+            .filter_map(|e| {
+                e.error()
+                    .err()
+                    .map(|err| format!("{}/{}: {err}", e.topic(), e.partition()))
+            })
+            .collect();
+        match result {
+            // Nothing to commit is not a failure.
+            Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
+            Ok(()) if failed.is_empty() => metrics().kafka_commit(true),
+            Ok(()) => {
+                metrics().kafka_commit(false);
+                tracing::warn!(partitions = ?failed, "committing consumer offsets failed for some partitions");
+            }
+            Err(e) => {
+                metrics().kafka_commit(false);
+                tracing::warn!(error = %e, partitions = ?failed, "committing consumer offsets failed");
+            }
+        }
+    }
+
     fn rebalance(
         &self,
         consumer: &BaseConsumer<Self>,
@@ -703,6 +830,7 @@ impl KafkaConsumer {
             })
             .map_err(unavailable)?;
         consumer.subscribe(&[topic]).map_err(unavailable)?;
+        metrics().kafka_commits_init();
         Ok(KafkaConsumer {
             consumer,
             cursors,
@@ -817,9 +945,75 @@ impl LogConsumer for KafkaConsumer {
 
 #[cfg(test)]
 mod tests {
-    use super::{Admit, Cursor, LagState, ProducerStats, MAX_BATCH_RECORDS};
+    use super::{
+        Admit, Connection, Cursor, Cursors, LagState, ProducerStats, ResumeContext,
+        MAX_BATCH_RECORDS,
+    };
     use crate::PartitionLag;
-    use rdkafka::{ClientContext, TopicPartitionList};
+    use rdkafka::consumer::ConsumerContext;
+    use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+    use rdkafka::{ClientContext, Offset, TopicPartitionList};
+    use std::sync::atomic::Ordering;
+    use std::sync::Arc;
+
+    #[test]
+    fn commit_outcomes_are_counted_and_an_empty_commit_is_no_failure() {
+        let ok = "flashsale_kafka_consumer_commits_total{outcome=\"ok\"}";
+        let failed = "flashsale_kafka_consumer_commits_total{outcome=\"failed\"}";
+        let sample = crate::metrics::sample;
+        let (ok0, failed0) = (sample(ok), sample(failed));
+        let context = ResumeContext {
+            cursors: Cursors::default(),
+            lag: Arc::default(),
+        };
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset("orders", 0, Offset::Offset(5))
+            .expect("offset");
+        context.commit_callback(Ok(()), &tpl);
+        context.commit_callback(
+            Err(KafkaError::ConsumerCommit(
+                RDKafkaErrorCode::RequestTimedOut,
+            )),
+            &tpl,
+        );
+        context.commit_callback(
+            Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)),
+            &tpl,
+        );
+        assert_eq!(sample(ok), ok0 + 1.0);
+        assert_eq!(
+            sample(failed),
+            failed0 + 1.0,
+            "a timed-out commit, not the empty one"
+        );
+    }
+
+    #[test]
+    fn a_producer_is_stale_once_it_lost_a_broker_after_it_delivered() {
+        let lost = || KafkaError::Global(RDKafkaErrorCode::BrokerTransportFailure);
+        let connection = Arc::new(Connection::default());
+        let context = ProducerStats::new(Arc::clone(&connection));
+        context.error(lost(), "Connect to ipv4#127.0.0.1:9092 failed");
+        connection.delivered.store(true, Ordering::Release);
+        assert!(
+            !connection.stale(),
+            "failing to connect before it delivered leaves no producer id to lose"
+        );
+        context.error(
+            KafkaError::Global(RDKafkaErrorCode::MessageTimedOut),
+            "something else",
+        );
+        assert!(!connection.stale(), "only a lost connection counts");
+        context.error(lost(), "Disconnected (after 98ms in state UP)");
+        assert!(connection.stale());
+        let other = Arc::new(Connection::default());
+        other.delivered.store(true, Ordering::Release);
+        ProducerStats::new(Arc::clone(&other)).error(
+            KafkaError::Global(RDKafkaErrorCode::AllBrokersDown),
+            "1/1 brokers are down",
+        );
+        assert!(other.stale());
+    }
 
     #[test]
     fn lag_comes_from_the_statistics_of_assigned_partitions() {

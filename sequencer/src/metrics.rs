@@ -26,6 +26,16 @@ pub const KAFKA_QUEUE_MESSAGES: &str = "flashsale_kafka_producer_queue_messages"
 /// `flashsale_kafka_producer_retries_total` (counter).
 pub const KAFKA_RETRIES: &str = "flashsale_kafka_producer_retries";
 
+/// `flashsale_kafka_consumer_commits_total` (counter, `outcome`).
+pub const KAFKA_COMMITS: &str = "flashsale_kafka_consumer_commits";
+/// `flashsale_kafka_producer_recreated_total` (counter).
+pub const KAFKA_PRODUCER_RECREATED: &str = "flashsale_kafka_producer_recreated";
+
+/// `outcome` of a commit the broker confirmed.
+pub const COMMIT_OK: &str = "ok";
+/// `outcome` of a commit that failed (whole or for some partitions).
+pub const COMMIT_FAILED: &str = "failed";
+
 /// `log` label value of the embedded file log.
 pub const EMBEDDED: &str = "embedded";
 /// `log` label value of the Kafka log.
@@ -36,6 +46,13 @@ pub const KAFKA: &str = "kafka";
 pub struct LogLabel {
     /// The backend.
     pub log: &'static str,
+}
+
+/// Outcome of a consumer commit: [`COMMIT_OK`] or [`COMMIT_FAILED`].
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabel {
+    /// The outcome.
+    pub outcome: &'static str,
 }
 
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
@@ -61,6 +78,11 @@ pub struct LogMetrics {
     pub kafka_queue_messages: Gauge,
     /// Request retries of the Kafka producers (librdkafka `txretries` over every broker).
     pub kafka_retries: Counter,
+    /// Offset commits of the Kafka consumers, by the outcome the broker reported.
+    pub kafka_commits: Family<OutcomeLabel, Counter>,
+    /// Kafka producers replaced (refused by the broker, or a broker connection failed
+    /// after they had delivered records).
+    pub kafka_producer_recreated: Counter,
 }
 
 impl LogMetrics {
@@ -74,7 +96,27 @@ impl LogMetrics {
             fsync_duration: Histogram::new(exponential_buckets(0.000_02, 2.0, 17)),
             kafka_queue_messages: Gauge::default(),
             kafka_retries: Counter::default(),
+            kafka_commits: Family::default(),
+            kafka_producer_recreated: Counter::default(),
         }
+    }
+
+    /// Creates both commit series at 0 (a consumer exists: a rate has data before the
+    /// first failure).
+    #[cfg(feature = "kafka")]
+    pub(crate) fn kafka_commits_init(&self) {
+        for outcome in [COMMIT_OK, COMMIT_FAILED] {
+            let _ = self.kafka_commits.get_or_create(&OutcomeLabel { outcome });
+        }
+    }
+
+    /// Counts one commit outcome.
+    #[cfg(feature = "kafka")]
+    pub(crate) fn kafka_commit(&self, ok: bool) {
+        let outcome = if ok { COMMIT_OK } else { COMMIT_FAILED };
+        self.kafka_commits
+            .get_or_create(&OutcomeLabel { outcome })
+            .inc();
     }
 
     /// Records one append of `log` that took `elapsed`, failed or not.
@@ -131,6 +173,16 @@ pub fn register(registry: &mut Registry) {
         "Kafka producer request retries (librdkafka txretries)",
         m.kafka_retries.clone(),
     );
+    registry.register(
+        KAFKA_COMMITS,
+        "Kafka consumer offset commits by outcome (as the broker reported them)",
+        m.kafka_commits.clone(),
+    );
+    registry.register(
+        KAFKA_PRODUCER_RECREATED,
+        "Kafka producers replaced by a new one with a new producer id",
+        m.kafka_producer_recreated.clone(),
+    );
 }
 
 /// The value of one series (`name{labels}` exactly as encoded) in a fresh registry holding
@@ -175,6 +227,8 @@ mod tests {
             "flashsale_log_fsync_duration_seconds",
             "flashsale_kafka_producer_queue_messages",
             "flashsale_kafka_producer_retries_total",
+            "flashsale_kafka_consumer_commits_total",
+            "flashsale_kafka_producer_recreated_total",
         ] {
             let family = name.trim_end_matches("_total");
             assert!(

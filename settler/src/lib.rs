@@ -27,7 +27,10 @@ pub use events::{encode_event, EventSink, RecordingEventSink, TracingEventSink};
 pub use provider::{
     ChargeOutcome, NotificationClient, NotificationKind, PaymentClient, ProviderError,
 };
-pub use settle::{Settler, SettlerConfig, SettlerStats, StatsSnapshot, StockRelease};
+pub use settle::{
+    ConsumerSource, Settler, SettlerConfig, SettlerHealth, SettlerStats, Stage, StatsSnapshot,
+    StockRelease,
+};
 
 /// Errors of the settler.
 #[derive(Debug, thiserror::Error)]
@@ -48,6 +51,20 @@ pub enum Error {
     /// A settler task panicked or was cancelled unexpectedly.
     #[error("settler task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
+    /// A stage kept dying: the settler gave up after restarting it
+    /// [`settle::MAX_RESTARTS`] times in a row.
+    #[error(
+        "the settler's {stage} stage died {deaths} times in a row (last: {reason}); \
+         the settler gave up"
+    )]
+    StageFailed {
+        /// The stage whose last death made the settler give up.
+        stage: settle::Stage,
+        /// Consecutive deaths.
+        deaths: u32,
+        /// What ended it the last time (a panic's message).
+        reason: String,
+    },
 }
 
 /// Result alias of this crate.

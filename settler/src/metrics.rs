@@ -101,6 +101,13 @@ pub struct PartitionLabel {
     pub partition: u32,
 }
 
+/// Label of [`SettlerMetrics::stage_up`] and [`SettlerMetrics::stage_restarts`].
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StageLabel {
+    /// `intake`, `charge`, `sweep` or `publisher` ([`crate::settle::Stage`]).
+    pub stage: &'static str,
+}
+
 /// Label of the breaker families.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ProviderLabel {
@@ -174,6 +181,12 @@ pub struct SettlerMetrics {
     pub breaker_state: Family<ProviderLabel, Gauge>,
     /// `flashsale_breaker_openings_total{provider}`.
     pub breaker_openings: Family<ProviderLabel, Counter>,
+    /// `flashsale_settler_stage_up{stage}`: 1 while the stage runs, 0 from its death until
+    /// it is restarted (or for good once the settler gave up).
+    pub stage_up: Family<StageLabel, Gauge>,
+    /// `flashsale_settler_stage_restarts_total{stage}`: restarts of the settle loop, by
+    /// the stage whose death caused them.
+    pub stage_restarts: Family<StageLabel, Counter>,
 }
 
 impl SettlerMetrics {
@@ -194,6 +207,8 @@ impl SettlerMetrics {
             provider_call_duration: Family::new_with_constructor(provider_buckets),
             breaker_state: Family::default(),
             breaker_openings: Family::default(),
+            stage_up: Family::default(),
+            stage_restarts: Family::default(),
         }
     }
 
@@ -274,6 +289,20 @@ impl SettlerMetrics {
         self.breaker_state
             .get_or_create(&ProviderLabel { provider })
             .set(state);
+    }
+
+    /// Sets a stage's up gauge; the first call creates its restarts counter at 0, so a
+    /// rate over it has data before any restart.
+    pub(crate) fn set_stage_up(&self, stage: &'static str, up: bool) {
+        let label = StageLabel { stage };
+        self.stage_up.get_or_create(&label).set(i64::from(up));
+        let _ = self.stage_restarts.get_or_create(&label);
+    }
+
+    pub(crate) fn stage_restarted(&self, stage: &'static str) {
+        self.stage_restarts
+            .get_or_create(&StageLabel { stage })
+            .inc();
     }
 
     pub(crate) fn breaker_opened(&self, provider: &'static str) {
@@ -358,6 +387,16 @@ pub fn register(registry: &mut Registry) {
         "flashsale_breaker_openings",
         "Times the circuit breaker opened",
         m.breaker_openings.clone(),
+    );
+    registry.register(
+        "flashsale_settler_stage_up",
+        "Whether a stage of the settle loop runs: 1 up, 0 dead (restarting or given up)",
+        m.stage_up.clone(),
+    );
+    registry.register(
+        "flashsale_settler_stage_restarts",
+        "Restarts of the settle loop, by the stage whose death caused them",
+        m.stage_restarts.clone(),
     );
 }
 
@@ -469,6 +508,8 @@ mod tests {
                 "flashsale_provider_calls",
                 "flashsale_provider_call_duration_seconds",
                 "flashsale_breaker_openings",
+                "flashsale_settler_stage_up",
+                "flashsale_settler_stage_restarts",
             ] {
                 assert!(text.contains(&format!("# TYPE {family} ")), "{family}");
             }

@@ -62,6 +62,14 @@
 //! receive; the publisher and the sweep set the outbox backlogs from the reads they make
 //! anyway (never a query per scrape).
 //!
+//! **Liveness** (`supervisor.rs`): every stage runs as a task of its own. One that panics
+//! or ends before shutdown is dead: the others are stopped, and after a backoff every
+//! stage starts again on a fresh core, reading from the last committed position through a
+//! [`ConsumerSource`]. [`SettlerHealth`] names the stage that is down (the process's
+//! `/readyz` answers 503 meanwhile) and `flashsale_settler_stage_up{stage}` is 0; at the
+//! death after [`MAX_RESTARTS`] restarts in a row, [`Settler::run`] returns
+//! [`Error::StageFailed`] and the process stops.
+//!
 //! An in-flight set (claimed from hand-over until the order's work ends) keeps two tasks
 //! from working on one order. The store's conditional status moves keep two *processes*
 //! from moving one order twice, and the provider's idempotency key (the order id) makes a
@@ -74,10 +82,15 @@ mod core;
 mod intake;
 mod publisher;
 mod stats;
+mod supervisor;
 mod sweep;
 
 pub use config::SettlerConfig;
 pub use stats::{SettlerStats, StatsSnapshot};
+pub use supervisor::{
+    ConsumerSource, SettlerHealth, Stage, HEALTHY_RUN, MAX_RESTARTS, RESTART_BACKOFF,
+    RESTART_BACKOFF_MAX,
+};
 
 use crate::breaker::CircuitBreaker;
 use crate::dead_letter::DeadLetter;
@@ -86,10 +99,12 @@ use crate::provider::{NotificationClient, PaymentClient};
 use crate::{Error, Result};
 use async_trait::async_trait;
 use sequencer::LogConsumer;
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 use storage::{Order, OrderStore};
 use tokio::sync::mpsc;
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 /// Gives the stock of a failed or expired order back to admission. Implemented by the
@@ -173,8 +188,10 @@ pub struct Settler {
     breaker: CircuitBreaker,
     stats: SettlerStats,
     consumer: Box<dyn LogConsumer>,
+    source: Option<Arc<dyn ConsumerSource>>,
     dead_letter: Arc<dyn DeadLetter>,
     sink: Arc<dyn EventSink>,
+    health: SettlerHealth,
     config: SettlerConfig,
 }
 
@@ -219,8 +236,10 @@ impl Settler {
             },
             breaker,
             consumer,
+            source: None,
             dead_letter,
             sink: Arc::new(TracingEventSink::default()),
+            health: SettlerHealth::default(),
             config,
         })
     }
@@ -241,9 +260,26 @@ impl Settler {
         self.breaker.clone()
     }
 
+    /// Opens the consumer again when the settler restarts after a stage died. Without
+    /// one, the first death of a stage stops the settler.
+    pub fn with_consumer_source(mut self, source: Arc<dyn ConsumerSource>) -> Self {
+        self.source = Some(source);
+        self
+    }
+
+    /// Which stage is down, whether the settler gave up (a shared handle, valid after
+    /// `run` consumed the settler).
+    pub fn health(&self) -> SettlerHealth {
+        self.health.clone()
+    }
+
     /// Settles until `shutdown` is cancelled: stops reading, lets orders under way finish
-    /// and publishes their changes within `shutdown_grace` each, then returns. Errors only
-    /// if one of its tasks panicked. Its tasks run on the runtime that polls this future.
+    /// and publishes their changes within `shutdown_grace` each, then returns. A stage
+    /// that dies (a panic, or an end before shutdown) is restarted with every other stage,
+    /// after a backoff, from the last committed position (see [`SettlerHealth`]); it returns
+    /// [`Error::StageFailed`] when a stage dies again after [`MAX_RESTARTS`] restarts in a
+    /// row (or at the first death without a [`ConsumerSource`]). Its tasks run on the runtime that polls
+    /// this future.
     pub async fn run(self, shutdown: CancellationToken) -> Result<()> {
         let Settler {
             store,
@@ -253,8 +289,10 @@ impl Settler {
             breaker,
             stats,
             consumer,
+            source,
             dead_letter,
             sink,
+            health,
             config,
         } = self;
         let notify_breaker = CircuitBreaker::for_provider(
@@ -262,76 +300,220 @@ impl Settler {
             config.circuit_failure_threshold,
             config.circuit_cool_down,
         );
-        let core = core::Core::start(core::CoreParts {
-            store,
-            release,
-            payments,
-            notifications: notifications.with_circuit(notify_breaker.clone()),
-            notify_breaker,
-            breaker,
-            stats,
+        let parts = || core::CoreParts {
+            store: Arc::clone(&store),
+            release: Arc::clone(&release),
+            payments: payments.clone(),
+            notifications: notifications.clone().with_circuit(notify_breaker.clone()),
+            notify_breaker: notify_breaker.clone(),
+            breaker: breaker.clone(),
+            stats: stats.clone(),
             payment_ttl: config.payment_ttl,
             sweep_interval: config.sweep_interval,
             order_retry_max: config.order_retry_max,
             write_batch: config.write_batch,
             admission_batch: config.admission_batch,
-        });
-        // Cancelled by the caller or when the intake ends on its own (the charge stage
-        // ended: a panic).
+        };
+        let stages = Stages {
+            dead_letter,
+            sink,
+            health: health.clone(),
+            config: &config,
+        };
+        let mut consumer = Some(consumer);
+        let mut deaths = 0u32;
+        loop {
+            let consumer = match (consumer.take(), &source) {
+                (Some(c), _) => c,
+                (None, Some(source)) => {
+                    match until_done(&shutdown, "reopening the log consumer", || source.open())
+                        .await
+                    {
+                        Some(c) => c,
+                        None => return Ok(()),
+                    }
+                }
+                (None, None) => unreachable!("a settler without a source never restarts"),
+            };
+            let started = tokio::time::Instant::now();
+            let Some(death) = stages.run(parts(), consumer, &shutdown).await else {
+                return Ok(());
+            };
+            if started.elapsed() >= HEALTHY_RUN {
+                deaths = 0;
+            }
+            deaths += 1;
+            if deaths > MAX_RESTARTS || source.is_none() {
+                health.give_up();
+                tracing::error!(
+                    stage = %death.stage,
+                    reason = %death.reason,
+                    deaths,
+                    "a settler stage keeps dying; the settler gives up"
+                );
+                return Err(Error::StageFailed {
+                    stage: death.stage,
+                    deaths,
+                    reason: death.reason,
+                });
+            }
+            health.restarted(death.stage);
+            let wait = supervisor::backoff(deaths);
+            tracing::error!(
+                stage = %death.stage,
+                reason = %death.reason,
+                deaths,
+                restart_in = ?wait,
+                "a settler stage died; restarting the settle loop from the last committed \
+                 position"
+            );
+            if !pause(&shutdown, wait).await {
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// A stage that died: which, and why.
+struct Death {
+    stage: Stage,
+    reason: String,
+}
+
+/// What every run of the stages shares.
+struct Stages<'a> {
+    dead_letter: Arc<dyn DeadLetter>,
+    sink: Arc<dyn EventSink>,
+    health: SettlerHealth,
+    config: &'a SettlerConfig,
+}
+
+impl Stages<'_> {
+    /// Runs every stage on a fresh core until shutdown (`None`) or until one dies: then
+    /// stops the others and names it.
+    async fn run(
+        &self,
+        parts: core::CoreParts,
+        consumer: Box<dyn LogConsumer>,
+        shutdown: &CancellationToken,
+    ) -> Option<Death> {
+        let config = self.config;
+        let core = core::Core::start(parts);
+        // Cancelled by the caller or when a stage ends on its own.
         let stop = shutdown.child_token();
         let (jobs, queue) = mpsc::channel(config.charge_queue.max(1));
-        let stage = tokio::spawn(charge::charge_stage(
-            Arc::clone(&core),
-            queue,
-            config.charge_concurrency,
-            config.shutdown_grace,
-            stop.clone(),
-        ));
-        let sweeper = tokio::spawn(sweep::sweep(
-            Arc::clone(&core),
-            jobs.clone(),
-            sweep::SweepSettings {
-                interval: config.sweep_interval,
-                limit: config.sweep_limit.max(1),
-            },
-            stop.clone(),
-        ));
+        let mut tasks = JoinSet::new();
+        let mut names = HashMap::new();
+        let mut spawn = |stage: Stage, fut: BoxFuture| {
+            let health = self.health.clone();
+            let id = tasks
+                .spawn(async move { health.guard(stage, fut).await })
+                .id();
+            names.insert(id, stage);
+            self.health.set_up(stage, true);
+        };
+        spawn(
+            Stage::Charge,
+            Box::pin(charge::charge_stage(
+                Arc::clone(&core),
+                queue,
+                config.charge_concurrency,
+                config.shutdown_grace,
+                stop.clone(),
+            )),
+        );
+        spawn(
+            Stage::Sweep,
+            Box::pin(sweep::sweep(
+                Arc::clone(&core),
+                jobs.clone(),
+                sweep::SweepSettings {
+                    interval: config.sweep_interval,
+                    limit: config.sweep_limit.max(1),
+                },
+                stop.clone(),
+            )),
+        );
         let publish_batch = config.publish_batch.max(1);
-        let publishing = tokio::spawn(publisher::publisher(
-            Arc::clone(&core),
-            Arc::clone(&sink),
-            config.publish_interval,
-            publish_batch,
-            stop.clone(),
-        ));
+        spawn(
+            Stage::Publisher,
+            Box::pin(publisher::publisher(
+                Arc::clone(&core),
+                Arc::clone(&self.sink),
+                config.publish_interval,
+                publish_batch,
+                stop.clone(),
+            )),
+        );
         let intake = intake::Intake {
             core: Arc::clone(&core),
             consumer,
-            dead_letter,
+            dead_letter: Arc::clone(&self.dead_letter),
             jobs,
-            consumer_name: config.consumer,
+            consumer_name: config.consumer.clone(),
             batch_size: config.batch_size.max(1),
             poll_wait: config.poll_wait,
             lag: intake::LagSampler::new(),
         };
-        intake.run(&stop).await;
-        stop.cancel();
-        let swept = sweeper.await;
-        let staged = stage.await;
-        let published = publishing.await;
-        // The last changes of the orders that finished during the grace.
-        if tokio::time::timeout(
-            config.shutdown_grace,
-            publisher::publish_pending(&core, &*sink, publish_batch),
-        )
-        .await
-        .is_err()
-        {
-            tracing::warn!("shutdown grace over; unpublished events wait for the next start");
+        let intake_stop = stop.clone();
+        spawn(
+            Stage::Intake,
+            Box::pin(async move { intake.run(&intake_stop).await }),
+        );
+
+        // The first stage to end stops the others. A stage that ends before that, or
+        // panics, died; a panic names the culprit before a stage that ended because of it
+        // (the intake ends when the charge stage is gone).
+        let mut died: Vec<(Stage, Option<String>)> = Vec::new();
+        while let Some(ended) = tasks.join_next_with_id().await {
+            let (id, panic) = match ended {
+                Ok((id, ())) => (id, None),
+                Err(e) => (e.id(), Some(panic_message(e))),
+            };
+            let stage = names.get(&id).copied().unwrap_or(Stage::Intake);
+            if panic.is_some() || !stop.is_cancelled() {
+                self.health.set_up(stage, false);
+                died.push((stage, panic));
+            }
+            stop.cancel();
         }
-        swept.map_err(Error::Task)?;
-        staged.map_err(Error::Task)?;
-        published.map_err(Error::Task)?;
-        Ok(())
+        let death = died
+            .iter()
+            .position(|(_, panic)| panic.is_some())
+            .or((!died.is_empty()).then_some(0))
+            .map(|i| {
+                let (stage, panic) = died.swap_remove(i);
+                Death {
+                    stage,
+                    reason: panic.unwrap_or_else(|| "ended before shutdown".to_owned()),
+                }
+            });
+        if death.is_none() {
+            // The last changes of the orders that finished during the grace.
+            if tokio::time::timeout(
+                config.shutdown_grace,
+                publisher::publish_pending(&core, &*self.sink, publish_batch),
+            )
+            .await
+            .is_err()
+            {
+                tracing::warn!("shutdown grace over; unpublished events wait for the next start");
+            }
+        }
+        death
+    }
+}
+
+type BoxFuture = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+/// The message of a panicked task (`cancelled` if it was aborted).
+fn panic_message(e: tokio::task::JoinError) -> String {
+    match e.try_into_panic() {
+        Ok(payload) => payload
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .map_or_else(|| "panicked".to_owned(), |m| format!("panicked: {m}")),
+        Err(_) => "cancelled".to_owned(),
     }
 }
