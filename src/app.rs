@@ -1104,7 +1104,7 @@ mod tests {
         let (r0, l0) = (sample(records), sample(releases));
 
         let admission = EmbeddedAdmission::new();
-        recover_admission(&admission, &store, &log)
+        recover_admission(&admission, &store, &log, &dir.path().join("log"))
             .await
             .expect("recovery goes on");
         assert_eq!(sample(records), r0 + 1.0);
