@@ -30,7 +30,7 @@ use tokio::sync::{oneshot, watch};
 const FRAME_HEADER: usize = 8;
 /// Largest payload a frame may carry; anything larger is a corrupt length.
 const MAX_RECORD: usize = 1 << 20;
-const FILE_NAME: &str = "orders-0.log";
+pub(crate) const FILE_NAME: &str = "orders-0.log";
 
 /// Settings of the embedded log.
 #[derive(Debug, Clone)]
