@@ -7,11 +7,14 @@
 #
 # Needs the nightly toolchain and cargo-fuzz (installed with `cargo install cargo-fuzz
 # --locked` when missing). Per target: libFuzzer runs for the given time (-max_total_time)
-# on a working corpus in ~/.cache/flashsale/fuzz-corpus/<target> seeded from
-# fuzz/corpus/<target> and fuzz/regressions/<target>; the inputs that reach new coverage
-# are then merged into fuzz/corpus/<target> (-merge=1, so only those are added). A crash is
-# minimized (cargo fuzz tmin) into fuzz/regressions/<target>/, where the replay test keeps
-# it; the script then exits 1.
+# on a working corpus in ~/.cache/flashsale/fuzz-corpus/<target>, seeded from
+# fuzz/corpus/<target> and fuzz/regressions/<target> and kept from run to run, which is
+# then minimized (-merge=1: the fewest inputs that reach everything it covers). A finding
+# (a failed property or a crash) is minimized (cargo fuzz tmin) into
+# fuzz/regressions/<target>/, where the replay test keeps it; the script then exits 1.
+# The checked-in fuzz/corpus/<target> stays a curated seed set of tens of small files
+# (a merge of what a few minutes reach holds hundreds); copy an input from the working
+# corpus there when it is worth replaying in every test run.
 #
 # Environment: FUZZ_SANITIZER (default `none`: the code is safe Rust with unsafe_code
 # forbidden, and without AddressSanitizer a target runs about twice the inputs per second;
@@ -65,11 +68,15 @@ for t in "${targets[@]}"; do
     failed+=("$t")
   fi
   rm -rf "$found"
-  before=$(find "fuzz/corpus/$t" -type f | wc -l)
-  cargo +nightly fuzz run "${flags[@]}" "$t" "fuzz/corpus/$t" "$work/$t" -- \
-    -merge=1 -max_len="$max_len" >>"$log" 2>&1
-  after=$(find "fuzz/corpus/$t" -type f | wc -l)
-  echo "$t: checked-in corpus $before -> $after files (working corpus: $(find "$work/$t" -type f | wc -l))"
+  # Minimize the working corpus: keep the inputs that together reach all it covers.
+  rm -rf "$work/$t.min" && mkdir -p "$work/$t.min"
+  if cargo +nightly fuzz run "${flags[@]}" "$t" "$work/$t.min" "$work/$t" "${seeds[@]}" -- \
+    -merge=1 -max_len="$max_len" >>"$log" 2>&1; then
+    rm -rf "$work/$t" && mv "$work/$t.min" "$work/$t"
+  else
+    echo "$t: minimizing the working corpus failed (see $log); kept as it was"
+  fi
+  echo "$t: working corpus $(find "$work/$t" -type f | wc -l) inputs ($work/$t)"
 done
 
 if [ ${#failed[@]} -gt 0 ]; then

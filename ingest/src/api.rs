@@ -407,13 +407,18 @@ async fn json_body<T: serde::de::DeserializeOwned>(
 
 /// Parses a JSON object into `T`. serde also fills a struct from a JSON array of its
 /// fields in order (`[1, "tok_visa"]`), which the API does not accept: every body is an
-/// object (found by the `order_body` fuzz target).
+/// object, and any other JSON value is `invalid_body` (found by the `order_body` fuzz
+/// target, as was `[1,"",""]`, which serde calls a syntax error).
 fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
-    let value = serde_json::from_slice(body).map_err(parse_error)?;
     if body.trim_ascii_start().first() != Some(&b'{') {
-        return Err(ApiError::invalid_body("the body must be a JSON object"));
+        return Err(
+            match serde_json::from_slice::<serde::de::IgnoredAny>(body) {
+                Ok(_) => ApiError::invalid_body("the body must be a JSON object"),
+                Err(e) => parse_error(e),
+            },
+        );
     }
-    Ok(value)
+    serde_json::from_slice(body).map_err(parse_error)
 }
 
 fn idempotency_key(headers: &HeaderMap) -> Result<String, ApiError> {
@@ -1143,6 +1148,8 @@ mod tests {
             code(parse_order_body(br#"[1,"tok_visa"]"#)),
             Err("invalid_body")
         );
+        assert_eq!(code(parse_order_body(br#"[1,"",""]"#)), Err("invalid_body"));
+        assert_eq!(code(parse_order_body(b"42")), Err("invalid_body"));
         assert_eq!(code(parse_order_body(b" [1,")), Err("malformed_json"));
         assert_eq!(
             code(parse_order_body(
