@@ -138,6 +138,16 @@ async fn bad_input_gets_a_problem_with_a_stable_code_and_takes_no_stock(backend:
             "invalid_body",
         ),
         (
+            // serde fills a struct from an array of its fields; found by the fuzz target.
+            "array of the fields",
+            Some(&token),
+            Some("k3a"),
+            "application/json",
+            r#"[1,"tok_visa"]"#.into(),
+            422,
+            "invalid_body",
+        ),
+        (
             "quantity 0",
             Some(&token),
             Some("k4"),
@@ -531,6 +541,17 @@ async fn operator_routes_are_guarded_and_validated(backend: Backend) {
         )
         .await;
     assert_eq!((extra.status, extra.code()), (422, "invalid_body"));
+    // A date whose UTC instant RFC 3339 cannot write (year -1 here) is refused; it used to
+    // be stored, and answering the sale then panicked (found by the record fuzz target).
+    let unwritable = app
+        .create_sale(json!({"sku": "s", "stock": 5, "price_cents": 100, "currency": "EUR", "starts_at": "0000-01-01T00:00:00+01:00"}))
+        .await;
+    assert_eq!(
+        (unwritable.status, unwritable.code()),
+        (422, "invalid_body"),
+        "{}",
+        unwritable.body
+    );
 
     let got = TestApp::answer(
         app.client

@@ -88,18 +88,9 @@ fn record(c: &mut Criterion) {
     });
 }
 
-/// The order body as ingest parses it. `ingest::api`'s `OrderBody` and its header checks
-/// (`idempotency_key`, `require_json`) are private, so this is a copy of the same serde
-/// definition and the same checks, in the order `post_order` runs them; the JWT check is
-/// the real `Auth::buyer`.
-#[derive(Debug, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-#[allow(dead_code)]
-struct OrderBody {
-    quantity: i64,
-    payment_token: String,
-}
-
+/// `ingest::api`'s header checks (`idempotency_key`, `require_json`) are private, so these
+/// are copies of the same checks, in the order `post_order` runs them; the body parser is
+/// the real `parse_order_body` and the JWT check the real `Auth::buyer`.
 fn idempotency_key(headers: &http::HeaderMap) -> Option<String> {
     let s = headers.get("idempotency-key")?.to_str().ok()?;
     (!s.is_empty() && s.len() <= 128 && s.bytes().all(|b| b.is_ascii_graphic()))
@@ -115,12 +106,9 @@ fn is_json(headers: &http::HeaderMap) -> bool {
 }
 
 fn parse_order(body: &[u8]) -> Option<(u32, String)> {
-    let b: OrderBody = serde_json::from_slice(body).ok()?;
-    let token_ok = !b.payment_token.is_empty()
-        && b.payment_token.len() <= 256
-        && b.payment_token.bytes().all(|c| c.is_ascii_graphic());
-    let q = u32::try_from(b.quantity).ok().filter(|q| *q >= 1)?;
-    token_ok.then(|| (q, ingest::api::fingerprint(q, &b.payment_token)))
+    let b = ingest::api::parse_order_body(body).ok()?;
+    let q = b.quantity_within(u32::MAX).ok()?;
+    Some((q, ingest::api::fingerprint(q, &b.payment_token)))
 }
 
 fn request(c: &mut Criterion) {

@@ -154,12 +154,65 @@ impl std::fmt::Debug for Ingest {
     }
 }
 
-/// Body of `POST /v1/sales/{id}/orders`.
+/// Body of `POST /v1/sales/{id}/orders`, as [`parse_order_body`] accepts it.
+#[derive(Debug)]
+pub struct OrderBody {
+    /// Units ordered: at least 1 (the sale's maximum is checked by
+    /// [`OrderBody::quantity_within`]).
+    pub quantity: i64,
+    /// Opaque token for the payment provider: 1 to 256 visible ASCII characters.
+    pub payment_token: String,
+}
+
+/// The order body as sent, before its quantity is known to be an `i64`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct OrderBody {
+struct RawOrderBody {
     quantity: Quantity,
     payment_token: String,
+}
+
+impl OrderBody {
+    /// The quantity as units, refused with `invalid_quantity` above the sale's
+    /// `max_quantity_per_order`.
+    pub fn quantity_within(&self, max_per_order: u32) -> Result<u32, ApiError> {
+        u32::try_from(self.quantity)
+            .ok()
+            .filter(|q| (1..=max_per_order).contains(q))
+            .ok_or_else(|| {
+                ApiError::invalid_quantity(format!(
+                    "quantity must be between 1 and {max_per_order}"
+                ))
+            })
+    }
+}
+
+/// Parses and checks an order body with everything that needs no sale: JSON with exactly
+/// `quantity` and `payment_token` (`malformed_json`, `invalid_body`), the payment token
+/// (`invalid_payment_token`), a quantity of at least 1 (`invalid_quantity`; so is any
+/// integer beyond 64 bits, a fraction is `invalid_body`). The order route and the fuzz
+/// target (`crate::fuzzing`) both call it.
+pub fn parse_order_body(body: &[u8]) -> Result<OrderBody, ApiError> {
+    let body: RawOrderBody = parse_json(body)?;
+    if body.payment_token.is_empty()
+        || body.payment_token.len() > 256
+        || !body.payment_token.bytes().all(|b| b.is_ascii_graphic())
+    {
+        return Err(ApiError::invalid_payment_token(
+            "payment_token must be 1 to 256 visible ASCII characters",
+        ));
+    }
+    let quantity = body.quantity.integer()?;
+    if quantity < 1 {
+        return Err(ApiError::invalid_quantity("quantity must be at least 1"));
+    }
+    let quantity = i64::try_from(quantity).map_err(|_| {
+        ApiError::invalid_quantity("quantity is beyond any sale's max_quantity_per_order")
+    })?;
+    Ok(OrderBody {
+        quantity,
+        payment_token: body.payment_token,
+    })
 }
 
 /// A quantity as sent: any JSON number, so that an integer too large for 64 bits is refused
@@ -412,7 +465,23 @@ async fn json_body<T: serde::de::DeserializeOwned>(
 ) -> Result<T, ApiError> {
     require_json(req.headers())?;
     let body = read_body(req, limit, deadline).await?;
-    serde_json::from_slice(&body).map_err(parse_error)
+    parse_json(&body)
+}
+
+/// Parses a JSON object into `T`. serde also fills a struct from a JSON array of its
+/// fields in order (`[1, "tok_visa"]`), which the API does not accept: every body is an
+/// object, and any other JSON value is `invalid_body` (found by the `order_body` fuzz
+/// target, as was `[1,"",""]`, which serde calls a syntax error).
+fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    if body.trim_ascii_start().first() != Some(&b'{') {
+        return Err(
+            match serde_json::from_slice::<serde::de::IgnoredAny>(body) {
+                Ok(_) => ApiError::invalid_body("the body must be a JSON object"),
+                Err(e) => parse_error(e),
+            },
+        );
+    }
+    serde_json::from_slice(body).map_err(parse_error)
 }
 
 fn idempotency_key(headers: &HeaderMap) -> Result<String, ApiError> {
@@ -746,29 +815,20 @@ impl Ingest {
     ) -> Result<(Resp, &'static str), ApiError> {
         let user = self.auth.buyer(req.headers())?;
         let key = idempotency_key(req.headers())?;
-        let body: OrderBody = json_body(
+        require_json(req.headers())?;
+        let body = read_body(
             req,
             self.config.order_body_limit,
             self.config.body_read_timeout,
         )
         .await?;
-        if body.payment_token.is_empty()
-            || body.payment_token.len() > 256
-            || !body.payment_token.bytes().all(|b| b.is_ascii_graphic())
-        {
-            return Err(ApiError::invalid_payment_token(
-                "payment_token must be 1 to 256 visible ASCII characters",
-            ));
-        }
-        if body.quantity.integer()? < 1 {
-            return Err(ApiError::invalid_quantity("quantity must be at least 1"));
-        }
+        let body = parse_order_body(&body)?;
         let sale_id = SaleId::parse(sale_id).map_err(|_| ApiError::unknown_sale("no such sale"))?;
         let sale = self
             .sale(&sale_id)
             .await?
             .ok_or_else(|| ApiError::unknown_sale("no such sale"))?;
-        let quantity = body.quantity.within(sale.max_quantity_per_order)?;
+        let quantity = body.quantity_within(sale.max_quantity_per_order)?;
         let admit = AdmitRequest {
             user,
             quantity,
@@ -1191,5 +1251,30 @@ mod tests {
         assert_eq!(fingerprint(2, "tok_visa"), want);
         assert_eq!(fingerprint(2, "tok_visa").len(), 32);
         assert_ne!(fingerprint(1, "tok_visa"), fingerprint(2, "tok_visa"));
+    }
+
+    #[test]
+    fn bodies_must_be_objects_not_arrays_of_the_fields() {
+        let code = |r: Result<OrderBody, ApiError>| r.map(|_| ()).map_err(|e| e.code);
+        assert_eq!(
+            code(parse_order_body(br#"[1,"tok_visa"]"#)),
+            Err("invalid_body")
+        );
+        assert_eq!(code(parse_order_body(br#"[1,"",""]"#)), Err("invalid_body"));
+        assert_eq!(code(parse_order_body(b"42")), Err("invalid_body"));
+        assert_eq!(code(parse_order_body(b" [1,")), Err("malformed_json"));
+        assert_eq!(
+            code(parse_order_body(
+                br#" {"quantity":1,"payment_token":"tok_visa"}"#
+            )),
+            Ok(())
+        );
+        let sale = br#"[null,"sku",10,100,"EUR",null,null,null,null,null]"#;
+        assert_eq!(
+            parse_json::<CreateSale>(sale)
+                .map(|_| ())
+                .map_err(|e| e.code),
+            Err("invalid_body")
+        );
     }
 }

@@ -7,13 +7,15 @@
 //! Redis backend (Lua scripts in `src/lua/`) and [`sold_out`] its per-instance sold-out
 //! flags; [`model`] the decision
 //! rules every backend agrees with; [`checkpoint`] the embedded backend's checkpoint; [`auth`] buyer JWTs and the operator token;
-//! [`problem`] the error answers and their stable codes.
+//! [`problem`] the error answers and their stable codes; [`fuzzing`] the checks of the fuzz
+//! targets.
 
 pub mod admission;
 pub mod api;
 pub mod auth;
 pub mod checkpoint;
 mod confirmer;
+pub mod fuzzing;
 pub mod metrics;
 pub mod model;
 pub mod problem;

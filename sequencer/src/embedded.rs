@@ -132,7 +132,8 @@ impl std::fmt::Debug for FileLog {
 /// one `write`, so a torn tail is far shorter than this.
 const MAX_TORN_TAIL: u64 = 64 << 20;
 
-fn segment_path(dir: &Path, base: u64) -> PathBuf {
+/// The file of the segment whose first record has offset `base`.
+pub(crate) fn segment_path(dir: &Path, base: u64) -> PathBuf {
     dir.join(format!("{base:020}.seg"))
 }
 

@@ -3,8 +3,10 @@
 //! Ingest appends an accepted order with [`OrderLog::append`] and answers the buyer 202 only
 //! once that returns: the record is durable. The settler reads records back through a
 //! [`LogConsumer`]. The log is the only hand-off between admission and settlement.
+//! [`fuzzing`] holds the checks of the fuzz targets.
 
 pub mod embedded;
+pub mod fuzzing;
 #[cfg(feature = "kafka")]
 pub mod kafka;
 pub mod metrics;

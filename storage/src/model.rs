@@ -14,6 +14,11 @@ use uuid::Uuid;
 pub struct Timestamp(pub i64);
 
 impl Timestamp {
+    /// The earliest instant RFC 3339 can write: 0000-01-01T00:00:00Z.
+    pub const MIN: Timestamp = Timestamp(-62_167_219_200_000);
+    /// The latest instant RFC 3339 can write: 9999-12-31T23:59:59.999Z.
+    pub const MAX: Timestamp = Timestamp(253_402_300_799_999);
+
     /// The current wall-clock time.
     pub fn now() -> Self {
         Timestamp((OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64)
@@ -34,8 +39,11 @@ impl Timestamp {
         Timestamp(self.0.saturating_add(ms))
     }
 
+    /// Clamped to [`Timestamp::MIN`, `Timestamp::MAX`] so that formatting never fails (a
+    /// `Display` error panics inside `serde_json` and `to_string`).
     fn to_datetime(self) -> OffsetDateTime {
-        OffsetDateTime::from_unix_timestamp_nanos(i128::from(self.0) * 1_000_000)
+        let ms = self.0.clamp(Self::MIN.0, Self::MAX.0);
+        OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
             .unwrap_or(OffsetDateTime::UNIX_EPOCH)
     }
 }
@@ -50,11 +58,30 @@ impl fmt::Display for Timestamp {
     }
 }
 
+/// Why a text is not a [`Timestamp`].
+#[derive(Debug, thiserror::Error)]
+pub enum InvalidTimestamp {
+    /// Not an RFC 3339 date-time.
+    #[error(transparent)]
+    Syntax(#[from] time::error::Parse),
+    /// A date-time whose UTC instant RFC 3339 cannot write back (before year 0000 or after
+    /// 9999 once the offset is applied, e.g. `9999-12-31T23:00:00-02:00`).
+    #[error("the instant must lie between 0000-01-01T00:00:00Z and 9999-12-31T23:59:59.999Z")]
+    OutOfRange,
+}
+
 impl FromStr for Timestamp {
-    type Err = time::error::Parse;
+    type Err = InvalidTimestamp;
+    /// Parses RFC 3339, refusing instants outside [`Timestamp::MIN`, `Timestamp::MAX`]:
+    /// every timestamp read is one that writes back as the same text's instant.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let dt = OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)?;
-        Ok(Timestamp((dt.unix_timestamp_nanos() / 1_000_000) as i64))
+        let ms = dt.unix_timestamp_nanos().div_euclid(1_000_000);
+        i64::try_from(ms)
+            .ok()
+            .filter(|ms| (Self::MIN.0..=Self::MAX.0).contains(ms))
+            .map(Timestamp)
+            .ok_or(InvalidTimestamp::OutOfRange)
     }
 }
 
@@ -610,6 +637,35 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn timestamps_outside_what_rfc3339_writes_are_refused_and_never_fail_to_format() {
+        for text in [
+            "0000-01-01T00:00:00+01:00",
+            "9999-12-31T23:59:59-01:00",
+            "0000-01-01T00:30:00+00:59",
+        ] {
+            assert!(
+                matches!(text.parse::<Timestamp>(), Err(InvalidTimestamp::OutOfRange)),
+                "{text}"
+            );
+        }
+        for ts in [Timestamp::MIN, Timestamp::MAX, Timestamp(0)] {
+            assert_eq!(ts.to_string().parse::<Timestamp>().expect("round trip"), ts);
+        }
+        assert_eq!(
+            "1969-12-31T23:59:59.9995Z"
+                .parse::<Timestamp>()
+                .expect("parse"),
+            Timestamp(-1)
+        );
+        // Built in code past the range (plus_millis): formats clamped instead of failing.
+        assert_eq!(
+            Timestamp::MAX.plus_millis(1).to_string(),
+            "9999-12-31T23:59:59.999Z"
+        );
+        assert_eq!(Timestamp(i64::MIN).to_string(), "0000-01-01T00:00:00Z");
     }
 
     #[test]
