@@ -570,18 +570,21 @@ impl DeadLetter for KafkaDeadLetter {
 /// Opens the configured order store: SQLite in `data_dir`, or sharded Postgres (migrated
 /// beforehand by `flashsale migrate`). Every call is timed (`flashsale_store_duration_seconds`).
 pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn OrderStore>> {
+    if config.store.call_timeout.is_zero() {
+        anyhow::bail!("store.call_timeout must be above zero (every store call would fail)");
+    }
     if let Some(pg) = config.store.postgres()? {
         let store = PgStore::connect(&pg.catalog, &pg.shards, config.store.pool_size)
             .await
             .with_context(|| format!("store.url: cannot use {}", config.store.url))?;
-        return Ok(Arc::new(Metered::new(store)));
+        return Ok(Arc::new(Metered::new(store, config.store.call_timeout)));
     }
     if config.store.url != EMBEDDED {
         return Err(unsupported("store.url", &config.store.url));
     }
     let store = SqliteStore::open(config.data_dir.join("flashsale.db"))
         .with_context(|| format!("opening the store in {}", config.data_dir.display()))?;
-    Ok(Arc::new(Metered::new(store)))
+    Ok(Arc::new(Metered::new(store, config.store.call_timeout)))
 }
 
 /// Brings the configured store to the latest schema; returns what was migrated, in words.

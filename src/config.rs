@@ -303,6 +303,11 @@ pub struct StoreSection {
     pub catalog_url: String,
     /// Postgres: connections per database.
     pub pool_size: usize,
+    /// Deadline of every store call: one that has not returned by then fails as the store
+    /// being unavailable (503 on the order path, a retry by the settler's sweep), so a
+    /// hung database (stopped, not gone) cannot hold a caller until TCP gives up.
+    #[serde(with = "humantime_serde")]
+    pub call_timeout: Duration,
 }
 
 impl Default for StoreSection {
@@ -311,6 +316,7 @@ impl Default for StoreSection {
             url: EMBEDDED.into(),
             catalog_url: String::new(),
             pool_size: 16,
+            call_timeout: Duration::from_secs(5),
         }
     }
 }

@@ -25,7 +25,7 @@ use ingest::model::{OrderRef, SaleRules, SaleState, Snapshot};
 use ingest::redis_admission::RedisAdmission;
 use std::collections::{HashMap, HashSet};
 use std::fmt::Write;
-use storage::{Order, OrderId, OrderStatus, OrderStore, Sale, SaleId};
+use storage::{Order, OrderId, OrderStatus, OrderStore, RefundState, Sale, SaleId};
 
 /// What reconcile found for one sale.
 #[derive(Debug, Clone)]
@@ -177,6 +177,7 @@ pub async fn run(
             }
         }
         check_charges(&orders, audit.as_ref(), &mut broken);
+        check_refunds(&orders, &mut broken);
         let missing = differences.iter().any(|d| d.contains("missing"));
         // Behind the log, the store does not hold every accepted order yet: rewriting the
         // counters from it would hand out stock that is sold.
@@ -232,6 +233,27 @@ fn check_releases(orders: &[Order], released: &HashSet<OrderId>, broken: &mut Ve
                 "order {id} is {} but Redis gave its stock back",
                 o.status
             ));
+        }
+    }
+}
+
+/// Refunds of late charges the settler has not finished: owed (the sweep is still
+/// retrying) or refused by the provider (an operator must settle it).
+fn check_refunds(orders: &[Order], broken: &mut Vec<String>) {
+    for o in orders {
+        let id = o.new.order_id;
+        let charge = o.charge_id.as_deref().unwrap_or("?");
+        match o.refund {
+            Some(RefundState::Owed) => broken.push(format!(
+                "order {id} is {} and still owes the refund of its late charge {charge}",
+                o.status
+            )),
+            Some(RefundState::Refused) => broken.push(format!(
+                "order {id} is {}; the provider refused to refund its late charge {charge}: \
+                 an operator must settle it",
+                o.status
+            )),
+            Some(RefundState::Refunded) | None => {}
         }
     }
 }
@@ -330,4 +352,55 @@ pub fn render(findings: &[Finding]) -> String {
         );
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use storage::{Currency, Money, NewOrder, Timestamp, UserId};
+
+    fn order(status: OrderStatus, refund: Option<RefundState>) -> Order {
+        Order {
+            new: NewOrder {
+                order_id: OrderId::new(),
+                sale_id: SaleId::parse("s").expect("sale"),
+                user_id: UserId::parse("u").expect("user"),
+                quantity: 1,
+                amount: Money {
+                    minor: 100,
+                    currency: Currency::parse("EUR").expect("eur"),
+                },
+                sequence: 1,
+                idempotency_key: "k".into(),
+                payment_token: "tok".into(),
+                accepted_at: Timestamp::now(),
+            },
+            status,
+            history: Vec::new(),
+            charge_id: refund.map(|_| "ch_late".into()),
+            released_at: Some(Timestamp::now()),
+            notified_at: Some(Timestamp::now()),
+            refund,
+            failed_attempts: 0,
+            retry_after: None,
+        }
+    }
+
+    #[test]
+    fn refunds_owed_or_refused_are_broken_invariants() {
+        let orders = [
+            order(OrderStatus::Expired, None),
+            order(OrderStatus::Expired, Some(RefundState::Refunded)),
+            order(OrderStatus::Expired, Some(RefundState::Owed)),
+            order(OrderStatus::PaymentFailed, Some(RefundState::Refused)),
+        ];
+        let mut broken = Vec::new();
+        check_refunds(&orders, &mut broken);
+        assert_eq!(broken.len(), 2, "{broken:?}");
+        let owed = orders[2].new.order_id.to_string();
+        let refused = orders[3].new.order_id.to_string();
+        assert!(broken[0].contains(&owed) && broken[0].contains("owes the refund"));
+        assert!(broken[1].contains(&refused) && broken[1].contains("refused"));
+        assert!(broken.iter().all(|b| b.contains("ch_late")));
+    }
 }

@@ -195,6 +195,20 @@ impl OrderStore for GatedStore {
     ) -> storage::Result<Vec<Order>> {
         self.inner.orders_in_status(statuses, limit).await
     }
+    async fn apply_batch(&self, changes: &[storage::Change]) -> storage::Result<Vec<bool>> {
+        self.inner.apply_batch(changes).await
+    }
+    async fn orders_due(
+        &self,
+        statuses: &[OrderStatus],
+        now: Timestamp,
+        limit: usize,
+    ) -> storage::Result<Vec<Order>> {
+        self.inner.orders_due(statuses, now, limit).await
+    }
+    async fn refunds_owed(&self, limit: usize) -> storage::Result<Vec<Order>> {
+        self.inner.refunds_owed(limit).await
+    }
     async fn unfinished_followups(&self, limit: usize) -> storage::Result<Vec<Order>> {
         self.inner.unfinished_followups(limit).await
     }

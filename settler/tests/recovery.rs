@@ -13,8 +13,8 @@ use std::sync::Arc;
 use std::time::Duration;
 use storage::sqlite::SqliteStore;
 use storage::{
-    Checkpoint, NewOrder, Order, OrderEvent, OrderId, OrderStatus, OrderStore, Sale, SaleId,
-    SaleTotals, Timestamp,
+    Change, Checkpoint, NewOrder, Order, OrderEvent, OrderId, OrderStatus, OrderStore, RefundState,
+    Sale, SaleId, SaleTotals, Timestamp,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -74,6 +74,23 @@ impl ExpiresBeforePaid {
     fn new(store: Arc<SqliteStore>) -> Self {
         ExpiresBeforePaid(store, None, AtomicBool::new(false))
     }
+
+    /// Expires the order (and takes the provider down, once, if asked to).
+    async fn expire(&self, id: OrderId) -> storage::Result<()> {
+        self.0
+            .transition(id, OrderStatus::PaymentPending, OrderStatus::Expired, None)
+            .await?;
+        if let Some(url) = &self.1 {
+            if !self.2.swap(true, Ordering::SeqCst) {
+                let down = MockConfig {
+                    down: true,
+                    ..MockConfig::default()
+                };
+                mock::update_config(url, &down).await.expect("mock down");
+            }
+        }
+        Ok(())
+    }
 }
 
 #[async_trait]
@@ -108,20 +125,23 @@ impl OrderStore for ExpiresBeforePaid {
         charge_id: Option<&str>,
     ) -> storage::Result<bool> {
         if (from, to) == (OrderStatus::PaymentPending, OrderStatus::Paid) {
-            self.0
-                .transition(id, OrderStatus::PaymentPending, OrderStatus::Expired, None)
-                .await?;
-            if let Some(url) = &self.1 {
-                if !self.2.swap(true, Ordering::SeqCst) {
-                    let down = MockConfig {
-                        down: true,
-                        ..MockConfig::default()
-                    };
-                    mock::update_config(url, &down).await.expect("mock down");
-                }
-            }
+            self.expire(id).await?;
         }
         self.0.transition(id, from, to, charge_id).await
+    }
+    async fn apply_batch(&self, changes: &[Change]) -> storage::Result<Vec<bool>> {
+        for change in changes {
+            if let Change::Status {
+                id,
+                from: OrderStatus::PaymentPending,
+                to: OrderStatus::Paid,
+                ..
+            } = change
+            {
+                self.expire(*id).await?;
+            }
+        }
+        self.0.apply_batch(changes).await
     }
     async fn mark_released(&self, id: OrderId) -> storage::Result<bool> {
         self.0.mark_released(id).await
@@ -138,6 +158,17 @@ impl OrderStore for ExpiresBeforePaid {
         limit: usize,
     ) -> storage::Result<Vec<Order>> {
         self.0.orders_in_status(statuses, limit).await
+    }
+    async fn orders_due(
+        &self,
+        statuses: &[OrderStatus],
+        now: Timestamp,
+        limit: usize,
+    ) -> storage::Result<Vec<Order>> {
+        self.0.orders_due(statuses, now, limit).await
+    }
+    async fn refunds_owed(&self, limit: usize) -> storage::Result<Vec<Order>> {
+        self.0.refunds_owed(limit).await
     }
     async fn unfinished_followups(&self, limit: usize) -> storage::Result<Vec<Order>> {
         self.0.unfinished_followups(limit).await
@@ -261,5 +292,76 @@ async fn a_failed_refund_of_a_late_charge_is_retried_until_it_lands() {
         .expect("seen");
     assert_eq!(a.successful_charges, 1);
     assert_eq!(a.refunds, 1);
+    assert_eq!(a.notifications, vec![NotificationKind::OrderExpired]);
+}
+
+/// A refund owed for a late charge is recorded on the order before the provider is asked,
+/// so a settler that stops while the provider refuses it does not take it along: the next
+/// settler finds it in the store and refunds it, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refund_owed_survives_a_settler_restart() {
+    let h = Harness::new(MockConfig::default()).await;
+    let records = h.append(vec![record(1, "tok_visa")]).await;
+    let id = records[0].order_id;
+    // The order expires just before its successful charge is recorded, and the provider goes
+    // down right then: the refund of the late charge fails.
+    let settler = Settler::new(
+        Arc::new(ExpiresBeforePaid(
+            Arc::clone(&h.store),
+            Some(h.mock.url()),
+            AtomicBool::new(false),
+        )),
+        Box::new(h.log.consumer(0)),
+        Arc::clone(&h.release) as Arc<dyn StockRelease>,
+        Arc::new(FileDeadLetter::open(h.dir.path().join("dl")).expect("dead letter")),
+        h.config(),
+    )
+    .expect("settler");
+    let stats = settler.stats();
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(settler.run(shutdown.clone()));
+    wait_until("the refund owed and failed", DEADLINE, || async {
+        let order = h.store.get_order(id).await.expect("get");
+        order.is_some_and(|o| o.refund == Some(RefundState::Owed))
+            && stats.snapshot().provider_errors > 0
+    })
+    .await;
+    shutdown.cancel();
+    task.await.expect("join").expect("run");
+    let order = h.store.get_order(id).await.expect("get").expect("order");
+    assert_eq!(order.status, OrderStatus::Expired);
+    assert_eq!(order.refund, Some(RefundState::Owed));
+    let late = mock::fetch_order_audit(&h.mock.url(), &id.to_string())
+        .await
+        .expect("audit")
+        .expect("seen");
+    assert_eq!((late.successful_charges, late.refunds), (1, 0));
+    let charge_id = order
+        .charge_id
+        .clone()
+        .expect("the late charge's id is kept");
+
+    // The provider is back; a new settler (the plain store) finishes the refund.
+    mock::update_config(&h.mock.url(), &MockConfig::default())
+        .await
+        .expect("provider back");
+    let running = h.start(h.config()).await;
+    wait_until("the refund landed", DEADLINE, || async {
+        let order = h.store.get_order(id).await.expect("get").expect("order");
+        order.refund == Some(RefundState::Refunded)
+    })
+    .await;
+    h.wait_settled(1).await;
+    let refunded = running.stats.snapshot().refunded;
+    running.stop().await;
+    assert_eq!(refunded, 1);
+    let order = h.store.get_order(id).await.expect("get").expect("order");
+    assert_eq!(order.charge_id.as_deref(), Some(charge_id.as_str()));
+    assert!(h.store.refunds_owed(10).await.expect("owed").is_empty());
+    let a = mock::fetch_order_audit(&h.mock.url(), &id.to_string())
+        .await
+        .expect("audit")
+        .expect("seen");
+    assert_eq!((a.successful_charges, a.refunds), (1, 1));
     assert_eq!(a.notifications, vec![NotificationKind::OrderExpired]);
 }

@@ -482,3 +482,72 @@ async fn a_settler_killed_three_times_still_charges_and_releases_once() {
         }
     }
 }
+
+/// A refused order's backoff is kept on the order: a restarted settler neither charges it
+/// again before the recorded `retry_after` nor starts the doubling over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_orders_backoff_survives_a_settler_restart() {
+    let h = Harness::new(MockConfig::default()).await;
+    let order = record(1, "tok_reject_card").to_new_order();
+    let id = order.order_id;
+    h.store
+        .persist_batch(std::slice::from_ref(&order), None)
+        .await
+        .expect("persist");
+    // Waits of 50 ms doubling per refusal: the 7th refusal makes it wait 1.6 to 3.2 s.
+    let config = SettlerConfig {
+        sweep_interval: Duration::from_millis(50),
+        order_retry_max: Duration::from_secs(3_600),
+        ..h.config()
+    };
+    let stored = || async { h.store.get_order(id).await.expect("get").expect("order") };
+    let refusals = || async {
+        mock::fetch_order_audit(&h.mock.url(), &id.to_string())
+            .await
+            .expect("audit")
+            .map_or(0, |a| a.refused_charges)
+    };
+    let running = h.start(config.clone()).await;
+    wait_until("seven refusals recorded", DEADLINE, || async {
+        stored().await.failed_attempts >= 7
+    })
+    .await;
+    running.stop().await;
+    let before = stored().await;
+    let retry_after = before.retry_after.expect("retry_after recorded");
+    assert_eq!(before.status, OrderStatus::PaymentPending);
+    let refused = refusals().await;
+    assert_eq!(
+        refused,
+        u64::from(before.failed_attempts),
+        "one refusal per recorded attempt"
+    );
+
+    let running = h.start(config).await;
+    wait_until("three sweeps of the new settler", DEADLINE, || async {
+        running.stats.snapshot().sweeps >= 3
+    })
+    .await;
+    assert!(
+        Timestamp::now() < retry_after,
+        "the check ran within the recorded backoff"
+    );
+    assert_eq!(
+        refusals().await,
+        refused,
+        "not charged again before its retry_after"
+    );
+    // Once it is due, it is tried again, and its attempts count on from the stored ones.
+    wait_until("the next attempt after the backoff", DEADLINE, || async {
+        stored().await.failed_attempts > before.failed_attempts
+    })
+    .await;
+    running.stop().await;
+    let after = stored().await;
+    assert!(Timestamp::now() >= retry_after);
+    assert_eq!(after.failed_attempts, before.failed_attempts + 1);
+    assert_eq!(refusals().await, refused + 1);
+    // The doubling went on from the 7th wait (1.6 to 3.2 s), not from the first (25 to 50 ms).
+    let waited = after.retry_after.expect("retry_after").millis() - Timestamp::now().millis();
+    assert!(waited > 1_000, "next wait {waited} ms");
+}

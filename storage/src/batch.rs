@@ -27,7 +27,7 @@
 //! the sorted order of [`Deltas`], so two transactions lock those rows in the same order
 //! and cannot deadlock on them.
 
-use crate::{transition, Change, OrderId, OrderStatus};
+use crate::{transition, Change, OrderId, OrderStatus, RefundState};
 use std::collections::{BTreeMap, HashMap};
 
 /// What the store holds of an order, as far as a batch's preconditions go.
@@ -39,6 +39,10 @@ pub(crate) struct Current {
     pub released: bool,
     /// `notified_at IS NOT NULL`.
     pub notified: bool,
+    /// `refund_state`.
+    pub refund: Option<RefundState>,
+    /// `failed_attempts`.
+    pub failed_attempts: u32,
 }
 
 /// The final values of one order changed by a batch. `None` keeps the stored value (the
@@ -57,6 +61,19 @@ pub(crate) struct RowUpdate {
     pub released_at: Option<i64>,
     /// `now` if the batch marked it notified.
     pub notified_at: Option<i64>,
+    /// Its refund state, if the batch changed it.
+    pub refund: Option<RefundState>,
+    /// Its failed attempts, if the batch deferred it.
+    pub failed_attempts: Option<i64>,
+    /// Its `retry_after` (milliseconds), if the batch deferred it.
+    pub retry_after: Option<i64>,
+}
+
+impl RowUpdate {
+    /// The stored name of the refund state written, if any.
+    pub fn refund_str(&self) -> Option<&'static str> {
+        self.refund.map(RefundState::as_str)
+    }
 }
 
 /// One history (outbox) row: the order entered `status` at `at`.
@@ -191,6 +208,13 @@ pub(crate) fn plan<'a>(
             }
             Change::Released(_) => cur.status.releases_stock() && !cur.released,
             Change::Notified(_) => !cur.notified,
+            Change::Refund {
+                state: RefundState::Owed,
+                charge_id,
+                ..
+            } => cur.status.releases_stock() && cur.refund.is_none() && charge_id.is_some(),
+            Change::Refund { .. } => cur.refund == Some(RefundState::Owed),
+            Change::Deferred { .. } => !cur.status.is_final(),
         };
         plan.applied.push(applies);
         if !applies {
@@ -204,6 +228,9 @@ pub(crate) fn plan<'a>(
                 charge_id: None,
                 released_at: None,
                 notified_at: None,
+                refund: None,
+                failed_attempts: None,
+                retry_after: None,
             });
             plan.updates.len() - 1
         });
@@ -230,6 +257,20 @@ pub(crate) fn plan<'a>(
                 cur.notified = true;
                 update.notified_at = Some(now);
             }
+            Change::Refund {
+                state, charge_id, ..
+            } => {
+                cur.refund = Some(*state);
+                update.refund = Some(*state);
+                if *state == RefundState::Owed {
+                    update.charge_id.clone_from(charge_id);
+                }
+            }
+            Change::Deferred { retry_after, .. } => {
+                cur.failed_attempts = cur.failed_attempts.saturating_add(1);
+                update.failed_attempts = Some(i64::from(cur.failed_attempts));
+                update.retry_after = Some(retry_after.millis());
+            }
         }
     }
     plan
@@ -254,6 +295,8 @@ mod tests {
             status,
             released: false,
             notified: false,
+            refund: None,
+            failed_attempts: 0,
         }
     }
 
@@ -279,6 +322,9 @@ mod tests {
                 charge_id: Some("ch_1".into()),
                 released_at: None,
                 notified_at: Some(7),
+                refund: None,
+                failed_attempts: None,
+                retry_after: None,
             }]
         );
         assert_eq!(
@@ -311,9 +357,8 @@ mod tests {
             (
                 b,
                 Current {
-                    status: Expired,
                     released: true,
-                    notified: false,
+                    ..row(Expired)
                 },
             ),
             (c, row(PaymentFailed)),
@@ -342,6 +387,60 @@ mod tests {
         assert_eq!(plan.updates[0].updated_at, None);
         assert_eq!(plan.updates[1].released_at, Some(1));
         assert_eq!(touched(&changes), vec![a, b, unknown, c]);
+    }
+
+    #[test]
+    fn a_refund_is_owed_once_then_settled_once_and_a_deferral_counts_attempts() {
+        let (void, paid, open) = (OrderId::new(), OrderId::new(), OrderId::new());
+        let current = HashMap::from([
+            (void, row(Expired)),
+            (paid, row(Paid)),
+            (open, row(PaymentPending)),
+        ]);
+        let refund = |id, state, charge: Option<&str>| Change::Refund {
+            id,
+            state,
+            charge_id: charge.map(str::to_owned),
+        };
+        let later = crate::Timestamp(500);
+        let changes = vec![
+            refund(void, RefundState::Refunded, None), // not owed yet
+            refund(void, RefundState::Owed, None),     // no charge id
+            refund(void, RefundState::Owed, Some("ch_late")),
+            refund(void, RefundState::Owed, Some("ch_other")), // owed already
+            refund(paid, RefundState::Owed, Some("ch_paid")),  // not void
+            refund(void, RefundState::Refused, None),
+            refund(void, RefundState::Refunded, None), // settled already
+            Change::Deferred {
+                id: open,
+                retry_after: later,
+            },
+            Change::Deferred {
+                id: open,
+                retry_after: later,
+            },
+            Change::Deferred {
+                id: paid,
+                retry_after: later,
+            }, // final
+        ];
+        let plan = plan(&changes, &current, 1);
+        assert_eq!(
+            plan.applied,
+            vec![false, false, true, false, false, true, false, true, true, false]
+        );
+        assert!(plan.history.is_empty(), "no status changed");
+        assert_eq!(plan.updates.len(), 2);
+        let v = &plan.updates[0];
+        assert_eq!((v.id, v.status), (void, Expired));
+        assert_eq!(v.refund, Some(RefundState::Refused));
+        assert_eq!(v.charge_id.as_deref(), Some("ch_late"));
+        let o = &plan.updates[1];
+        assert_eq!(
+            (o.id, o.failed_attempts, o.retry_after),
+            (open, Some(2), Some(500))
+        );
+        assert_eq!(o.updated_at, None, "a deferral is not a status change");
     }
 
     #[test]

@@ -81,13 +81,37 @@ pub enum Change {
     Released(OrderId),
     /// Records that the buyer was notified of the order's final outcome (only once).
     Notified(OrderId),
+    /// Records the refund of a late charge: [`RefundState::Owed`] with the charge's id
+    /// (only for an order in a status that releases stock, with no refund recorded yet),
+    /// then [`RefundState::Refunded`] or [`RefundState::Refused`] (only while owed; a
+    /// charge id given with them is ignored).
+    Refund {
+        /// The order.
+        id: OrderId,
+        /// The state it moves to.
+        state: RefundState,
+        /// The late charge's id (with `Owed`).
+        charge_id: Option<String>,
+    },
+    /// Records a charge attempt that failed at the provider: one more failed attempt, and
+    /// the order is not to be tried before `retry_after` (only for an order not final).
+    Deferred {
+        /// The order.
+        id: OrderId,
+        /// The earliest next attempt.
+        retry_after: Timestamp,
+    },
 }
 
 impl Change {
     /// The order this change is about.
     pub fn order_id(&self) -> OrderId {
         match self {
-            Change::Status { id, .. } | Change::Released(id) | Change::Notified(id) => *id,
+            Change::Status { id, .. }
+            | Change::Released(id)
+            | Change::Notified(id)
+            | Change::Refund { id, .. }
+            | Change::Deferred { id, .. } => *id,
         }
     }
 }
@@ -159,6 +183,11 @@ pub trait OrderStore: Send + Sync + 'static {
                 },
                 Change::Released(id) => self.mark_released(*id).await?,
                 Change::Notified(id) => self.mark_notified(*id).await?,
+                Change::Refund { .. } | Change::Deferred { .. } => {
+                    return Err(Error::Unavailable(
+                        "this store records refunds and deferrals only in apply_batch".into(),
+                    ))
+                }
             });
         }
         Ok(out)
@@ -173,6 +202,18 @@ pub trait OrderStore: Send + Sync + 'static {
     async fn get_order(&self, id: OrderId) -> Result<Option<Order>>;
     /// Orders in any of `statuses`, oldest first, at most `limit`.
     async fn orders_in_status(&self, statuses: &[OrderStatus], limit: usize) -> Result<Vec<Order>>;
+    /// Orders in any of `statuses` that are due at `now` (no [`Change::Deferred`] recorded,
+    /// or its `retry_after` not after `now`), oldest accepted first, at most `limit` (the
+    /// sweep's pick-up: an order waiting out a backoff stays waiting across a restart).
+    async fn orders_due(
+        &self,
+        statuses: &[OrderStatus],
+        now: Timestamp,
+        limit: usize,
+    ) -> Result<Vec<Order>>;
+    /// Orders whose refund is [`RefundState::Owed`], oldest accepted first, at most
+    /// `limit` (the refunds the sweep retries).
+    async fn refunds_owed(&self, limit: usize) -> Result<Vec<Order>>;
     /// Final orders whose release (if they release stock) or notification is still owed.
     async fn unfinished_followups(&self, limit: usize) -> Result<Vec<Order>>;
     /// Every order of a sale (for reconciliation and reports).

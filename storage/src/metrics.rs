@@ -10,21 +10,25 @@
 //! for Postgres (every database summed), the readers and the writer's queue for SQLite.
 
 use crate::{
-    Change, Checkpoint, NewOrder, Order, OrderEvent, OrderId, OrderStatus, OrderStore, Result,
-    Sale, SaleId, SaleTotals, Timestamp,
+    Change, Checkpoint, Error, NewOrder, Order, OrderEvent, OrderId, OrderStatus, OrderStore,
+    Result, Sale, SaleId, SaleTotals, Timestamp,
 };
 use async_trait::async_trait;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
+use std::future::Future;
 use std::sync::{LazyLock, Mutex, OnceLock, PoisonError, Weak};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// Name of the store-call histogram.
 pub const STORE_DURATION: &str = "flashsale_store_duration_seconds";
+/// Name of the counter of store calls cut off by their deadline.
+pub const STORE_DEADLINE_EXCEEDED: &str = "flashsale_store_deadline_exceeded_total";
 /// Name of the pool-connection gauge.
 pub const POOL_CONNECTIONS: &str = "flashsale_store_pool_connections";
 /// Name of the pool-waiting gauge.
@@ -57,6 +61,10 @@ pub enum Op {
     GetOrder,
     /// `orders_in_status`
     OrdersInStatus,
+    /// `orders_due`
+    OrdersDue,
+    /// `refunds_owed`
+    RefundsOwed,
     /// `unfinished_followups`
     UnfinishedFollowups,
     /// `orders_of_sale`
@@ -75,7 +83,7 @@ pub enum Op {
 
 impl Op {
     /// Every operation, in the order of [`Op::index`].
-    pub const ALL: [Op; 19] = [
+    pub const ALL: [Op; 21] = [
         Op::CreateSale,
         Op::GetSale,
         Op::ListSales,
@@ -88,6 +96,8 @@ impl Op {
         Op::MarkNotified,
         Op::GetOrder,
         Op::OrdersInStatus,
+        Op::OrdersDue,
+        Op::RefundsOwed,
         Op::UnfinishedFollowups,
         Op::OrdersOfSale,
         Op::SaleTotals,
@@ -112,6 +122,8 @@ impl Op {
             Op::MarkNotified => "mark_notified",
             Op::GetOrder => "get_order",
             Op::OrdersInStatus => "orders_in_status",
+            Op::OrdersDue => "orders_due",
+            Op::RefundsOwed => "refunds_owed",
             Op::UnfinishedFollowups => "unfinished_followups",
             Op::OrdersOfSale => "orders_of_sale",
             Op::SaleTotals => "sale_totals",
@@ -143,6 +155,7 @@ type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 struct StoreMetrics {
     duration: HistogramFamily<OpLabel>,
+    deadline_exceeded: Family<OpLabel, Counter>,
     /// One handle per operation, created at its first call (no label lookup after; an
     /// operation never called has no series).
     by_op: [OnceLock<Histogram>; Op::ALL.len()],
@@ -150,6 +163,7 @@ struct StoreMetrics {
 
 static METRICS: LazyLock<StoreMetrics> = LazyLock::new(|| StoreMetrics {
     duration: Family::new_with_constructor(duration_histogram),
+    deadline_exceeded: Family::default(),
     by_op: std::array::from_fn(|_| OnceLock::new()),
 });
 
@@ -239,6 +253,11 @@ pub fn register(registry: &mut Registry) {
         "Time of one store call, by operation",
         METRICS.duration.clone(),
     );
+    registry.register(
+        STORE_DEADLINE_EXCEEDED.trim_end_matches("_total"),
+        "Store calls failed because they did not finish within store.call_timeout, by operation",
+        METRICS.deadline_exceeded.clone(),
+    );
     registry.register_collector(Box::new(PoolCollector));
 }
 
@@ -269,16 +288,44 @@ impl Drop for Timer {
     }
 }
 
-/// An [`OrderStore`] whose every call is timed in `flashsale_store_duration_seconds{op}`.
+/// An [`OrderStore`] whose every call is timed in `flashsale_store_duration_seconds{op}`
+/// and bounded by a deadline: a call that has not returned by then fails with
+/// [`Error::Unavailable`] and counts in `flashsale_store_deadline_exceeded_total{op}`.
+///
+/// The deadline is what stops a backend that hangs (a Postgres server stopped, not gone: its
+/// connections stay open and TCP never gives up) from holding a caller forever. A write cut
+/// off by it may still commit: every write of the store is idempotent or conditional, so
+/// the caller's retry (the settler's sweep, the ingest's next request) is safe.
 #[derive(Debug)]
 pub struct Metered<S> {
     inner: S,
+    deadline: Duration,
 }
 
 impl<S: OrderStore> Metered<S> {
-    /// Wraps `inner`.
-    pub fn new(inner: S) -> Self {
-        Metered { inner }
+    /// Wraps `inner`, each call bounded by `deadline`.
+    pub fn new(inner: S, deadline: Duration) -> Self {
+        Metered { inner, deadline }
+    }
+
+    /// Runs one call of `op`: timed, and failed once `deadline` is over.
+    async fn call<T>(&self, op: Op, call: impl Future<Output = Result<T>>) -> Result<T> {
+        let _t = Timer::start(op);
+        match tokio::time::timeout(self.deadline, call).await {
+            Ok(result) => result,
+            Err(_) => {
+                METRICS
+                    .deadline_exceeded
+                    .get_or_create(&OpLabel { op: op.as_str() })
+                    .inc();
+                Err(Error::Unavailable(format!(
+                    "store call {} did not finish within its deadline of {:?} \
+                     (store.call_timeout)",
+                    op.as_str(),
+                    self.deadline
+                )))
+            }
+        }
     }
 
     /// The wrapped store.
@@ -290,23 +337,21 @@ impl<S: OrderStore> Metered<S> {
 #[async_trait]
 impl<S: OrderStore> OrderStore for Metered<S> {
     async fn create_sale(&self, sale: &Sale) -> Result<()> {
-        let _t = Timer::start(Op::CreateSale);
-        self.inner.create_sale(sale).await
+        self.call(Op::CreateSale, self.inner.create_sale(sale))
+            .await
     }
 
     async fn get_sale(&self, id: &SaleId) -> Result<Option<Sale>> {
-        let _t = Timer::start(Op::GetSale);
-        self.inner.get_sale(id).await
+        self.call(Op::GetSale, self.inner.get_sale(id)).await
     }
 
     async fn list_sales(&self) -> Result<Vec<Sale>> {
-        let _t = Timer::start(Op::ListSales);
-        self.inner.list_sales().await
+        self.call(Op::ListSales, self.inner.list_sales()).await
     }
 
     async fn add_stock(&self, id: &SaleId, units: u32) -> Result<Sale> {
-        let _t = Timer::start(Op::AddStock);
-        self.inner.add_stock(id, units).await
+        self.call(Op::AddStock, self.inner.add_stock(id, units))
+            .await
     }
 
     async fn persist_batch(
@@ -314,13 +359,16 @@ impl<S: OrderStore> OrderStore for Metered<S> {
         orders: &[NewOrder],
         checkpoint: Option<&Checkpoint>,
     ) -> Result<usize> {
-        let _t = Timer::start(Op::PersistBatch);
-        self.inner.persist_batch(orders, checkpoint).await
+        self.call(
+            Op::PersistBatch,
+            self.inner.persist_batch(orders, checkpoint),
+        )
+        .await
     }
 
     async fn checkpoint(&self, consumer: &str, partition: u32) -> Result<Option<u64>> {
-        let _t = Timer::start(Op::Checkpoint);
-        self.inner.checkpoint(consumer, partition).await
+        self.call(Op::Checkpoint, self.inner.checkpoint(consumer, partition))
+            .await
     }
 
     async fn transition(
@@ -330,68 +378,90 @@ impl<S: OrderStore> OrderStore for Metered<S> {
         to: OrderStatus,
         charge_id: Option<&str>,
     ) -> Result<bool> {
-        let _t = Timer::start(Op::Transition);
-        self.inner.transition(id, from, to, charge_id).await
+        self.call(
+            Op::Transition,
+            self.inner.transition(id, from, to, charge_id),
+        )
+        .await
     }
 
     async fn apply_batch(&self, changes: &[Change]) -> Result<Vec<bool>> {
-        let _t = Timer::start(Op::ApplyBatch);
-        self.inner.apply_batch(changes).await
+        self.call(Op::ApplyBatch, self.inner.apply_batch(changes))
+            .await
     }
 
     async fn mark_released(&self, id: OrderId) -> Result<bool> {
-        let _t = Timer::start(Op::MarkReleased);
-        self.inner.mark_released(id).await
+        self.call(Op::MarkReleased, self.inner.mark_released(id))
+            .await
     }
 
     async fn mark_notified(&self, id: OrderId) -> Result<bool> {
-        let _t = Timer::start(Op::MarkNotified);
-        self.inner.mark_notified(id).await
+        self.call(Op::MarkNotified, self.inner.mark_notified(id))
+            .await
     }
 
     async fn get_order(&self, id: OrderId) -> Result<Option<Order>> {
-        let _t = Timer::start(Op::GetOrder);
-        self.inner.get_order(id).await
+        self.call(Op::GetOrder, self.inner.get_order(id)).await
     }
 
     async fn orders_in_status(&self, statuses: &[OrderStatus], limit: usize) -> Result<Vec<Order>> {
-        let _t = Timer::start(Op::OrdersInStatus);
-        self.inner.orders_in_status(statuses, limit).await
+        self.call(
+            Op::OrdersInStatus,
+            self.inner.orders_in_status(statuses, limit),
+        )
+        .await
+    }
+
+    async fn orders_due(
+        &self,
+        statuses: &[OrderStatus],
+        now: Timestamp,
+        limit: usize,
+    ) -> Result<Vec<Order>> {
+        self.call(Op::OrdersDue, self.inner.orders_due(statuses, now, limit))
+            .await
+    }
+
+    async fn refunds_owed(&self, limit: usize) -> Result<Vec<Order>> {
+        self.call(Op::RefundsOwed, self.inner.refunds_owed(limit))
+            .await
     }
 
     async fn unfinished_followups(&self, limit: usize) -> Result<Vec<Order>> {
-        let _t = Timer::start(Op::UnfinishedFollowups);
-        self.inner.unfinished_followups(limit).await
+        self.call(
+            Op::UnfinishedFollowups,
+            self.inner.unfinished_followups(limit),
+        )
+        .await
     }
 
     async fn orders_of_sale(&self, sale: &SaleId) -> Result<Vec<Order>> {
-        let _t = Timer::start(Op::OrdersOfSale);
-        self.inner.orders_of_sale(sale).await
+        self.call(Op::OrdersOfSale, self.inner.orders_of_sale(sale))
+            .await
     }
 
     async fn sale_totals(&self, sale: &SaleId) -> Result<SaleTotals> {
-        let _t = Timer::start(Op::SaleTotals);
-        self.inner.sale_totals(sale).await
+        self.call(Op::SaleTotals, self.inner.sale_totals(sale))
+            .await
     }
 
     async fn pending_since(&self, before: Timestamp, limit: usize) -> Result<Vec<Order>> {
-        let _t = Timer::start(Op::PendingSince);
-        self.inner.pending_since(before, limit).await
+        self.call(Op::PendingSince, self.inner.pending_since(before, limit))
+            .await
     }
 
     async fn unpublished_events(&self, limit: usize) -> Result<Vec<OrderEvent>> {
-        let _t = Timer::start(Op::UnpublishedEvents);
-        self.inner.unpublished_events(limit).await
+        self.call(Op::UnpublishedEvents, self.inner.unpublished_events(limit))
+            .await
     }
 
     async fn mark_published(&self, events: &[(OrderId, OrderStatus)]) -> Result<usize> {
-        let _t = Timer::start(Op::MarkPublished);
-        self.inner.mark_published(events).await
+        self.call(Op::MarkPublished, self.inner.mark_published(events))
+            .await
     }
 
     async fn ping(&self) -> Result<()> {
-        let _t = Timer::start(Op::Ping);
-        self.inner.ping().await
+        self.call(Op::Ping, self.inner.ping()).await
     }
 }
 

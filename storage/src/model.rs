@@ -553,6 +553,73 @@ pub struct Order {
     pub released_at: Option<Timestamp>,
     /// When the buyer was notified of the final outcome.
     pub notified_at: Option<Timestamp>,
+    /// The refund of a charge that landed after the order was void (`payment_failed` or
+    /// `expired`), once one is owed; the charge refunded is `charge_id`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refund: Option<RefundState>,
+    /// Charge attempts of this unsettled order that failed at the provider (an error, not
+    /// a decline).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub failed_attempts: u32,
+    /// After a failed attempt: the sweep does not try the order's charge before this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_after: Option<Timestamp>,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
+/// Where the refund of a late charge stands. A charge that succeeds for an order already
+/// void (its stock given back) is owed back to the buyer: the settler records `owed` with
+/// the charge id before it asks the provider, and `refunded` or `refused` after, so a
+/// refund owed survives a restart and the sweep finishes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RefundState {
+    /// Not refunded yet: the sweep retries it.
+    Owed,
+    /// The provider refunded the charge.
+    Refunded,
+    /// The provider refused the refund: an operator must settle it (reconcile reports it).
+    Refused,
+}
+
+impl RefundState {
+    /// Every state.
+    pub const ALL: [RefundState; 3] = [
+        RefundState::Owed,
+        RefundState::Refunded,
+        RefundState::Refused,
+    ];
+
+    /// The stored name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RefundState::Owed => "owed",
+            RefundState::Refunded => "refunded",
+            RefundState::Refused => "refused",
+        }
+    }
+}
+
+impl fmt::Display for RefundState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for RefundState {
+    type Err = InvalidValue;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        RefundState::ALL
+            .into_iter()
+            .find(|st| st.as_str() == s)
+            .ok_or(InvalidValue {
+                field: "refund_state",
+                reason: "unknown refund state",
+            })
+    }
 }
 
 /// A status change of an order, as published to `flashsale.order-events.v1`. Its identity

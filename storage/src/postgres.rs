@@ -577,8 +577,8 @@ impl PgStore {
         let select = tx
             .prepare_cached(
                 "SELECT order_id, status, released_at IS NOT NULL, notified_at IS NOT NULL, \
-                 sale_id, quantity FROM orders WHERE order_id = ANY($1) ORDER BY order_id \
-                 FOR UPDATE",
+                 sale_id, quantity, refund_state, failed_attempts FROM orders \
+                 WHERE order_id = ANY($1) ORDER BY order_id FOR UPDATE",
             )
             .await
             .map_err(err)?;
@@ -593,6 +593,14 @@ impl PgStore {
                     status: status.parse().map_err(corrupt)?,
                     released: row.try_get(2).map_err(corrupt)?,
                     notified: row.try_get(3).map_err(corrupt)?,
+                    refund: row
+                        .try_get::<_, Option<String>>(6)
+                        .map_err(corrupt)?
+                        .map(|s| s.parse())
+                        .transpose()
+                        .map_err(corrupt)?,
+                    failed_attempts: u32::try_from(row.try_get::<_, i32>(7).map_err(corrupt)?)
+                        .map_err(corrupt)?,
                 },
             );
             let quantity: i32 = row.try_get(5).map_err(corrupt)?;
@@ -614,7 +622,16 @@ impl PgStore {
             let mut u_charge = Vec::with_capacity(n);
             let mut u_released = Vec::with_capacity(n);
             let mut u_notified = Vec::with_capacity(n);
+            let mut u_refund = Vec::with_capacity(n);
+            let mut u_failed = Vec::with_capacity(n);
+            let mut u_retry = Vec::with_capacity(n);
             for u in &plan.updates {
+                u_refund.push(u.refund_str());
+                u_failed.push(
+                    u.failed_attempts
+                        .map(|n| i32::try_from(n).unwrap_or(i32::MAX)),
+                );
+                u_retry.push(u.retry_after);
                 u_ids.push(u.id.0);
                 u_status.push(u.status.as_str());
                 u_updated.push(u.updated_at);
@@ -628,10 +645,14 @@ impl PgStore {
                      updated_at = coalesce(u.updated_at, o.updated_at), \
                      charge_id = coalesce(u.charge_id, o.charge_id), \
                      released_at = coalesce(u.released_at, o.released_at), \
-                     notified_at = coalesce(u.notified_at, o.notified_at) \
+                     notified_at = coalesce(u.notified_at, o.notified_at), \
+                     refund_state = coalesce(u.refund_state, o.refund_state), \
+                     failed_attempts = coalesce(u.failed_attempts, o.failed_attempts), \
+                     retry_after = coalesce(u.retry_after, o.retry_after) \
                      FROM UNNEST($1::uuid[], $2::text[], $3::int8[], $4::text[], $5::int8[], \
-                     $6::int8[]) AS u(order_id, status, updated_at, charge_id, released_at, \
-                     notified_at) \
+                     $6::int8[], $7::text[], $8::int4[], $9::int8[]) AS u(order_id, status, \
+                     updated_at, charge_id, released_at, notified_at, refund_state, \
+                     failed_attempts, retry_after) \
                      WHERE o.order_id = u.order_id",
                 )
                 .await
@@ -645,6 +666,9 @@ impl PgStore {
                     &u_charge,
                     &u_released,
                     &u_notified,
+                    &u_refund,
+                    &u_failed,
+                    &u_retry,
                 ],
             )
             .await
@@ -755,9 +779,9 @@ fn write_error(db: Db, e: tokio_postgres::Error) -> Error {
 
 const ORDER_COLUMNS: &str = "order_id, sale_id, user_id, quantity, amount_minor, currency, \
      sequence, idempotency_key, payment_token, status, accepted_at, charge_id, released_at, \
-     notified_at";
+     notified_at, refund_state, failed_attempts, retry_after";
 /// Column index of the sort key that every order listing selects after [`ORDER_COLUMNS`].
-const SORT_KEY: usize = 14;
+const SORT_KEY: usize = 17;
 
 fn order_from_row(row: &Row) -> Result<Order> {
     let s = |i: usize| row.try_get::<_, String>(i).map_err(corrupt);
@@ -785,6 +809,15 @@ fn order_from_row(row: &Row) -> Result<Order> {
         charge_id: row.try_get(11).map_err(corrupt)?,
         released_at: opt_i64(12)?.map(Timestamp),
         notified_at: opt_i64(13)?.map(Timestamp),
+        refund: row
+            .try_get::<_, Option<String>>(14)
+            .map_err(corrupt)?
+            .map(|s| s.parse())
+            .transpose()
+            .map_err(corrupt)?,
+        failed_attempts: u32::try_from(row.try_get::<_, i32>(15).map_err(corrupt)?)
+            .map_err(corrupt)?,
+        retry_after: opt_i64(16)?.map(Timestamp),
     })
 }
 
@@ -801,6 +834,24 @@ fn sale_from_row(row: &Row) -> Result<Sale> {
 /// only from constants (`status = ANY($1)` says nothing about `orders_open`), and a
 /// repeated condition would spoil its row estimates.
 fn orders_in_status_sql(statuses: &[OrderStatus]) -> String {
+    orders_in_status_where(statuses, "")
+}
+
+/// `orders_due` (`$1` = limit, `$2` = now): `orders_in_status`, less the orders waiting out
+/// a deferral.
+fn orders_due_sql(statuses: &[OrderStatus]) -> String {
+    orders_in_status_where(statuses, " AND (retry_after IS NULL OR retry_after <= $2)")
+}
+
+/// `refunds_owed` (`$1` = limit), through `orders_refunds_owed`.
+fn refunds_owed_sql() -> String {
+    format!(
+        "SELECT {ORDER_COLUMNS}, accepted_at FROM orders WHERE refund_state = 'owed' \
+         ORDER BY accepted_at, order_id LIMIT $1"
+    )
+}
+
+fn orders_in_status_where(statuses: &[OrderStatus], and: &str) -> String {
     let list = statuses
         .iter()
         .map(|s| format!("'{}'", s.as_str()))
@@ -812,7 +863,7 @@ fn orders_in_status_sql(statuses: &[OrderStatus]) -> String {
         format!("status IN ({list})")
     };
     format!(
-        "SELECT {ORDER_COLUMNS}, accepted_at FROM orders WHERE {condition} \
+        "SELECT {ORDER_COLUMNS}, accepted_at FROM orders WHERE ({condition}){and} \
          ORDER BY accepted_at, order_id LIMIT $1"
     )
 }
@@ -1051,8 +1102,9 @@ impl OrderStore for PgStore {
             return Ok(None);
         };
         let mut order = order_from_row(row)?;
-        let statuses: Vec<String> = row.try_get(14).map_err(corrupt)?;
-        let ats: Vec<i64> = row.try_get(15).map_err(corrupt)?;
+        // The two arrays follow ORDER_COLUMNS, where a listing's sort key would be.
+        let statuses: Vec<String> = row.try_get(SORT_KEY).map_err(corrupt)?;
+        let ats: Vec<i64> = row.try_get(SORT_KEY + 1).map_err(corrupt)?;
         if statuses.len() != ats.len() {
             return Err(Error::Corrupt(format!(
                 "history of order {id} does not decode"
@@ -1071,6 +1123,22 @@ impl OrderStore for PgStore {
     async fn orders_in_status(&self, statuses: &[OrderStatus], limit: usize) -> Result<Vec<Order>> {
         let sql = orders_in_status_sql(statuses);
         self.merged_orders(&sql, &[&sql_limit(limit)], limit).await
+    }
+
+    async fn orders_due(
+        &self,
+        statuses: &[OrderStatus],
+        now: Timestamp,
+        limit: usize,
+    ) -> Result<Vec<Order>> {
+        let sql = orders_due_sql(statuses);
+        self.merged_orders(&sql, &[&sql_limit(limit), &now.millis()], limit)
+            .await
+    }
+
+    async fn refunds_owed(&self, limit: usize) -> Result<Vec<Order>> {
+        self.merged_orders(&refunds_owed_sql(), &[&sql_limit(limit)], limit)
+            .await
     }
 
     async fn unfinished_followups(&self, limit: usize) -> Result<Vec<Order>> {
@@ -1203,7 +1271,7 @@ mod tests {
     #[test]
     fn both_schemas_are_embedded() {
         assert_eq!(latest_version(&catalog_schema::migrations::runner()), 2);
-        assert_eq!(latest_version(&shard_schema::migrations::runner()), 3);
+        assert_eq!(latest_version(&shard_schema::migrations::runner()), 4);
     }
 
     /// Every sweep query reads through its partial index on a shard holding mostly settled
@@ -1274,10 +1342,14 @@ mod tests {
         let before = Timestamp::now().plus_millis(60_000).millis();
         let open_sql = orders_in_status_sql(&[Persisted, PaymentPending]);
         let persisted_sql = orders_in_status_sql(&[Persisted]);
+        let due_sql = orders_due_sql(&[Persisted, PaymentPending]);
+        let refunds_sql = refunds_owed_sql();
         let (followups, pending) = (followups_sql(), pending_sql());
-        let queries: [(&str, &[&(dyn ToSql + Sync)], &str); 5] = [
+        let queries: [(&str, &[&(dyn ToSql + Sync)], &str); 7] = [
             (&open_sql, &[&limit], "orders_open"),
             (&persisted_sql, &[&limit], "orders_open"),
+            (&due_sql, &[&limit, &before], "orders_open"),
+            (&refunds_sql, &[&limit], "orders_refunds_owed"),
             (&followups, &[&limit], "orders_followups"),
             (&pending, &[&before, &limit], "orders_pending"),
             (UNPUBLISHED_SQL, &[&limit], "order_history_unpublished"),

@@ -69,6 +69,7 @@ fn migrations() -> Migrations<'static> {
         M::up(include_str!("../migrations/0002_outbox.sql")),
         M::up(include_str!("../migrations/0003_sweep_indexes.sql")),
         M::up(include_str!("../migrations/0004_sale_totals.sql")),
+        M::up(include_str!("../migrations/0005_refunds_and_retries.sql")),
     ])
 }
 
@@ -454,7 +455,7 @@ fn sale_from_row(body: String, stock: i64) -> Result<Sale> {
 
 const ORDER_COLUMNS: &str = "order_id, sale_id, user_id, quantity, amount_minor, currency, \
      sequence, idempotency_key, payment_token, status, accepted_at, charge_id, released_at, \
-     notified_at";
+     notified_at, refund_state, failed_attempts, retry_after";
 
 fn corrupt(e: impl std::fmt::Display) -> Error {
     Error::Corrupt(e.to_string())
@@ -489,6 +490,17 @@ fn order_from_row(row: &Row<'_>) -> Result<Order> {
             .get::<_, Option<i64>>(13)
             .map_err(corrupt)?
             .map(Timestamp),
+        refund: row
+            .get::<_, Option<String>>(14)
+            .map_err(corrupt)?
+            .map(|s| s.parse())
+            .transpose()
+            .map_err(corrupt)?,
+        failed_attempts: row.get(15).map_err(corrupt)?,
+        retry_after: row
+            .get::<_, Option<i64>>(16)
+            .map_err(corrupt)?
+            .map(Timestamp),
     })
 }
 
@@ -519,6 +531,24 @@ const OPEN: [OrderStatus; 2] = [OrderStatus::Persisted, OrderStatus::PaymentPend
 /// SQLite can use `orders_open` (it proves a partial index usable only from terms that
 /// appear in the query as they appear in the index).
 fn orders_in_status_sql(statuses: &[OrderStatus]) -> String {
+    orders_in_status_where(statuses, "")
+}
+
+/// `orders_due` (`?1` = limit, `?2` = now): `orders_in_status`, less the orders waiting out
+/// a deferral.
+fn orders_due_sql(statuses: &[OrderStatus]) -> String {
+    orders_in_status_where(statuses, " AND (retry_after IS NULL OR retry_after <= ?2)")
+}
+
+/// `refunds_owed` (`?1` = limit), through `orders_refunds_owed`.
+fn refunds_owed_sql() -> String {
+    format!(
+        "SELECT {ORDER_COLUMNS} FROM orders INDEXED BY orders_refunds_owed \
+         WHERE refund_state = 'owed' ORDER BY accepted_at LIMIT ?1"
+    )
+}
+
+fn orders_in_status_where(statuses: &[OrderStatus], and: &str) -> String {
     let open = !statuses.is_empty() && statuses.iter().all(|s| OPEN.contains(s));
     let (index, guard) = if open {
         (
@@ -529,7 +559,7 @@ fn orders_in_status_sql(statuses: &[OrderStatus]) -> String {
         ("", "")
     };
     format!(
-        "SELECT {ORDER_COLUMNS} FROM orders{index} WHERE {guard}status IN ({}) \
+        "SELECT {ORDER_COLUMNS} FROM orders{index} WHERE {guard}status IN ({}){and} \
          ORDER BY accepted_at LIMIT ?1",
         status_list(statuses)
     )
@@ -569,7 +599,7 @@ fn apply_changes(c: &Connection, changes: &[Change], now: i64) -> Result<Vec<boo
         let mut select = c
             .prepare_cached(
                 "SELECT status, released_at IS NOT NULL, notified_at IS NOT NULL, sale_id, \
-                 quantity FROM orders WHERE order_id = ?1",
+                 quantity, refund_state, failed_attempts FROM orders WHERE order_id = ?1",
             )
             .map_err(unavailable)?;
         for id in batch::touched(changes) {
@@ -581,17 +611,22 @@ fn apply_changes(c: &Connection, changes: &[Change], now: i64) -> Result<Vec<boo
                         r.get::<_, bool>(2)?,
                         r.get::<_, String>(3)?,
                         r.get::<_, u32>(4)?,
+                        r.get::<_, Option<String>>(5)?,
+                        r.get::<_, u32>(6)?,
                     ))
                 })
                 .optional()
                 .map_err(unavailable)?;
-            if let Some((status, released, notified, sale, quantity)) = row {
+            if let Some((status, released, notified, sale, quantity, refund, failed_attempts)) = row
+            {
                 current.insert(
                     id,
                     Current {
                         status: status.parse().map_err(corrupt)?,
                         released,
                         notified,
+                        refund: refund.map(|r| r.parse()).transpose().map_err(corrupt)?,
+                        failed_attempts,
                     },
                 );
                 orders.insert(id, (sale, quantity));
@@ -605,7 +640,10 @@ fn apply_changes(c: &Connection, changes: &[Change], now: i64) -> Result<Vec<boo
             .prepare_cached(
                 "UPDATE orders SET status = ?2, updated_at = coalesce(?3, updated_at), \
                  charge_id = coalesce(?4, charge_id), released_at = coalesce(?5, released_at), \
-                 notified_at = coalesce(?6, notified_at) WHERE order_id = ?1",
+                 notified_at = coalesce(?6, notified_at), \
+                 refund_state = coalesce(?7, refund_state), \
+                 failed_attempts = coalesce(?8, failed_attempts), \
+                 retry_after = coalesce(?9, retry_after) WHERE order_id = ?1",
             )
             .map_err(unavailable)?;
         for u in &plan.updates {
@@ -617,6 +655,9 @@ fn apply_changes(c: &Connection, changes: &[Change], now: i64) -> Result<Vec<boo
                     u.charge_id,
                     u.released_at,
                     u.notified_at,
+                    u.refund_str(),
+                    u.failed_attempts,
+                    u.retry_after,
                 ])
                 .map_err(write_error)?;
         }
@@ -921,6 +962,22 @@ impl OrderStore for SqliteStore {
             .await
     }
 
+    async fn orders_due(
+        &self,
+        statuses: &[OrderStatus],
+        now: Timestamp,
+        limit: usize,
+    ) -> Result<Vec<Order>> {
+        let sql = orders_due_sql(statuses);
+        self.read(move |c| query_orders(c, &sql, params![limit as i64, now.millis()]))
+            .await
+    }
+
+    async fn refunds_owed(&self, limit: usize) -> Result<Vec<Order>> {
+        self.read(move |c| query_orders(c, &refunds_owed_sql(), params![limit as i64]))
+            .await
+    }
+
     async fn unfinished_followups(&self, limit: usize) -> Result<Vec<Order>> {
         self.read(move |c| query_orders(c, &followups_sql(), params![limit as i64]))
             .await
@@ -1100,6 +1157,8 @@ mod tests {
         let queries = [
             (orders_in_status_sql(&OPEN), "orders_open"),
             (orders_in_status_sql(&[Persisted]), "orders_open"),
+            (orders_due_sql(&OPEN), "orders_open"),
+            (refunds_owed_sql(), "orders_refunds_owed"),
             (followups_sql(), "orders_followups"),
             (pending_sql(), "orders_pending"),
             (UNPUBLISHED_SQL.to_owned(), "order_history_unpublished"),

@@ -60,10 +60,14 @@ async fn check(store: &dyn OrderStore, shard_of: ShardOf<'_>) {
     totals_agree_with_the_orders(store).await;
     totals_through_replays_failures_and_concurrency(store).await;
     totals_agree_with_the_orders(store).await;
+    refunds_and_retries(store).await;
+    totals_agree_with_the_orders(store).await;
 }
 
 /// Every sale id the sections write orders for (some have no catalog entry).
-const SALES: [&str; 6] = ["s1", "many", "batch", "split", "outage", "totals"];
+const SALES: [&str; 7] = [
+    "s1", "many", "batch", "split", "outage", "totals", "refunds",
+];
 
 /// What `sale_totals` must answer: a count of the sale's orders as they are stored.
 async fn recount(store: &dyn OrderStore, sale: &SaleId) -> SaleTotals {
@@ -207,6 +211,144 @@ fn status(id: OrderId, from: OrderStatus, to: OrderStatus, charge_id: Option<&st
         to,
         charge_id: charge_id.map(str::to_owned),
     }
+}
+
+/// A refund owed for a late charge and a charge attempt deferred are state of the order:
+/// recorded by `apply_batch` under their preconditions, read back by `get_order`, listed by
+/// `refunds_owed` and honoured by `orders_due`, and a replay changes nothing.
+async fn refunds_and_retries(store: &dyn OrderStore) {
+    use OrderStatus::*;
+    store.create_sale(&sale("refunds")).await.expect("create");
+    let t0 = Timestamp::now().plus_millis(-60_000);
+    let orders: Vec<NewOrder> = (0..4)
+        .map(|i| order("refunds", i, 1, t0.plus_millis(i as i64)))
+        .collect();
+    store.persist_batch(&orders, None).await.expect("persist");
+    let [void, paid, waiting, fresh] = [0, 1, 2, 3].map(|i| orders[i].order_id);
+    let setup = vec![
+        status(void, Persisted, PaymentPending, None),
+        status(void, PaymentPending, Expired, None),
+        Change::Released(void),
+        status(paid, Persisted, PaymentPending, None),
+        status(paid, PaymentPending, Paid, Some("ch_paid")),
+        status(waiting, Persisted, PaymentPending, None),
+    ];
+    assert!(store
+        .apply_batch(&setup)
+        .await
+        .expect("setup")
+        .iter()
+        .all(|a| *a));
+    assert!(store.refunds_owed(10).await.expect("none owed").is_empty());
+    let fresh_order = store.get_order(fresh).await.expect("get").expect("order");
+    assert_eq!(
+        (
+            fresh_order.refund,
+            fresh_order.failed_attempts,
+            fresh_order.retry_after
+        ),
+        (None, 0, None)
+    );
+
+    let refund = |id, state, charge: Option<&str>| Change::Refund {
+        id,
+        state,
+        charge_id: charge.map(str::to_owned),
+    };
+    let later = Timestamp::now().plus_millis(3_600_000);
+    let changes = vec![
+        refund(void, RefundState::Owed, Some("ch_late")),
+        refund(paid, RefundState::Owed, Some("ch_other")), // paid: nothing owed
+        Change::Deferred {
+            id: waiting,
+            retry_after: later,
+        },
+        Change::Deferred {
+            id: paid,
+            retry_after: later,
+        }, // final
+    ];
+    let applied = store.apply_batch(&changes).await.expect("record");
+    assert_eq!(applied, vec![true, false, true, false]);
+    // A replay: the refund is owed already; a deferral counts one more failed attempt.
+    let replay = store.apply_batch(&changes[..1]).await.expect("replay");
+    assert_eq!(replay, vec![false]);
+
+    let v = store.get_order(void).await.expect("get").expect("void");
+    assert_eq!(v.refund, Some(RefundState::Owed));
+    assert_eq!(v.charge_id.as_deref(), Some("ch_late"));
+    assert_eq!(v.status, Expired, "a refund is not a status change");
+    let p = store.get_order(paid).await.expect("get").expect("paid");
+    assert_eq!((p.refund, p.charge_id.as_deref()), (None, Some("ch_paid")));
+    assert_eq!((p.failed_attempts, p.retry_after), (0, None));
+    let w = store
+        .get_order(waiting)
+        .await
+        .expect("get")
+        .expect("waiting");
+    assert_eq!((w.failed_attempts, w.retry_after), (1, Some(later)));
+    assert_eq!(
+        ids(&store.refunds_owed(10).await.expect("owed")),
+        vec![void]
+    );
+    assert!(store.refunds_owed(0).await.expect("limit").is_empty());
+
+    // Only the orders that are due: `waiting` is not before `later`.
+    let open = [Persisted, PaymentPending];
+    let sale_id = SaleId::parse("refunds").expect("id");
+    let due = |now: Timestamp| {
+        let sale_id = sale_id.clone();
+        async move {
+            let due = store.orders_due(&open, now, 10_000).await.expect("due");
+            due.into_iter()
+                .filter(|o| o.new.sale_id == sale_id)
+                .map(|o| o.new.order_id)
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(due(Timestamp::now()).await, vec![fresh]);
+    assert_eq!(due(later).await, vec![waiting, fresh]);
+    let again = Change::Deferred {
+        id: waiting,
+        retry_after: later.plus_millis(1),
+    };
+    assert_eq!(
+        store.apply_batch(&[again]).await.expect("again"),
+        vec![true]
+    );
+    let w = store
+        .get_order(waiting)
+        .await
+        .expect("get")
+        .expect("waiting");
+    assert_eq!(
+        (w.failed_attempts, w.retry_after),
+        (2, Some(later.plus_millis(1)))
+    );
+    assert_eq!(due(later).await, vec![fresh]);
+
+    // Settled once: refunded, then nothing moves it.
+    let settled = vec![
+        refund(void, RefundState::Refunded, None),
+        refund(void, RefundState::Refused, None),
+    ];
+    assert_eq!(
+        store.apply_batch(&settled).await.expect("settle"),
+        vec![true, false]
+    );
+    let v = store.get_order(void).await.expect("get").expect("void");
+    assert_eq!(v.refund, Some(RefundState::Refunded));
+    assert_eq!(v.charge_id.as_deref(), Some("ch_late"));
+    assert!(store.refunds_owed(10).await.expect("owed").is_empty());
+    let listed = store
+        .orders_of_sale(&SaleId::parse("refunds").expect("id"))
+        .await
+        .expect("sale");
+    let listed_void = listed
+        .iter()
+        .find(|o| o.new.order_id == void)
+        .expect("listed");
+    assert_eq!(listed_void.refund, Some(RefundState::Refunded));
 }
 
 /// The orders as stored (with their history), in the order of `ids`.
@@ -1037,6 +1179,77 @@ mod postgres {
                 .expect("again"),
             orders
         );
+    }
+
+    /// A shard that hangs (SIGSTOP: its connections stay open, nothing is answered, TCP
+    /// never gives up) fails each call at the store's deadline instead of holding it for as
+    /// long as the server is stopped; the other shard keeps answering, and once the shard
+    /// resumes the calls work again and a write cut off by the deadline can be repeated.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_hung_shard_fails_calls_at_their_deadline() {
+        use storage::metrics::Metered;
+        use OrderStatus::*;
+        let mut pg = testkit::PostgresCluster::start(2);
+        let store = Metered::new(migrated(&pg).await, Duration::from_secs(1));
+        store.create_sale(&sale("hung")).await.expect("sale");
+        let orders: Vec<_> = (0..32)
+            .map(|i| order("hung", i, 1, Timestamp::now()))
+            .collect();
+        store.persist_batch(&orders, None).await.expect("persist");
+        let on = |shard| {
+            orders
+                .iter()
+                .find(|o| store.inner().shard_of(o.order_id) == shard)
+                .expect("an order on each shard")
+                .order_id
+        };
+        let (healthy, hung) = (on(0), on(1));
+        let pending = [status(hung, Persisted, PaymentPending, None)];
+
+        pg.freeze_shard(1);
+        // Without a deadline these wait for as long as the shard is frozen: the outer
+        // timeout only turns such a hang into a failure that says so.
+        let hang = Duration::from_secs(30);
+        let read = tokio::time::timeout(hang, store.get_order(hung))
+            .await
+            .expect("a read of the frozen shard returned");
+        assert!(
+            matches!(&read, Err(Error::Unavailable(m)) if m.contains("deadline")),
+            "{read:?}"
+        );
+        let write = tokio::time::timeout(hang, store.apply_batch(&pending))
+            .await
+            .expect("a write to the frozen shard returned");
+        assert!(matches!(&write, Err(Error::Unavailable(_))), "{write:?}");
+        let other = tokio::time::timeout(hang, store.get_order(healthy))
+            .await
+            .expect("a read of the other shard returned")
+            .expect("the other shard answers");
+        assert_eq!(other.map(|o| o.status), Some(Persisted));
+
+        pg.thaw_shard(1);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(Some(_)) = store.get_order(hung).await {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the thawed shard never answered again"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // The write cut off may have committed after all; repeating it is safe.
+        let again = store.apply_batch(&pending).await.expect("write after thaw");
+        assert_eq!(again.len(), 1);
+        let order = store.get_order(hung).await.expect("get").expect("order");
+        assert_eq!(order.status, PaymentPending);
+        let entered = order
+            .history
+            .iter()
+            .filter(|h| h.status == PaymentPending)
+            .count();
+        assert_eq!(entered, 1, "entered payment_pending once");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -343,9 +343,67 @@ pub struct PostgresServer {
     bin: PathBuf,
     /// `(uid, gid)` to run as, when the tests run as root.
     run_as: Option<(u32, u32)>,
+    /// Frozen by [`PostgresServer::freeze`]: the processes stopped.
+    frozen: Vec<u32>,
+}
+
+/// The processes whose parent is `pid` (from `/proc`).
+fn children_of(pid: u32) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|child| {
+            std::fs::read_to_string(format!("/proc/{child}/stat"))
+                .ok()
+                // `pid (comm) state ppid ...`: the comm may hold spaces, not `)`.
+                .and_then(|stat| {
+                    let rest = &stat[stat.rfind(')')? + 1..];
+                    rest.split_whitespace().nth(1)?.parse::<u32>().ok()
+                })
+                == Some(pid)
+        })
+        .collect()
+}
+
+fn send_signal(sig: &str, pids: &[u32]) {
+    if pids.is_empty() {
+        return;
+    }
+    let ok = Command::new("kill")
+        .arg(sig)
+        .args(pids.iter().map(u32::to_string))
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    assert!(ok, "kill {sig} {pids:?} failed");
 }
 
 impl PostgresServer {
+    /// Freezes it: SIGSTOP to the postmaster and every process it runs (the sessions'
+    /// backends), so connections stay open but nothing is answered and TCP never gives up,
+    /// as with a hung host. [`PostgresServer::thaw`] resumes it; dropping it thaws it first.
+    pub fn freeze(&mut self) {
+        let Some(c) = &self.child else {
+            return;
+        };
+        let postmaster = c.id();
+        // The postmaster first, so it forks nothing after its children are listed.
+        send_signal("-STOP", &[postmaster]);
+        let children = children_of(postmaster);
+        send_signal("-STOP", &children);
+        self.frozen = std::iter::once(postmaster).chain(children).collect();
+    }
+
+    /// Resumes a server stopped by [`PostgresServer::freeze`].
+    pub fn thaw(&mut self) {
+        let frozen = std::mem::take(&mut self.frozen);
+        // The children first, then the postmaster.
+        send_signal("-CONT", &frozen.iter().rev().copied().collect::<Vec<_>>());
+    }
+
     /// Creates a cluster and starts it; panics with a clear message if it cannot.
     pub fn start() -> PostgresServer {
         let bin = postgres_bin_dir();
@@ -369,6 +427,7 @@ impl PostgresServer {
             dir,
             bin,
             run_as,
+            frozen: Vec::new(),
         };
         server.initdb();
         server.spawn();
@@ -570,6 +629,7 @@ impl PostgresServer {
         if self.child.is_none() {
             return;
         }
+        self.thaw();
         self.signal("-QUIT");
         let mut child = self.child.take().unwrap();
         let deadline = Instant::now() + Duration::from_secs(5);
@@ -651,6 +711,16 @@ impl PostgresCluster {
     /// Starts the server of shard `i` again, same port and data.
     pub fn start_shard(&mut self, i: usize) {
         self.servers[i].start_again();
+    }
+
+    /// Freezes the server of shard `i` (see [`PostgresServer::freeze`]).
+    pub fn freeze_shard(&mut self, i: usize) {
+        self.servers[i].freeze();
+    }
+
+    /// Resumes the server of shard `i` after [`PostgresCluster::freeze_shard`].
+    pub fn thaw_shard(&mut self, i: usize) {
+        self.servers[i].thaw();
     }
 }
 

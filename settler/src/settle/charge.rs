@@ -3,14 +3,14 @@
 //! writes and admission calls go through the core's batchers, so concurrent orders share
 //! transactions and round trips.
 
-use super::core::{fresh_order, Core, Job, Work};
+use super::core::{claim, fresh_order, Core, Job, Work};
 use super::stats::SettlerStats;
 use crate::breaker::Permit;
 use crate::metrics::{metrics, Event, CHARGE_QUEUE};
 use crate::provider::{ChargeOutcome, PaymentClient, ProviderError};
 use std::sync::Arc;
 use std::time::Duration;
-use storage::{Change, Order, OrderId, OrderStatus, MAX_CHARGE_ID};
+use storage::{Change, Order, OrderId, OrderStatus, RefundState, MAX_CHARGE_ID};
 use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -214,7 +214,7 @@ impl Core {
             }
             Err(e) => {
                 SettlerStats::add(&self.counters().provider_errors, 1);
-                self.defer(id);
+                self.defer(order).await;
                 if e.is_retryable() {
                     tracing::warn!(order_id = %id, error = %e, "payment provider unavailable; order stays payment_pending");
                 } else {
@@ -229,7 +229,7 @@ impl Core {
             ChargeOutcome::Succeeded { charge_id } if charge_id.len() > MAX_CHARGE_ID => {
                 // The store refuses it (and with it the whole batch): never send it there.
                 SettlerStats::add(&self.counters().provider_errors, 1);
-                self.defer(id);
+                self.defer(order).await;
                 tracing::error!(order_id = %id, len = charge_id.len(), "payment provider answered a charge id longer than the store keeps; order stays payment_pending");
                 return None;
             }
@@ -271,51 +271,94 @@ impl Core {
     }
 
     /// A charge that succeeded for an order already void: give the money back (invariant:
-    /// at most one successful charge per order, none kept for a released order). The
-    /// refund's key is `"{order_id}:refund"`, so retrying it refunds once. A refund that
-    /// fails with a retryable error is kept for the sweep to retry; `permit` (the sweep's
-    /// retries) learns the provider's health.
-    async fn refund(&self, id: OrderId, charge_id: &str, permit: Option<Permit>) {
+    /// at most one successful charge per order, none kept for a released order). The refund
+    /// is an outbox on the order: recorded `owed` with the charge id before the provider is
+    /// asked, `refunded` or `refused` after, so one owed survives a restart and the sweep
+    /// finishes it ([`Core::retry_refunds`]). The refund's key is `"{order_id}:refund"`, so
+    /// retrying it refunds once; `permit` (the sweep's retries) learns the provider's health.
+    /// `true` if the refund is no longer owed (refunded or refused).
+    async fn refund(&self, id: OrderId, charge_id: &str, permit: Option<Permit>) -> bool {
+        let owed = Change::Refund {
+            id,
+            state: RefundState::Owed,
+            charge_id: Some(charge_id.to_owned()),
+        };
+        if let Err(e) = self.write(vec![owed]).await {
+            // Not recorded: the charge is still looked up (and found) when the sweep picks
+            // the order up again, so refund now rather than wait.
+            tracing::warn!(order_id = %id, charge_id, error = %e, "refund owed not recorded");
+        }
         let result = self.payments.refund(id, charge_id).await;
         if let Some(p) = permit {
             p.record(&result);
         }
-        let mut owed = self.refunds_owed.lock();
-        match result {
+        let settled = match result {
             Ok(_) => {
-                owed.remove(&id);
                 SettlerStats::add(&self.counters().refunded, 1);
                 metrics().event(Event::Refunded, 1);
                 tracing::warn!(order_id = %id, charge_id, "late charge of a void order refunded");
+                RefundState::Refunded
             }
             Err(e) if e.is_retryable() => {
-                owed.insert(id, charge_id.to_owned());
                 SettlerStats::add(&self.counters().provider_errors, 1);
                 tracing::error!(order_id = %id, charge_id, error = %e, "refund of a late charge failed; the sweep retries it");
+                return false;
             }
             Err(e) => {
-                owed.remove(&id);
                 SettlerStats::add(&self.counters().provider_errors, 1);
-                tracing::error!(order_id = %id, charge_id, error = %e, "refund of a late charge refused; an operator must settle it");
+                tracing::error!(order_id = %id, charge_id, error = %e, "refund of a late charge refused; an operator must settle it (reconcile reports it)");
+                RefundState::Refused
             }
+        };
+        let done = Change::Refund {
+            id,
+            state: settled,
+            charge_id: None,
+        };
+        if let Err(e) = self.write(vec![done]).await {
+            // Left owed: the sweep asks again, under the same key, and records the answer.
+            tracing::warn!(order_id = %id, charge_id, error = %e, "refund outcome not recorded; the sweep asks again");
         }
-        self.note_refunds_owed(&owed);
+        true
     }
 
-    /// Retries the refunds that failed, while the circuit lets calls through.
-    pub(crate) async fn retry_refunds(&self) {
-        let owed: Vec<(OrderId, String)> = self
-            .refunds_owed
-            .lock()
-            .iter()
-            .map(|(id, charge)| (*id, charge.clone()))
-            .collect();
-        for (id, charge_id) in owed {
+    /// Retries the refunds the store holds as owed, while the circuit lets calls through.
+    pub(crate) async fn retry_refunds(self: &Arc<Self>, limit: usize) {
+        let owed = match self.store.refunds_owed(limit).await {
+            Ok(owed) => owed,
+            Err(e) => {
+                tracing::warn!(error = %e, "sweep: refunds owed not read");
+                return;
+            }
+        };
+        let mut left = owed.len();
+        self.note_refunds_owed(left);
+        for order in owed {
+            let id = order.new.order_id;
+            let Some(charge_id) = order.charge_id else {
+                tracing::error!(order_id = %id, "refund owed without a charge id");
+                continue;
+            };
+            let Some(claim) = claim(self, id) else {
+                continue;
+            };
             let Some(permit) = self.breaker.try_acquire() else {
                 return;
             };
-            self.refund(id, &charge_id, Some(permit)).await;
+            if self.refund(id, &charge_id, Some(permit)).await {
+                left -= 1;
+                self.note_refunds_owed(left);
+            }
+            drop(claim);
         }
+    }
+
+    /// `flashsale`'s count of refunds owed, as the sweep's last read saw it (and settled
+    /// since).
+    fn note_refunds_owed(&self, owed: usize) {
+        self.counters()
+            .refunds_owed
+            .store(owed as u64, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Releases the stock of a failed or expired order and notifies the buyer, each only if

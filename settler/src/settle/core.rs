@@ -44,8 +44,6 @@ pub(crate) struct Core {
     in_flight: Mutex<HashSet<OrderId>>,
     /// Orders whose last charge failed, until they may be tried again.
     backoff: Mutex<HashMap<OrderId, Backoff>>,
-    /// Late charges of void orders whose refund failed: order id to charge id.
-    pub(crate) refunds_owed: Mutex<HashMap<OrderId, String>>,
     /// Woken on every status change, so the publisher runs soon after.
     pub(crate) events_ready: Notify,
     pub(crate) stats: SettlerStats,
@@ -136,7 +134,6 @@ impl Core {
             releases,
             in_flight: Mutex::new(HashSet::new()),
             backoff: Mutex::new(HashMap::new()),
-            refunds_owed: Mutex::new(HashMap::new()),
             events_ready: Notify::new(),
             stats: parts.stats,
             payment_ttl: parts.payment_ttl,
@@ -152,12 +149,6 @@ impl Core {
     /// Tells the publisher a status changed.
     pub(crate) fn changed(&self) {
         self.events_ready.notify_one();
-    }
-
-    pub(crate) fn note_refunds_owed(&self, owed: &HashMap<OrderId, String>) {
-        self.counters()
-            .refunds_owed
-            .store(owed.len() as u64, Ordering::Relaxed);
     }
 
     /// Whether the sweep may try the order's charge again.
@@ -176,23 +167,38 @@ impl Core {
 
     /// Makes an order whose charge failed wait before its next attempt: `backoff_min`
     /// doubling per consecutive failure up to `backoff_max`, the wait drawn from its upper
-    /// half so orders that failed together spread out.
-    pub(crate) fn defer(&self, id: OrderId) {
+    /// half so orders that failed together spread out. The wait is kept here (the sweep
+    /// checks it without a read) and recorded on the order ([`Change::Deferred`]: its
+    /// failed attempts and `retry_after`), so a restarted settler neither forgets it nor
+    /// starts the doubling over; `order.failed_attempts` is what the store held when the
+    /// order was read.
+    pub(crate) async fn defer(&self, order: &Order) {
+        let id = order.new.order_id;
         let now = Instant::now();
-        let mut map = self.backoff.lock();
-        let entry = map.entry(id).or_insert(Backoff {
-            due: now,
-            failures: 0,
-        });
-        entry.failures = entry.failures.saturating_add(1);
-        let max = self.backoff_max.max(self.backoff_min);
-        let wait = self
-            .backoff_min
-            .saturating_mul(1u32 << (entry.failures - 1).min(20))
-            .min(max);
-        let millis = wait.as_millis().min(u128::from(u64::MAX)) as u64;
-        let drawn = rand::rng().random_range(millis / 2..=millis.max(1));
-        entry.due = now + Duration::from_millis(drawn);
+        let drawn = {
+            let mut map = self.backoff.lock();
+            let entry = map.entry(id).or_insert(Backoff {
+                due: now,
+                failures: 0,
+            });
+            entry.failures = entry.failures.max(order.failed_attempts).saturating_add(1);
+            let max = self.backoff_max.max(self.backoff_min);
+            let wait = self
+                .backoff_min
+                .saturating_mul(1u32 << (entry.failures - 1).min(20))
+                .min(max);
+            let millis = wait.as_millis().min(u128::from(u64::MAX)) as u64;
+            let drawn = rand::rng().random_range(millis / 2..=millis.max(1));
+            entry.due = now + Duration::from_millis(drawn);
+            drawn
+        };
+        let deferred = Change::Deferred {
+            id,
+            retry_after: Timestamp::now().plus_millis(i64::try_from(drawn).unwrap_or(i64::MAX)),
+        };
+        if let Err(e) = self.write(vec![deferred]).await {
+            tracing::warn!(order_id = %id, error = %e, "backoff not recorded; kept in memory only");
+        }
     }
 
     /// Forgets backoffs that were due long ago: their orders were finished elsewhere.
@@ -417,5 +423,8 @@ pub(crate) fn fresh_order(new: NewOrder) -> Order {
         charge_id: None,
         released_at: None,
         notified_at: None,
+        refund: None,
+        failed_attempts: 0,
+        retry_after: None,
     }
 }

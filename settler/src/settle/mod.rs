@@ -36,16 +36,20 @@
 //! closes the circuit and the sweep takes up the backlog.
 //!
 //! **Fairness.** An order whose charge failed waits before its next attempt, from
-//! `sweep_interval` doubling up to `order_retry_max`, with jitter (kept in memory). The
-//! sweep reads past the orders waiting, so a pile of orders the provider refuses cannot
-//! starve the others; the expiry ends them.
+//! `sweep_interval` doubling up to `order_retry_max`, with jitter. The wait is recorded on
+//! the order (its failed attempts and `retry_after`, [`storage::Change::Deferred`]) and the
+//! sweep reads only the orders that are due ([`OrderStore::orders_due`]), so a pile of
+//! orders the provider refuses cannot starve the others, and a restarted settler neither
+//! sends them all again at once nor starts their doubling over; the expiry ends them.
 //!
 //! **Expiry.** An order in `payment_pending` for longer than `payment_ttl` is looked up at
 //! the provider instead of being charged again: a charge found settles it; none found
 //! moves it `payment_pending -> expired`, its stock is released once and its buyer told. A
-//! charge that succeeds for an order already void (another worker expired it) is refunded;
-//! a refund that fails is retried by the sweep (in memory only, see
-//! [`StatsSnapshot::refunds_owed`]).
+//! charge that succeeds for an order already void (another worker expired it) is refunded
+//! through an outbox on the order: `refund_state = owed` with the charge id is written
+//! before the provider is asked, `refunded` (or `refused`, which reconcile reports) after;
+//! the sweep retries what the store holds as owed ([`OrderStore::refunds_owed`]), so a
+//! refund owed survives a restart.
 //!
 //! **Notifications go through an outbox.** The order row's `notified_at` is the outbox:
 //! NULL from the write that makes the order final until the notification provider took

@@ -26,9 +26,8 @@ pub struct StatsSnapshot {
     pub notified: u64,
     /// Late successful charges refunded because the order was already void.
     pub refunded: u64,
-    /// Refunds of late charges that failed and wait for a retry by the sweep (now). Kept in
-    /// memory only: the store records no late charge of a void order, so a restart
-    /// forgets them.
+    /// Refunds of late charges the store holds as owed, as the sweep's last read saw them
+    /// (less those settled since): they wait for a retry by the sweep.
     pub refunds_owed: u64,
     /// Records sent to the dead-letter sink.
     pub dead_lettered: u64,

@@ -45,7 +45,7 @@ pub(crate) async fn sweep(
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => return,
-                _ = core.retry_refunds() => {}
+                _ = core.retry_refunds(limit) => {}
             }
         }
         let breaker = core.breaker.state();
@@ -64,15 +64,14 @@ pub(crate) async fn sweep(
                 Ok(orders) => ids.extend(orders.iter().map(|o| o.new.order_id)),
                 Err(e) => tracing::warn!(error = %e, "sweep: stale pending orders not read"),
             }
-            // Read past the orders waiting out a backoff (the oldest, as they keep failing),
-            // so they cannot fill every read and starve the rest.
+            // The store leaves out the orders whose recorded backoff is not over (so a restart
+            // does not send them all at once to a provider that refuses them); read past
+            // those waiting out a backoff recorded here only (its write failed), so they
+            // cannot fill every read and starve the rest.
             let waiting = core.waiting();
             let read = limit.saturating_add(waiting).min(limit.saturating_mul(16));
-            match core
-                .store
-                .orders_in_status(&[OrderStatus::Persisted, OrderStatus::PaymentPending], read)
-                .await
-            {
+            let open = [OrderStatus::Persisted, OrderStatus::PaymentPending];
+            match core.store.orders_due(&open, Timestamp::now(), read).await {
                 Ok(orders) => ids.extend(
                     orders
                         .iter()

@@ -1,0 +1,14 @@
+-- flashsale sharded Postgres store: one shard database, schema 4.
+--
+-- State the settler used to keep in memory, now on the order so a restart keeps it:
+--   refund_state     the refund of a charge that landed after the order was void
+--                    ('owed', 'refunded', 'refused'; the charge is charge_id);
+--   failed_attempts  charge attempts that failed at the provider (errors, not declines);
+--   retry_after      the earliest next attempt (milliseconds) after such a failure.
+ALTER TABLE orders
+    ADD COLUMN refund_state TEXT CHECK (refund_state IN ('owed', 'refunded', 'refused')),
+    ADD COLUMN failed_attempts INTEGER NOT NULL DEFAULT 0,
+    ADD COLUMN retry_after BIGINT;
+
+-- refunds_owed: the refunds the sweep retries (few, and none most of the time).
+CREATE INDEX orders_refunds_owed ON orders (accepted_at, order_id) WHERE refund_state = 'owed';
