@@ -49,6 +49,9 @@ export FLASHSALE_AUTH__OPERATOR_TOKEN="operator-$(random)"
 export FLASHSALE_CONFIG=/dev/null
 unset RUST_LOG
 
+# Created here: the background job opens its redirect only after the fork, and the
+# readiness loop below may read the log before that.
+: >"$WORK/serve.log"
 "$BIN" serve --listen 127.0.0.1:0 --data-dir "$WORK/data" >"$WORK/serve.log" 2>&1 &
 SERVER_PID=$!
 

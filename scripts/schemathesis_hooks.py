@@ -3,6 +3,9 @@
 - An order's quantity is at most its sale's max_quantity_per_order: generated ones are 1.
 - An Idempotency-Key used again with another body is refused (422 idempotency_conflict):
   each valid generated key gets a unique suffix, so a schema-valid order is a new one.
+- Stock added to a sale keeps its total within 100,000,000 units: generated additions are
+  at most 1,000 (out-of-range ones are left to be refused), so that all of a run's fit on
+  the script's sale.
 - A sale's fields depend on each other (max_quantity_per_order <= per_user_limit, which
   defaults to 1; price_cents x max_quantity_per_order within 64 bits; ends_at after
   starts_at, which defaults to now), which JSON Schema cannot
@@ -42,9 +45,20 @@ def map_body(ctx, body):
         if isinstance(q, int) and not isinstance(q, bool) and q > 1:
             body["quantity"] = 1
         return body
+    # A sale holds at most 100,000,000 units in all: the script's sale starts with
+    # 1,000,000, so generated additions are kept small enough that every one of a run fits.
+    # Out-of-range ones (the negative cases) are left as they are, to be refused.
+    if _is(ctx, "POST", "/v1/sales/{id}/stock") and isinstance(body, dict):
+        q = body.get("quantity")
+        if isinstance(q, int) and not isinstance(q, bool) and 1000 < q <= 100_000_000:
+            body["quantity"] = 1000
+        return body
     if not _is(ctx, "POST", "/v1/sales") or not isinstance(body, dict):
         return body
-    limit = body.get("per_user_limit", 1)
+    # An absent per_user_limit and an explicit null both mean the default, 1.
+    limit = body.get("per_user_limit")
+    if limit is None:
+        limit = 1
     most = body.get("max_quantity_per_order")
     if isinstance(limit, int) and isinstance(most, int) and not isinstance(most, bool) and most > limit:
         body["max_quantity_per_order"] = limit

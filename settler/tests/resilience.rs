@@ -354,8 +354,10 @@ async fn every_status_change_is_published_once_in_order() {
     assert_eq!(running.stats.snapshot().events_published, 0);
     sink.set_failing(false);
     let expected = records.len() * 4;
-    wait_until("every change published", DEADLINE, || async {
+    // The counter moves after the sink has the batch and the outbox has marked it.
+    wait_until("every change published and counted", DEADLINE, || async {
         sink.events().len() >= expected
+            && running.stats.snapshot().events_published >= expected as u64
     })
     .await;
     let stats = running.stats.snapshot();
