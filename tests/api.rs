@@ -3,10 +3,11 @@
 
 mod common;
 
-use common::{eventually, Backend, TestApp};
+use common::{Backend, TestApp};
 use jsonwebtoken::{EncodingKey, Header};
 use serde_json::{json, Value};
 use std::time::Duration;
+use testkit::eventually;
 
 async fn post_raw(
     app: &TestApp,

@@ -3,12 +3,13 @@
 
 mod common;
 
-use common::{eventually, TestApp};
+use common::TestApp;
 use serde_json::json;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
+use testkit::eventually;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_buyers_never_oversell() {

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const BIN: &str = env!("CARGO_BIN_EXE_flashsale");
 
@@ -78,18 +78,6 @@ fn token(user: &str) -> String {
         .to_owned()
 }
 
-async fn until<F, Fut>(what: &str, deadline: Duration, mut cond: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let end = Instant::now() + deadline;
-    while !cond().await {
-        assert!(Instant::now() < end, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_orders_survive_kill_9() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -154,7 +142,7 @@ async fn acknowledged_orders_survive_kill_9() {
             }
         });
     }
-    until("500 acknowledged orders", Duration::from_secs(60), || {
+    testkit::eventually("500 acknowledged orders", Duration::from_secs(60), || {
         let n = acked.lock().len();
         async move { n >= 500 }
     })
@@ -172,7 +160,7 @@ async fn acknowledged_orders_survive_kill_9() {
     // Every acknowledged order is there and settles.
     for (u, key, id) in &acked {
         let (client, url, tok) = (client.clone(), url.clone(), users[*u].clone());
-        until(&format!("order {id} paid"), Duration::from_secs(60), || {
+        testkit::eventually(&format!("order {id} paid"), Duration::from_secs(60), || {
             let (client, url, tok) = (client.clone(), url.clone(), tok.clone());
             async move {
                 match client
@@ -221,7 +209,7 @@ async fn acknowledged_orders_survive_kill_9() {
         .expect("json");
     let accepted = stats["accepted"].as_u64().expect("accepted");
     assert!(accepted >= acked.len() as u64);
-    until("everything persisted", Duration::from_secs(60), || {
+    testkit::eventually("everything persisted", Duration::from_secs(60), || {
         let client = client.clone();
         let url = url.clone();
         async move {
@@ -244,7 +232,7 @@ async fn acknowledged_orders_survive_kill_9() {
     );
     // Settled segments are deleted once a checkpoint covers them.
     let first_segment = dir.path().join("log").join("00000000000000000000.seg");
-    until("the first segment deleted", Duration::from_secs(30), || {
+    testkit::eventually("the first segment deleted", Duration::from_secs(30), || {
         let gone = !first_segment.exists();
         async move { gone }
     })

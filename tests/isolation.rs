@@ -3,11 +3,12 @@
 
 mod common;
 
-use common::{eventually, TestApp};
+use common::TestApp;
 use futures_util::stream::{self, StreamExt};
 use settler::mock::{self, MockConfig, MockProvider};
 use std::time::Duration;
 use storage::{OrderStatus, SaleId};
+use testkit::eventually;
 
 const ORDERS: usize = 1000;
 

@@ -7,7 +7,7 @@ mod common;
 
 const PARTITIONS: u32 = 6;
 
-use common::{eventually, TestApp};
+use common::TestApp;
 use sequencer::kafka::{KafkaConfig, KafkaConsumer};
 use sequencer::LogConsumer;
 use serde_json::json;
@@ -15,6 +15,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use testkit::eventually;
 
 fn migrate(log_url: &str, data: &std::path::Path) -> String {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_flashsale"))
@@ -708,7 +709,7 @@ async fn injected_produce_errors_and_an_outage_lose_nothing_and_admit_nothing_tw
     let data = app.config.data_dir.display().to_string();
     let (admission, log) = (app.config.admission.url.clone(), app.config.log.url.clone());
     let mut last = String::new();
-    let consistent = flashsale::app::wait_until(Duration::from_secs(60), || {
+    let consistent = testkit::wait_until(Duration::from_secs(60), || {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_flashsale"))
             .args(["reconcile", "--sale", "mock", "--data-dir", &data])
             .args(["--admission", &admission, "--log", &log])

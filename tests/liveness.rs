@@ -5,10 +5,11 @@
 
 mod common;
 
-use common::{eventually, TestApp};
+use common::TestApp;
 use flashsale::config::Config;
 use settler::Stage;
 use std::time::Duration;
+use testkit::eventually;
 
 /// The value of `series` in the app's `/metrics` (None when absent).
 async fn metric(app: &TestApp, series: &str) -> Option<f64> {

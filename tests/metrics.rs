@@ -6,11 +6,12 @@
 
 mod common;
 
-use common::{eventually, Backend, TestApp};
+use common::{Backend, TestApp};
 use serde_json::{json, Value};
 use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+use testkit::eventually;
 
 /// The value of the sample `series` (name and labels exactly as encoded) in `text`.
 fn sample(text: &str, series: &str) -> Option<f64> {

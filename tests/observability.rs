@@ -89,7 +89,7 @@ fn addr() -> String {
 
 /// Waits until `GET url` answers 200, or `deadline` passes; false then.
 async fn answers(client: &reqwest::Client, url: &str, deadline: Duration) -> bool {
-    flashsale::app::wait_until(deadline, || async {
+    testkit::wait_until(deadline, || async {
         matches!(client.get(url).send().await, Ok(r) if r.status().is_success())
     })
     .await
@@ -565,7 +565,7 @@ async fn every_dashboard_query_returns_data_from_a_real_sale_and_the_alerts_eval
         client: client.clone(),
         url: prometheus.url(),
     };
-    let all_up = flashsale::app::wait_until(Duration::from_secs(30), || async {
+    let all_up = testkit::wait_until(Duration::from_secs(30), || async {
         prom.query("up == 1")
             .await
             .map(|s| s.len() == instances.len())
@@ -693,7 +693,7 @@ async fn every_dashboard_query_returns_data_from_a_real_sale_and_the_alerts_eval
             202,
         );
     }
-    common::eventually(
+    testkit::eventually(
         "the first wave settles (declines released)",
         Duration::from_secs(120),
         || async {
@@ -750,7 +750,7 @@ async fn every_dashboard_query_returns_data_from_a_real_sale_and_the_alerts_eval
             409,
         );
     }
-    let breaker_seen = flashsale::app::wait_until(Duration::from_secs(60), || async {
+    let breaker_seen = testkit::wait_until(Duration::from_secs(60), || async {
         prom.value(r#"max(flashsale_breaker_state{provider="payment"})"#)
             .await
             == Some(2.0)
@@ -775,7 +775,7 @@ async fn every_dashboard_query_returns_data_from_a_real_sale_and_the_alerts_eval
         .await
         .expect("send poison");
 
-    common::eventually(
+    testkit::eventually(
         "every order is paid once the provider is back",
         Duration::from_secs(120),
         || async {
@@ -794,7 +794,7 @@ async fn every_dashboard_query_returns_data_from_a_real_sale_and_the_alerts_eval
             let selector = format!(
                 r#"flashsale_log_append_duration_seconds_count{{instance="{embedded_addr}"}}"#
             );
-            let scraped = flashsale::app::wait_until(Duration::from_secs(30), || async {
+            let scraped = testkit::wait_until(Duration::from_secs(30), || async {
                 prom.value(&selector).await.is_some_and(|n| n > 0.0)
             })
             .await;
@@ -817,7 +817,7 @@ async fn every_dashboard_query_returns_data_from_a_real_sale_and_the_alerts_eval
             "embedded order: {status} {code}"
         );
     }
-    common::eventually(
+    testkit::eventually(
         "the embedded sale settles",
         Duration::from_secs(60),
         || async {
@@ -878,7 +878,7 @@ async fn every_dashboard_query_returns_data_from_a_real_sale_and_the_alerts_eval
         let expr = substitute(panel["targets"][0]["expr"].as_str().unwrap_or(""), &vars)
             .expect("known variables");
         let want = final_stats[field].as_f64().expect("a number");
-        let agreed = flashsale::app::wait_until(Duration::from_secs(5), || async {
+        let agreed = testkit::wait_until(Duration::from_secs(5), || async {
             prom.value(&expr).await == Some(want)
         })
         .await;
@@ -1028,7 +1028,7 @@ async fn every_dashboard_query_returns_data_from_a_real_sale_and_the_alerts_eval
     }
 
     // The alerting rules evaluate on the real series.
-    let dead_letter_alert = flashsale::app::wait_until(Duration::from_secs(30), || async {
+    let dead_letter_alert = testkit::wait_until(Duration::from_secs(30), || async {
         prom.value(r#"count(ALERTS{alertname="FlashsaleDeadLetters", alertstate="firing"})"#)
             .await
             .is_some_and(|n| n >= 1.0)

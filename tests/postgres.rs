@@ -7,7 +7,6 @@
 
 mod common;
 
-use common::eventually;
 use flashsale::config::Config;
 use serde_json::{json, Value};
 use settler::mock::{Audit, MockConfig, MockProvider};
@@ -17,6 +16,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use storage::{Order, OrderStatus, OrderStore, SaleId};
+use testkit::eventually;
 
 const SALE: &str = "pg-sale";
 const OPERATOR: &str = "flashsale-dev-operator-token";

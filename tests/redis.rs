@@ -4,12 +4,13 @@
 
 mod common;
 
-use common::{eventually, Backend, TestApp};
+use common::{Backend, TestApp};
 use serde_json::json;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
+use testkit::eventually;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_instances_sharing_one_redis_never_oversell() {

@@ -4,10 +4,11 @@
 
 mod common;
 
-use common::{eventually, TestApp};
+use common::TestApp;
 use serde_json::json;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use testkit::eventually;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 

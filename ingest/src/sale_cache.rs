@@ -192,15 +192,6 @@ mod tests {
         })
     }
 
-    async fn until(what: &str, mut cond: impl FnMut() -> bool) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !cond() {
-            assert!(Instant::now() < deadline, "timed out waiting for {what}");
-            tokio::task::yield_now().await;
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
-    }
-
     #[tokio::test]
     async fn a_stale_sale_is_served_while_its_refresh_is_blocked() {
         let store = Arc::new(Store {
@@ -224,7 +215,7 @@ mod tests {
                 .expect("known");
             assert_eq!(got.sku, "v1");
         }
-        until("the refresh to start", || {
+        testkit::eventually("the refresh to start", Duration::from_secs(10), || async {
             store.loads.load(Ordering::SeqCst) == 2
         })
         .await;
@@ -264,7 +255,7 @@ mod tests {
                 tokio::spawn(async move { cache.get(&id).await })
             })
             .collect();
-        until("the load to start", || {
+        testkit::eventually("the load to start", Duration::from_secs(10), || async {
             store.loads.load(Ordering::SeqCst) == 1
         })
         .await;
@@ -315,16 +306,18 @@ mod tests {
         let id = SaleId::parse("s1").expect("id");
         cache.get(&id).await.expect("get");
         cache.get(&id).await.expect("get"); // starts a refresh, blocked
-        until("the refresh to start", || {
+        testkit::eventually("the refresh to start", Duration::from_secs(10), || async {
             store.loads.load(Ordering::SeqCst) == 2
         })
         .await;
         cache.put(sale(&id, "put")).await;
         store.gate.add_permits(1);
         // The old refresh read v2 before the put; it finds its entry replaced.
-        until("the old refresh to finish", || {
-            cache.refreshes.load(Ordering::Acquire) == 1
-        })
+        testkit::eventually(
+            "the old refresh to finish",
+            Duration::from_secs(10),
+            || async { cache.refreshes.load(Ordering::Acquire) == 1 },
+        )
         .await;
         let got = cache.entries.get(&id).await.expect("entry");
         assert_eq!(got.sale.as_ref().expect("known").sku, "put");

@@ -23,7 +23,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use storage::sqlite::SqliteStore;
 use storage::{
     Checkpoint, Currency, Money, NewOrder, Order, OrderEvent, OrderId, OrderStatus, OrderStore,
@@ -383,14 +383,6 @@ async fn order(inst: &Instance, sale: &SaleId, user: &str, key: &str, token: &st
         .unwrap_or_else(|_| panic!("the order of {user} did not answer in time"))
 }
 
-async fn until(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + DEADLINE;
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_accepted_order_costs_one_admission_round_trip_while_the_buyer_waits() {
     let h = Harness::new(Counting::new(false)).await;
@@ -401,7 +393,7 @@ async fn an_accepted_order_costs_one_admission_round_trip_while_the_buyer_waits(
     let first = order(&a, &h.sale, "buyer-1", "key-1", "tok_visa").await;
     assert_eq!(first.status, 202, "{:?}", first.body);
     assert_eq!(h.admission.admits.load(Ordering::SeqCst), 1);
-    until("the confirmer to pick the order up", || {
+    testkit::eventually("the confirmer to pick the order up", DEADLINE, || async {
         h.admission.started() == 1
     })
     .await;
@@ -424,7 +416,10 @@ async fn an_accepted_order_costs_one_admission_round_trip_while_the_buyer_waits(
 
     // The confirmation lands; every instance replays the answer.
     h.admission.open_gate();
-    until("the confirmation to land", || h.admission.done() == 1).await;
+    testkit::eventually("the confirmation to land", DEADLINE, || async {
+        h.admission.done() == 1
+    })
+    .await;
     let replay = order(&b, &h.sale, "buyer-1", "key-1", "tok_visa").await;
     assert_eq!(replay.status, 202, "{:?}", replay.body);
     assert_eq!(replay.order_id(), first.order_id());
@@ -449,7 +444,7 @@ async fn a_full_confirm_queue_confirms_inline() {
         .await;
     // Order 1: taken by the confirmer, which waits at the gate.
     assert_eq!(order(&a, &h.sale, "u1", "k", "tok").await.status, 202);
-    until("the confirmer to take order 1", || {
+    testkit::eventually("the confirmer to take order 1", DEADLINE, || async {
         h.admission.started() == 1
     })
     .await;
@@ -458,7 +453,10 @@ async fn a_full_confirm_queue_confirms_inline() {
     // Order 3: the queue is full, so its request confirms inline and waits.
     let (addr, sale) = (a.addr, h.sale.clone());
     let third = tokio::spawn(async move { post_order(addr, &sale, "u3", "k", "tok").await });
-    until("order 3 to confirm inline", || h.admission.started() == 2).await;
+    testkit::eventually("order 3 to confirm inline", DEADLINE, || async {
+        h.admission.started() == 2
+    })
+    .await;
     assert!(
         !third.is_finished(),
         "order 3 answered before its inline confirm"
@@ -469,7 +467,10 @@ async fn a_full_confirm_queue_confirms_inline() {
         .expect("order 3 answered")
         .expect("join");
     assert_eq!(third.status, 202, "{:?}", third.body);
-    until("every confirmation to land", || h.admission.done() == 3).await;
+    testkit::eventually("every confirmation to land", DEADLINE, || async {
+        h.admission.done() == 3
+    })
+    .await;
     a.ingest.shutdown().await;
 }
 
@@ -481,7 +482,10 @@ async fn a_failed_confirmation_is_retried() {
     let a = h.instance(ApiConfig::default()).await;
     let first = order(&a, &h.sale, "u1", "k", "tok").await;
     assert_eq!(first.status, 202);
-    until("the confirmation to land", || h.admission.done() == 1).await;
+    testkit::eventually("the confirmation to land", DEADLINE, || async {
+        h.admission.done() == 1
+    })
+    .await;
     assert_eq!(h.admission.started(), 3, "two failures, then success");
     let b = h.instance(ApiConfig::default()).await;
     let replay = order(&b, &h.sale, "u1", "k", "tok").await;
@@ -500,7 +504,7 @@ async fn shutdown_sends_the_queued_confirmations() {
     assert_eq!(h.admission.done(), 0);
     let ingest = Arc::clone(&a.ingest);
     let shutdown = tokio::spawn(async move { ingest.shutdown().await });
-    until("the confirmer to start sending", || {
+    testkit::eventually("the confirmer to start sending", DEADLINE, || async {
         h.admission.started() >= 1
     })
     .await;
@@ -539,7 +543,7 @@ async fn a_stale_sale_is_served_while_its_refresh_waits_on_the_store() {
         let r = order(&a, &h.sale, &format!("u{u}"), "k", "tok").await;
         assert_eq!(r.status, 202, "{:?}", r.body);
     }
-    until("a refresh to wait on the store", || {
+    testkit::eventually("a refresh to wait on the store", DEADLINE, || async {
         h.store.waiting.load(Ordering::SeqCst) == 1
     })
     .await;

@@ -9,7 +9,7 @@
 
 mod common;
 
-use common::{record, wait_until, Harness, DEADLINE};
+use common::{eventually, record, Harness, DEADLINE};
 use sequencer::OrderRecord;
 use settler::mock::MockConfig;
 use settler::provider::{ChargeOutcome, PaymentClient, RetryPolicy};
@@ -118,7 +118,7 @@ async fn settled_orders_move_the_settler_and_provider_families() {
 
     // Sampled on their own ticks (the lag once a second, the outbox by the publisher and
     // the sweep): each settles at 0 once everything is done.
-    wait_until(
+    eventually(
         "lag, backlogs and charges in flight at 0",
         DEADLINE,
         || async {
@@ -154,7 +154,7 @@ async fn a_down_provider_opens_the_breaker_and_its_gauge_reads_open() {
     };
     let running = h.start(config).await;
     let state = "flashsale_breaker_state{provider=\"payment\"}";
-    wait_until("the payment breaker reads open", DEADLINE, || async {
+    eventually("the payment breaker reads open", DEADLINE, || async {
         value(&scrape(), state) == Some(2.0)
     })
     .await;
@@ -178,7 +178,7 @@ async fn a_down_provider_opens_the_breaker_and_its_gauge_reads_open() {
     // Orders read while the circuit is open are persisted and left for the sweep.
     h.append((5..12).map(|i| record(i, "tok_visa")).collect())
         .await;
-    wait_until("orders deferred while open", DEADLINE, || async {
+    eventually("orders deferred while open", DEADLINE, || async {
         value(
             &scrape(),
             "flashsale_settler_orders_total{event=\"deferred\"}",

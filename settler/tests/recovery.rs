@@ -4,7 +4,7 @@
 mod common;
 
 use async_trait::async_trait;
-use common::{record, wait_until, Harness, DEADLINE};
+use common::{eventually, record, Harness, DEADLINE};
 use settler::mock::{self, MockConfig};
 use settler::provider::{ChargeOutcome, NotificationKind, PaymentClient, RetryPolicy};
 use settler::{FileDeadLetter, Settler, StockRelease};
@@ -265,7 +265,7 @@ async fn a_failed_refund_of_a_late_charge_is_retried_until_it_lands() {
 
     // The refund fails while the provider is down, and keeps failing until the circuit
     // opens; then the provider comes back and the refund is the probe that closes it.
-    wait_until("the refund owed and the circuit open", DEADLINE, || async {
+    eventually("the refund owed and the circuit open", DEADLINE, || async {
         let s = stats.snapshot();
         s.refunds_owed == 1 && s.circuit_open
     })
@@ -274,7 +274,7 @@ async fn a_failed_refund_of_a_late_charge_is_retried_until_it_lands() {
     mock::update_config(&h.mock.url(), &MockConfig::default())
         .await
         .expect("provider back");
-    wait_until("the refund landed", DEADLINE, || async {
+    eventually("the refund landed", DEADLINE, || async {
         let s = stats.snapshot();
         s.refunded == 1 && s.refunds_owed == 0 && !s.circuit_open
     })
@@ -320,7 +320,7 @@ async fn a_refund_owed_survives_a_settler_restart() {
     let stats = settler.stats();
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(settler.run(shutdown.clone()));
-    wait_until("the refund owed and failed", DEADLINE, || async {
+    eventually("the refund owed and failed", DEADLINE, || async {
         let order = h.store.get_order(id).await.expect("get");
         order.is_some_and(|o| o.refund == Some(RefundState::Owed))
             && stats.snapshot().provider_errors > 0
@@ -346,7 +346,7 @@ async fn a_refund_owed_survives_a_settler_restart() {
         .await
         .expect("provider back");
     let running = h.start(h.config()).await;
-    wait_until("the refund landed", DEADLINE, || async {
+    eventually("the refund landed", DEADLINE, || async {
         let order = h.store.get_order(id).await.expect("get").expect("order");
         order.refund == Some(RefundState::Refunded)
     })

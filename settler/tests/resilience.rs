@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{record, wait_until, Harness, DEADLINE};
+use common::{eventually, record, Harness, DEADLINE};
 use sequencer::OrderRecord;
 use settler::mock::{self, MockConfig};
 use settler::provider::{ChargeOutcome, NotificationKind, PaymentClient, RetryPolicy};
@@ -66,7 +66,7 @@ async fn the_intake_waits_for_a_slow_provider_and_keeps_persisting_while_it_hang
             async move { stats.snapshot().persisted == n as u64 }
         }
     };
-    wait_until("ten orders charged", DEADLINE, || async {
+    eventually("ten orders charged", DEADLINE, || async {
         let s = running.stats.snapshot();
         s.paid + s.payment_failed >= 10
     })
@@ -94,12 +94,12 @@ async fn the_intake_waits_for_a_slow_provider_and_keeps_persisting_while_it_hang
     )
     .await
     .expect("the provider hangs");
-    wait_until("the circuit opens", DEADLINE, || async {
+    eventually("the circuit opens", DEADLINE, || async {
         running.stats.snapshot().circuit_open
     })
     .await;
     records.extend(h.append(visa(300)).await);
-    wait_until(
+    eventually(
         "every order persisted while the provider hangs",
         Duration::from_secs(10),
         persisted(records.len()),
@@ -209,7 +209,7 @@ async fn stale_pending_orders_are_looked_up_then_expired_and_released_once() {
     let ChargeOutcome::Succeeded { charge_id } = pay.charge(&charged).await.expect("charge") else {
         panic!("expected a successful charge");
     };
-    wait_until("both orders pending past the TTL", DEADLINE, || async {
+    eventually("both orders pending past the TTL", DEADLINE, || async {
         let cutoff = Timestamp::now().plus_millis(-(ttl.as_millis() as i64));
         h.store
             .pending_since(cutoff, 10)
@@ -288,7 +288,7 @@ async fn orders_the_provider_refuses_do_not_starve_the_sweep() {
         ..h.config()
     };
     let running = h.start(config).await;
-    wait_until(
+    eventually(
         "every order the provider accepts is paid",
         Duration::from_secs(20),
         || async {
@@ -355,7 +355,7 @@ async fn every_status_change_is_published_once_in_order() {
     sink.set_failing(false);
     let expected = records.len() * 4;
     // The counter moves after the sink has the batch and the outbox has marked it.
-    wait_until("every change published and counted", DEADLINE, || async {
+    eventually("every change published and counted", DEADLINE, || async {
         sink.events().len() >= expected
             && running.stats.snapshot().events_published >= expected as u64
     })
@@ -422,7 +422,7 @@ async fn run_then_kill(h: &Harness, config: SettlerConfig, until_settled: u64) {
         .build()
         .expect("runtime");
     runtime.spawn(settler.run(CancellationToken::new()));
-    wait_until("some orders settled before the kill", DEADLINE, || async {
+    eventually("some orders settled before the kill", DEADLINE, || async {
         let s = stats.snapshot();
         s.paid + s.payment_failed >= until_settled
     })
@@ -510,7 +510,7 @@ async fn a_refused_orders_backoff_survives_a_settler_restart() {
             .map_or(0, |a| a.refused_charges)
     };
     let running = h.start(config.clone()).await;
-    wait_until("seven refusals recorded", DEADLINE, || async {
+    eventually("seven refusals recorded", DEADLINE, || async {
         stored().await.failed_attempts >= 7
     })
     .await;
@@ -526,7 +526,7 @@ async fn a_refused_orders_backoff_survives_a_settler_restart() {
     );
 
     let running = h.start(config).await;
-    wait_until("three sweeps of the new settler", DEADLINE, || async {
+    eventually("three sweeps of the new settler", DEADLINE, || async {
         running.stats.snapshot().sweeps >= 3
     })
     .await;
@@ -540,7 +540,7 @@ async fn a_refused_orders_backoff_survives_a_settler_restart() {
         "not charged again before its retry_after"
     );
     // Once it is due, it is tried again, and its attempts count on from the stored ones.
-    wait_until("the next attempt after the backoff", DEADLINE, || async {
+    eventually("the next attempt after the backoff", DEADLINE, || async {
         stored().await.failed_attempts > before.failed_attempts
     })
     .await;

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{record, wait_until, Harness, DEADLINE};
+use common::{eventually, record, Harness, DEADLINE};
 use settler::mock::{self, MockConfig};
 use std::time::Duration;
 use storage::{OrderStatus, OrderStore};
@@ -102,7 +102,7 @@ async fn a_provider_outage_opens_the_circuit_and_fails_no_order() {
     let running = h.start(config).await;
 
     // The circuit opens; every order is persisted all the same and none is failed.
-    wait_until(
+    eventually(
         "circuit open and every order persisted",
         DEADLINE,
         || async {
@@ -116,7 +116,7 @@ async fn a_provider_outage_opens_the_circuit_and_fails_no_order() {
     let seen = |a: mock::Audit| a.totals.unavailable;
     let before = seen(mock::fetch_audit(&h.mock.url()).await.expect("audit"));
     let sweeps = running.stats.snapshot().sweeps;
-    wait_until("ten sweeps while the circuit is open", DEADLINE, || async {
+    eventually("ten sweeps while the circuit is open", DEADLINE, || async {
         running.stats.snapshot().sweeps >= sweeps + 10
     })
     .await;
@@ -171,7 +171,7 @@ async fn a_restarted_settler_finishes_the_work_exactly_once() {
     };
 
     let first = h.start(config.clone()).await;
-    wait_until("some orders settled", DEADLINE, || async {
+    eventually("some orders settled", DEADLINE, || async {
         let s = first.stats.snapshot();
         s.paid + s.payment_failed >= 60
     })

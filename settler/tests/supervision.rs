@@ -7,7 +7,7 @@
 mod common;
 
 use async_trait::async_trait;
-use common::{record, wait_until, Harness, DEADLINE};
+use common::{eventually, record, Harness, DEADLINE};
 use sequencer::embedded::FileLog;
 use sequencer::{LogConsumer, LogEntry, LogPosition};
 use settler::mock::MockConfig;
@@ -161,7 +161,7 @@ async fn a_publisher_that_died_is_restarted_and_every_change_is_published() {
     h.wait_settled(records.len()).await;
     // Every order's `paid` change reaches the sink: the publisher runs again.
     let ids: HashSet<_> = records.iter().map(|r| r.order_id).collect();
-    wait_until("every paid change published", DEADLINE, || async {
+    eventually("every paid change published", DEADLINE, || async {
         let paid: HashSet<_> = sink
             .inner
             .events()

@@ -1374,22 +1374,6 @@ mod postgres {
         totals_agree_with_the_orders(&store).await;
     }
 
-    /// Polls `f` until it returns `Ok`, failing after `within`.
-    async fn eventually<T, F, Fut>(within: Duration, what: &str, mut f: F) -> T
-    where
-        F: FnMut() -> Fut,
-        Fut: std::future::Future<Output = Result<T>>,
-    {
-        let deadline = Instant::now() + within;
-        loop {
-            match f().await {
-                Ok(v) => return v,
-                Err(e) if Instant::now() >= deadline => panic!("{what}: still failing: {e}"),
-                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-            }
-        }
-    }
-
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn stopped_shard_is_unavailable_then_recovers() {
         let mut pg = testkit::PostgresCluster::start(2);
@@ -1461,7 +1445,7 @@ mod postgres {
         assert!(store.get_order(on_0).await.expect("shard 0").is_some());
 
         pg.start_shard(1);
-        let got = eventually(Duration::from_secs(20), "shard 1 back", || {
+        let got = testkit::eventually_ok("shard 1 back", Duration::from_secs(20), || {
             store.get_order(on_1)
         })
         .await;

@@ -8,6 +8,13 @@
 //! script that installs it.
 #![allow(clippy::unwrap_used)] // test support: a broken harness should fail loudly
 
+mod reap;
+mod wait;
+
+pub use reap::{pid_dir, reap_orphans};
+pub use wait::{eventually, eventually_ok, wait_until};
+
+use reap::PidFile;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -61,6 +68,7 @@ fn wait_for_port(addr: SocketAddr, child: &mut Child, what: &str) {
 #[derive(Debug)]
 pub struct RedisServer {
     child: Option<Child>,
+    pid_file: Option<PidFile>,
     port: u16,
     dir: tempfile::TempDir,
     binary: PathBuf,
@@ -69,10 +77,12 @@ pub struct RedisServer {
 impl RedisServer {
     /// Starts redis-server on a free port; panics with a clear message if it cannot.
     pub fn start() -> RedisServer {
+        reap::reap_once();
         let binary = require_binary("redis-server", "redis-server");
         let dir = tempfile::tempdir().unwrap();
         let mut server = RedisServer {
             child: None,
+            pid_file: None,
             port: free_port(),
             dir,
             binary,
@@ -96,6 +106,7 @@ impl RedisServer {
             &mut child,
             "redis-server",
         );
+        self.pid_file = Some(PidFile::record(&child, self.dir.path()));
         self.child = Some(child);
     }
 
@@ -115,6 +126,7 @@ impl RedisServer {
             let _ = c.kill();
             let _ = c.wait();
         }
+        self.pid_file = None;
     }
 
     /// Starts it again on the same port, empty.
@@ -139,6 +151,7 @@ impl Drop for RedisServer {
 #[derive(Debug)]
 pub struct TansuBroker {
     child: Option<Child>,
+    pid_file: Option<PidFile>,
     port: u16,
     dir: tempfile::TempDir,
     binary: PathBuf,
@@ -158,6 +171,7 @@ impl TansuBroker {
     }
 
     fn start_with_storage(storage: &str) -> TansuBroker {
+        reap::reap_once();
         let binary = std::env::var_os("HOME")
             .map(|h| PathBuf::from(h).join(".cargo/bin/tansu"))
             .filter(|p| p.is_file())
@@ -177,6 +191,7 @@ impl TansuBroker {
             });
         let mut broker = TansuBroker {
             child: None,
+            pid_file: None,
             port: free_port(),
             dir: tempfile::tempdir().unwrap(),
             binary,
@@ -203,6 +218,7 @@ impl TansuBroker {
             &mut child,
             "tansu broker",
         );
+        self.pid_file = Some(PidFile::record(&child, self.dir.path()));
         self.child = Some(child);
     }
 
@@ -217,6 +233,7 @@ impl TansuBroker {
             let _ = c.kill();
             let _ = c.wait();
         }
+        self.pid_file = None;
     }
 
     /// Freezes it (SIGSTOP): connections stay open but nothing is answered, as with a
@@ -338,6 +355,7 @@ fn user_ids(user: &str) -> (u32, u32) {
 #[derive(Debug)]
 pub struct PostgresServer {
     child: Option<Child>,
+    pid_file: Option<PidFile>,
     port: u16,
     dir: tempfile::TempDir,
     bin: PathBuf,
@@ -406,6 +424,7 @@ impl PostgresServer {
 
     /// Creates a cluster and starts it; panics with a clear message if it cannot.
     pub fn start() -> PostgresServer {
+        reap::reap_once();
         let bin = postgres_bin_dir();
         let run_as = running_as_root().then(|| user_ids(POSTGRES_USER));
         // The server user must reach the directory: make it under /tmp (world-traversable)
@@ -423,6 +442,7 @@ impl PostgresServer {
         }
         let mut server = PostgresServer {
             child: None,
+            pid_file: None,
             port: free_port(),
             dir,
             bin,
@@ -510,6 +530,7 @@ impl PostgresServer {
             .stderr(log)
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start postgres in {}: {e}", self.bin.display()));
+        self.pid_file = Some(PidFile::record(&child, self.dir.path()));
         self.wait_ready(&mut child);
         self.child = Some(child);
     }
@@ -606,6 +627,7 @@ impl PostgresServer {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Ok(Some(_)) = child.try_wait() {
+                self.pid_file = None;
                 return;
             }
             if Instant::now() >= deadline {
@@ -635,12 +657,14 @@ impl PostgresServer {
         let deadline = Instant::now() + Duration::from_secs(5);
         while Instant::now() < deadline {
             if let Ok(Some(_)) = child.try_wait() {
+                self.pid_file = None;
                 return;
             }
             std::thread::sleep(Duration::from_millis(10));
         }
         let _ = child.kill();
         let _ = child.wait();
+        self.pid_file = None;
     }
 }
 
@@ -730,6 +754,7 @@ impl PostgresCluster {
 #[derive(Debug)]
 pub struct PrometheusServer {
     child: Option<Child>,
+    _pid_file: PidFile,
     port: u16,
     dir: tempfile::TempDir,
 }
@@ -761,6 +786,7 @@ impl PrometheusServer {
     /// directory, so relative `rule_files` are looked for there: give absolute paths), and
     /// waits until `/-/ready` answers 200. Panics with its log when it does not start.
     pub fn start(config: &str) -> PrometheusServer {
+        reap::reap_once();
         let binary = require_binary("prometheus", "prometheus");
         let dir = tempfile::Builder::new()
             .prefix("flashsale-prometheus-")
@@ -807,6 +833,7 @@ impl PrometheusServer {
             std::thread::sleep(Duration::from_millis(50));
         }
         PrometheusServer {
+            _pid_file: PidFile::record(&child, dir.path()),
             child: Some(child),
             port,
             dir,

@@ -181,15 +181,3 @@ impl TestApp {
         }
     }
 }
-
-/// Waits for `cond` with a deadline; panics with `what` when it never holds.
-pub async fn eventually<F, Fut>(what: &str, deadline: Duration, cond: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    assert!(
-        flashsale::app::wait_until(deadline, cond).await,
-        "timed out after {deadline:?} waiting for: {what}"
-    );
-}

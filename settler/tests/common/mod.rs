@@ -10,9 +10,8 @@ use sequencer::{OrderLog, OrderRecord, RECORD_VERSION};
 use settler::mock::{MockConfig, MockProvider};
 use settler::{FileDeadLetter, Settler, SettlerConfig, SettlerStats, StockRelease};
 use std::collections::HashMap;
-use std::future::Future;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use storage::sqlite::SqliteStore;
 use storage::{Currency, Order, OrderId, OrderStatus, OrderStore, SaleId, Timestamp, UserId};
 use tokio::task::JoinHandle;
@@ -21,21 +20,7 @@ use tokio_util::sync::CancellationToken;
 /// How long any condition may take before a test fails.
 pub const DEADLINE: Duration = Duration::from_secs(60);
 
-/// Polls `cond` every 10 ms until it holds; panics naming `what` once `deadline` passed.
-pub async fn wait_until<F, Fut>(what: &str, deadline: Duration, mut cond: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let start = Instant::now();
-    loop {
-        if cond().await {
-            return;
-        }
-        assert!(start.elapsed() < deadline, "timed out waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
+pub use testkit::eventually;
 
 /// A valid order record; `token` starting with `tok_decline` makes the mock decline it.
 pub fn record(seq: u64, token: &str) -> OrderRecord {
@@ -225,7 +210,7 @@ impl Harness {
 
     /// Waits until `n` orders are stored, all final, released where owed and notified.
     pub async fn wait_settled(&self, n: usize) {
-        wait_until("every order settled and followed up", DEADLINE, || async {
+        eventually("every order settled and followed up", DEADLINE, || async {
             let orders = self.orders().await;
             orders.len() == n
                 && orders.iter().all(|o| {
