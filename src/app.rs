@@ -44,7 +44,7 @@ struct AdmissionRelease(Arc<dyn Admission>);
 impl settler::StockRelease for AdmissionRelease {
     async fn release(&self, order: &Order) -> Result<bool, settler::Error> {
         self.0
-            .release(&order.new.sale_id, &order_ref(order))
+            .release(&order.new.sale_id, &OrderRef::from(order))
             .await
             .map_err(|e| settler::Error::Release(e.to_string()))
     }
@@ -59,7 +59,7 @@ impl settler::StockRelease for AdmissionRelease {
     async fn release_batch(&self, orders: &[Order]) -> Vec<Result<bool, settler::Error>> {
         let refs: Vec<_> = orders
             .iter()
-            .map(|o| (o.new.sale_id.clone(), order_ref(o)))
+            .map(|o| (o.new.sale_id.clone(), OrderRef::from(o)))
             .collect();
         self.0
             .release_batch(&refs)
@@ -80,15 +80,6 @@ impl settler::StockRelease for AdmissionRelease {
             .into_iter()
             .map(|r| r.map_err(|e| settler::Error::Release(e.to_string())))
             .collect()
-    }
-}
-
-fn order_ref(order: &Order) -> OrderRef {
-    OrderRef {
-        order_id: order.new.order_id,
-        user: order.new.user_id.clone(),
-        quantity: order.new.quantity,
-        key: order.new.idempotency_key.clone(),
     }
 }
 
@@ -282,15 +273,12 @@ async fn recover_admission(
             let Ok(r) = sequencer::decode(&e.payload) else {
                 continue; // the settler dead-letters it
             };
-            let oref = OrderRef {
-                order_id: r.order_id,
-                user: r.user_id.clone(),
-                quantity: r.quantity,
-                key: r.idempotency_key.clone(),
-            };
-            if let Err(err) =
-                admission.restore_accepted(&r.sale_id, &oref, &r.fingerprint, r.sequence)
-            {
+            if let Err(err) = admission.restore_accepted(
+                &r.sale_id,
+                &OrderRef::from(&r),
+                &r.fingerprint,
+                r.sequence,
+            ) {
                 crate::metrics::recovery_skipped(crate::metrics::SKIPPED_RECORD);
                 tracing::warn!(error = %err, order = %r.order_id, "log record of an unknown sale");
             }
@@ -304,16 +292,10 @@ async fn recover_admission(
         )
         .await?;
     for o in &released {
-        let oref = OrderRef {
-            order_id: o.new.order_id,
-            user: o.new.user_id.clone(),
-            quantity: o.new.quantity,
-            key: o.new.idempotency_key.clone(),
-        };
         // A release whose sale the catalog lacks has no counters to give units back to
         // (its log records were skipped above for the same reason): counted and logged,
         // and recovery goes on, since refusing to start would not bring the sale back.
-        if let Err(err) = admission.restore_release(&o.new.sale_id, &oref) {
+        if let Err(err) = admission.restore_release(&o.new.sale_id, &OrderRef::from(o)) {
             crate::metrics::recovery_skipped(crate::metrics::SKIPPED_RELEASE);
             tracing::warn!(error = %err, order = %o.new.order_id, "release of an unknown sale");
         }

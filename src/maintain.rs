@@ -104,15 +104,7 @@ impl Maintenance {
                     break;
                 }
                 if let Ok(r) = sequencer::decode(&e.payload) {
-                    self.admission.mark_durable(
-                        &r.sale_id,
-                        &OrderRef {
-                            order_id: r.order_id,
-                            user: r.user_id.clone(),
-                            quantity: r.quantity,
-                            key: r.idempotency_key.clone(),
-                        },
-                    );
+                    self.admission.mark_durable(&r.sale_id, &OrderRef::from(&r));
                 }
             }
             from += entries.len() as u64;

@@ -52,15 +52,9 @@ impl Finding {
 /// The counters a sale's orders imply.
 pub fn expected_state(sale: &Sale, orders: &[Order]) -> Snapshot {
     let mut state = SaleState::new(SaleRules::of(sale));
-    let oref = |o: &Order| OrderRef {
-        order_id: o.new.order_id,
-        user: o.new.user_id.clone(),
-        quantity: o.new.quantity,
-        key: o.new.idempotency_key.clone(),
-    };
     for o in orders {
         state.restore_accepted(
-            &oref(o),
+            &OrderRef::from(o),
             &fingerprint(o.new.quantity, &o.new.payment_token),
             o.new.sequence,
         );
@@ -69,7 +63,7 @@ pub fn expected_state(sale: &Sale, orders: &[Order]) -> Snapshot {
         .iter()
         .filter(|o| o.released_at.is_some() || o.status.releases_stock())
     {
-        state.release(&oref(o));
+        state.release(&OrderRef::from(o));
     }
     state.snapshot()
 }

@@ -1,6 +1,7 @@
 //! flashsale ingest: the HTTP front end that admits orders.
 //!
-//! [`server::serve`] runs the hyper server on a bound listener; [`api`] holds the routes;
+//! [`server::serve`] runs the hyper server on a bound listener; [`api`] holds the routes (a
+//! module per concern: orders, sales, health, bodies, answers);
 //! [`admission`] the `Admission` trait and its embedded backend; `confirmer` confirms
 //! idempotency answers off the request path, in batches; `sale_cache` serves sale
 //! definitions stale-while-revalidate; [`redis_admission`] the

@@ -10,9 +10,10 @@
 //! distributed backend), and the token bucket counts milli-tokens in integers so the Lua
 //! script, whose numbers are doubles, computes exactly the same values.
 
+use sequencer::OrderRecord;
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, HashSet};
-use storage::{OrderId, Sale, UserId};
+use storage::{Order, OrderId, Sale, UserId};
 
 /// A token costs this many milli-tokens.
 pub const TOKEN: i64 = 1000;
@@ -256,6 +257,42 @@ pub struct OrderRef {
     pub quantity: u32,
     /// Its Idempotency-Key.
     pub key: String,
+}
+
+impl From<&AdmitRequest> for OrderRef {
+    /// The order an attempt would be (its id is the one it gets if accepted).
+    fn from(r: &AdmitRequest) -> Self {
+        OrderRef {
+            order_id: r.order_id,
+            user: r.user.clone(),
+            quantity: r.quantity,
+            key: r.key.clone(),
+        }
+    }
+}
+
+impl From<&OrderRecord> for OrderRef {
+    /// The order of a log record.
+    fn from(r: &OrderRecord) -> Self {
+        OrderRef {
+            order_id: r.order_id,
+            user: r.user_id.clone(),
+            quantity: r.quantity,
+            key: r.idempotency_key.clone(),
+        }
+    }
+}
+
+impl From<&Order> for OrderRef {
+    /// The order as the store holds it.
+    fn from(o: &Order) -> Self {
+        OrderRef {
+            order_id: o.new.order_id,
+            user: o.new.user_id.clone(),
+            quantity: o.new.quantity,
+            key: o.new.idempotency_key.clone(),
+        }
+    }
 }
 
 /// What an abort did.
@@ -825,15 +862,6 @@ mod tests {
         }
     }
 
-    fn oref(r: &AdmitRequest) -> OrderRef {
-        OrderRef {
-            order_id: r.order_id,
-            user: r.user.clone(),
-            quantity: r.quantity,
-            key: r.key.clone(),
-        }
-    }
-
     #[test]
     fn checks_run_in_order_and_rejections_take_nothing() {
         let mut s = SaleState::new(rules(3, 2));
@@ -843,7 +871,7 @@ mod tests {
         };
         assert_eq!(ans.sequence, 1);
         assert_eq!(s.admit(&a, SEC), Decision::InProgress);
-        assert!(s.confirm(&oref(&a)));
+        assert!(s.confirm(&OrderRef::from(&a)));
         assert_eq!(s.admit(&a, SEC), Decision::Replayed(ans));
         let mut conflict = a.clone();
         conflict.fingerprint = "other".into();
@@ -864,8 +892,11 @@ mod tests {
             Decision::Rejected(Rejection::NotActive)
         );
         assert_eq!(s.stock_left, 1);
-        assert!(s.release(&oref(&a)));
-        assert!(!s.release(&oref(&a)), "release happens once per order");
+        assert!(s.release(&OrderRef::from(&a)));
+        assert!(
+            !s.release(&OrderRef::from(&a)),
+            "release happens once per order"
+        );
         assert_eq!(s.stock_left, 3);
         assert_eq!(s.units_of(&a.user), 0);
     }
@@ -927,27 +958,27 @@ mod tests {
             Decision::Rejected(Rejection::SoldOut)
         );
         assert_eq!(
-            s.abort(&oref(&refused)),
+            s.abort(&OrderRef::from(&refused)),
             AbortOutcome::Nothing,
             "a refusal holds no answer"
         );
         let never_sent = req(3, 1, 1, 1);
-        assert_eq!(s.abort(&oref(&never_sent)), AbortOutcome::Nothing);
+        assert_eq!(s.abort(&OrderRef::from(&never_sent)), AbortOutcome::Nothing);
         assert_eq!(s.stock_left, 0, "nothing was given back");
         assert!(s.claim(a.order_id), "the settler takes the order");
         assert_eq!(
-            s.abort(&oref(&a)),
+            s.abort(&OrderRef::from(&a)),
             AbortOutcome::AlreadyClaimed,
             "a claimed order stays"
         );
         assert_eq!(s.stock_left, 0);
-        assert!(s.release(&oref(&a)));
-        assert_eq!(s.abort(&oref(&a)), AbortOutcome::AlreadyClaimed);
+        assert!(s.release(&OrderRef::from(&a)));
+        assert_eq!(s.abort(&OrderRef::from(&a)), AbortOutcome::AlreadyClaimed);
         assert_eq!(s.stock_left, 1);
         // Aborted first: the settler's claim fails and it cancels the order.
         let b = req(4, 1, 1, 1);
         assert!(matches!(s.admit(&b, SEC), Decision::Accepted(_)));
-        assert_eq!(s.abort(&oref(&b)), AbortOutcome::Undone);
+        assert_eq!(s.abort(&OrderRef::from(&b)), AbortOutcome::Undone);
         assert!(!s.claim(b.order_id));
     }
 
@@ -956,7 +987,7 @@ mod tests {
         let mut s = SaleState::new(rules(1, 1));
         let a = req(1, 1, 1, 1);
         assert!(matches!(s.admit(&a, SEC), Decision::Accepted(_)));
-        assert_eq!(s.abort(&oref(&a)), AbortOutcome::Undone);
+        assert_eq!(s.abort(&OrderRef::from(&a)), AbortOutcome::Undone);
         assert_eq!(s.stock_left, 1);
         let c = s.counters();
         assert_eq!(
@@ -980,19 +1011,19 @@ mod tests {
         for r in [&done, &late, &pending, &lost] {
             assert!(matches!(s.admit(r, SEC), Decision::Accepted(_)));
         }
-        s.confirm(&oref(&done));
+        s.confirm(&OrderRef::from(&done));
         assert!(s.claim(late.order_id));
-        assert!(s.release(&oref(&late)));
+        assert!(s.release(&OrderRef::from(&late)));
         let snapshot = s.durable_snapshot();
         let json = serde_json::to_string(&snapshot).expect("encode");
         let back: Snapshot = serde_json::from_str(&json).expect("decode");
         let mut r = SaleState::from_snapshot(back, rules(12, 5), Limits::default());
         // Recovery replays the log after the checkpoint: `late` (claimed before the
         // snapshot, so already counted) and `pending`.
-        r.restore_accepted(&oref(&late), &late.fingerprint, 2);
-        r.restore_accepted(&oref(&pending), &pending.fingerprint, 3);
+        r.restore_accepted(&OrderRef::from(&late), &late.fingerprint, 2);
+        r.restore_accepted(&OrderRef::from(&pending), &pending.fingerprint, 3);
         // The store's releases are replayed too; `late` was released once already.
-        assert!(!r.release(&oref(&late)));
+        assert!(!r.release(&OrderRef::from(&late)));
         assert_eq!(
             r.stock_left,
             12 - 1 - 2,
@@ -1072,16 +1103,16 @@ mod tests {
                             accepted.push(r);
                         }
                     }
-                    Op::Confirm(i) => if let Some(r) = accepted.get(i) { s.confirm(&oref(r)); pruned.confirm(&oref(r)); },
+                    Op::Confirm(i) => if let Some(r) = accepted.get(i) { s.confirm(&OrderRef::from(r)); pruned.confirm(&OrderRef::from(r)); },
                     Op::Release(i) => if let Some(r) = accepted.get(i) {
                         let first = released.insert(r.order_id);
-                        prop_assert_eq!(s.release(&oref(r)), first);
-                        prop_assert_eq!(pruned.release(&oref(r)), first);
+                        prop_assert_eq!(s.release(&OrderRef::from(r)), first);
+                        prop_assert_eq!(pruned.release(&OrderRef::from(r)), first);
                     },
                     Op::Abort(i) => if let Some(r) = accepted.get(i) {
                         let holds = !aborted.contains(&r.order_id);
-                        let outcome = s.abort(&oref(r));
-                        prop_assert_eq!(pruned.abort(&oref(r)), outcome);
+                        let outcome = s.abort(&OrderRef::from(r));
+                        prop_assert_eq!(pruned.abort(&OrderRef::from(r)), outcome);
                         let undone = outcome == AbortOutcome::Undone;
                         prop_assert!(!undone || (holds && !released.contains(&r.order_id)));
                         if undone {

@@ -147,3 +147,107 @@ impl ApiError {
         resp
     }
 }
+
+// Refusals of the layers below, as problems: each error of admission, the store, the log
+// and the body parser, and each admission rejection, has its answer here, so every handler
+// answers the same refusal the same way.
+
+impl From<crate::admission::Error> for ApiError {
+    fn from(e: crate::admission::Error) -> Self {
+        use crate::admission::Error;
+        match e {
+            Error::Unavailable(_) => {
+                ApiError::unavailable("admission backend unavailable").retry_after(1)
+            }
+            Error::UnknownSale(_) => ApiError::no_such_sale(),
+            Error::SaleExists(_) => ApiError::sale_exists("the sale exists"),
+        }
+    }
+}
+
+impl From<storage::Error> for ApiError {
+    fn from(e: storage::Error) -> Self {
+        match e {
+            storage::Error::SaleExists(_) => ApiError::sale_exists("a sale with this id exists"),
+            storage::Error::UnknownSale(_) => ApiError::no_such_sale(),
+            storage::Error::Invalid(e) => ApiError::invalid_quantity(e.to_string()),
+            other => {
+                tracing::warn!(error = %other, "store error");
+                ApiError::unavailable("order store unavailable").retry_after(1)
+            }
+        }
+    }
+}
+
+impl From<std::sync::Arc<storage::Error>> for ApiError {
+    /// A store error shared by every request that waited for the same load (the sale
+    /// cache's): the error itself when this is its last holder, else as unavailable.
+    fn from(e: std::sync::Arc<storage::Error>) -> Self {
+        match std::sync::Arc::try_unwrap(e) {
+            Ok(e) => e.into(),
+            Err(shared) => storage::Error::Unavailable(shared.to_string()).into(),
+        }
+    }
+}
+
+impl From<serde_json::Error> for ApiError {
+    /// A body that is not JSON is `malformed_json`; JSON of the wrong shape `invalid_body`.
+    fn from(e: serde_json::Error) -> Self {
+        use serde_json::error::Category;
+        match e.classify() {
+            Category::Syntax | Category::Eof | Category::Io => {
+                ApiError::malformed_json(format!("malformed JSON: {e}"))
+            }
+            Category::Data => ApiError::invalid_body(e.to_string()),
+        }
+    }
+}
+
+impl ApiError {
+    /// `unknown_sale`: no sale with this id (or an id no sale can have).
+    pub fn no_such_sale() -> Self {
+        ApiError::unknown_sale("no such sale")
+    }
+
+    /// What admission's refusal of an order answers; `per_user_limit` is the sale's.
+    pub fn rejected(rejection: crate::model::Rejection, per_user_limit: u32) -> Self {
+        use crate::model::Rejection;
+        match rejection {
+            Rejection::IdempotencyConflict => ApiError::idempotency_conflict(
+                "this Idempotency-Key was used with a different body",
+            ),
+            Rejection::UnknownSale => ApiError::no_such_sale(),
+            Rejection::NotActive => ApiError::sale_not_active("the sale is not open"),
+            Rejection::RateLimited { retry_after_s } => {
+                ApiError::rate_limited("slow down").retry_after(retry_after_s)
+            }
+            Rejection::LimitExceeded => {
+                ApiError::limit_exceeded(format!("at most {per_user_limit} units per user"))
+            }
+            Rejection::SoldOut => ApiError::sold_out("no stock left"),
+            Rejection::Capacity { retry_after_s: 0 } => ApiError::capacity_exceeded(
+                "the sale has taken the most orders this server holds for one sale",
+            ),
+            Rejection::Capacity { retry_after_s } => {
+                ApiError::capacity_exceeded("too many buyers at once for this server; retry later")
+                    .retry_after(retry_after_s)
+            }
+        }
+    }
+
+    /// An admission decision that passed its deadline (it may still run: it is aborted).
+    pub fn decision_timed_out() -> Self {
+        ApiError::unavailable("admission decision timed out").retry_after(1)
+    }
+
+    /// The order log refused an accepted order's record (its admission was aborted).
+    pub fn log_unavailable() -> Self {
+        ApiError::unavailable("order log unavailable").retry_after(1)
+    }
+
+    /// A retry of an order whose record is not known to be durable yet.
+    pub fn in_progress() -> Self {
+        ApiError::request_in_progress("the first request with this key is still being processed")
+            .retry_after(1)
+    }
+}

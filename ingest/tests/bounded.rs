@@ -40,15 +40,6 @@ fn attempt(user: u64) -> AdmitRequest {
     }
 }
 
-fn oref(r: &AdmitRequest) -> OrderRef {
-    OrderRef {
-        order_id: r.order_id,
-        user: r.user.clone(),
-        quantity: r.quantity,
-        key: r.key.clone(),
-    }
-}
-
 #[tokio::test]
 async fn a_million_distinct_buyers_keep_admission_memory_bounded() {
     const USERS: u64 = 1_000_000;
@@ -77,7 +68,10 @@ async fn a_million_distinct_buyers_keep_admission_memory_bounded() {
         match admission.admit_at(&s.id, &r, now) {
             Decision::Accepted(_) => {
                 accepted += 1;
-                admission.confirm(&s.id, &oref(&r)).await.expect("confirm");
+                admission
+                    .confirm(&s.id, &OrderRef::from(&r))
+                    .await
+                    .expect("confirm");
             }
             Decision::Rejected(Rejection::SoldOut) => sold_out += 1,
             Decision::Rejected(Rejection::Capacity { .. }) => refused += 1,
@@ -169,7 +163,10 @@ async fn the_order_cap_refuses_without_taking_and_a_settled_sale_is_retired() {
             admission.admit_at(&s.id, r, now),
             Decision::Accepted(_)
         ));
-        admission.confirm(&s.id, &oref(r)).await.expect("confirm");
+        admission
+            .confirm(&s.id, &OrderRef::from(r))
+            .await
+            .expect("confirm");
         assert!(admission.claim(&s.id, r.order_id).await.expect("claim"));
     }
     assert_eq!(
@@ -180,7 +177,7 @@ async fn the_order_cap_refuses_without_taking_and_a_settled_sale_is_retired() {
     assert_eq!((c.accepted_orders, c.stock_left), (3, 97));
     // A released order's user holds nothing, and keeps no entry.
     assert!(admission
-        .release(&s.id, &oref(&orders[0]))
+        .release(&s.id, &OrderRef::from(&orders[0]))
         .await
         .expect("release"));
     let e = admission.entries(&s.id).expect("entries");

@@ -64,15 +64,6 @@ fn sale(id: &SaleId, stock: u32, limit: u32, rate: u32, burst: u32) -> Sale {
     }
 }
 
-fn oref(r: &AdmitRequest) -> OrderRef {
-    OrderRef {
-        order_id: r.order_id,
-        user: r.user.clone(),
-        quantity: r.quantity,
-        key: r.key.clone(),
-    }
-}
-
 #[test]
 fn model_embedded_and_redis_agree() {
     let server = testkit::RedisServer::start();
@@ -124,17 +115,17 @@ fn model_embedded_and_redis_agree() {
                     }
                 }
                 Op::Confirm(i) => if let Some(r) = accepted.get(i) {
-                    model.confirm(&oref(r));
+                    model.confirm(&OrderRef::from(r));
                     rt.block_on(async {
-                        embedded.confirm(&sale_id, &oref(r)).await.expect("embedded");
-                        redis.confirm(&sale_id, &oref(r)).await.expect("redis");
+                        embedded.confirm(&sale_id, &OrderRef::from(r)).await.expect("embedded");
+                        redis.confirm(&sale_id, &OrderRef::from(r)).await.expect("redis");
                     });
                 },
                 Op::Release(i) => if let Some(r) = accepted.get(i) {
-                    let m = model.release(&oref(r));
+                    let m = model.release(&OrderRef::from(r));
                     let (e, rr) = rt.block_on(async {
-                        (embedded.release(&sale_id, &oref(r)).await.expect("embedded"),
-                         redis.release(&sale_id, &oref(r)).await.expect("redis"))
+                        (embedded.release(&sale_id, &OrderRef::from(r)).await.expect("embedded"),
+                         redis.release(&sale_id, &OrderRef::from(r)).await.expect("redis"))
                     });
                     prop_assert_eq!(e, m);
                     prop_assert_eq!(rr, m);
@@ -156,10 +147,10 @@ fn model_embedded_and_redis_agree() {
                             &stray
                         }
                     };
-                    let m = model.abort(&oref(target));
+                    let m = model.abort(&OrderRef::from(target));
                     let (e, r) = rt.block_on(async {
-                        (embedded.abort(&sale_id, &oref(target)).await.expect("embedded"),
-                         redis.abort(&sale_id, &oref(target)).await.expect("redis"))
+                        (embedded.abort(&sale_id, &OrderRef::from(target)).await.expect("embedded"),
+                         redis.abort(&sale_id, &OrderRef::from(target)).await.expect("redis"))
                     });
                     prop_assert_eq!(e, m);
                     prop_assert_eq!(r, m);

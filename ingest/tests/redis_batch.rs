@@ -41,15 +41,6 @@ fn request(user: usize) -> AdmitRequest {
     }
 }
 
-fn oref(r: &AdmitRequest) -> OrderRef {
-    OrderRef {
-        order_id: r.order_id,
-        user: r.user.clone(),
-        quantity: r.quantity,
-        key: r.key.clone(),
-    }
-}
-
 async fn connect(server: &testkit::RedisServer) -> RedisAdmission {
     RedisAdmission::connect(&server.url(), "fs:", Duration::from_secs(5))
         .await
@@ -92,17 +83,20 @@ async fn batches_give_the_results_and_counters_of_single_calls() {
     // Confirm orders 0..4 (order 4 stays unconfirmed); the batch includes a sale that does
     // not exist, which confirms nothing, as the single call does.
     for r in &a[..4] {
-        redis.confirm(&single.id, &oref(r)).await.expect("confirm");
+        redis
+            .confirm(&single.id, &OrderRef::from(r))
+            .await
+            .expect("confirm");
     }
     redis
-        .confirm(&missing, &oref(&ghost))
+        .confirm(&missing, &OrderRef::from(&ghost))
         .await
         .expect("single confirm of an unknown sale");
     let mut confirms: Vec<(SaleId, OrderRef)> = b[..4]
         .iter()
-        .map(|r| (batched.id.clone(), oref(r)))
+        .map(|r| (batched.id.clone(), OrderRef::from(r)))
         .collect();
-    confirms.push((missing.clone(), oref(&ghost)));
+    confirms.push((missing.clone(), OrderRef::from(&ghost)));
     let results = redis.confirm_batch(&confirms).await;
     assert_eq!(results.len(), 5);
     assert!(results.iter().all(Result::is_ok), "{:?}", shape(&results));
@@ -110,13 +104,16 @@ async fn batches_give_the_results_and_counters_of_single_calls() {
     // Order 2 aborted (its claim must then be false), order 1 released already.
     for (s, reqs) in [(&single, &a), (&batched, &b)] {
         assert_eq!(
-            redis.abort(&s.id, &oref(&reqs[2])).await.expect("abort"),
+            redis
+                .abort(&s.id, &OrderRef::from(&reqs[2]))
+                .await
+                .expect("abort"),
             AbortOutcome::Undone
         );
     }
     for (s, reqs) in [(&single, &a), (&batched, &b)] {
         assert!(redis
-            .release(&s.id, &oref(&reqs[1]))
+            .release(&s.id, &OrderRef::from(&reqs[1]))
             .await
             .expect("release"));
     }
@@ -145,11 +142,11 @@ async fn batches_give_the_results_and_counters_of_single_calls() {
     // Releases: order 1 again (released before), 0 twice, 3, the unknown sale.
     let releases = |s: &Sale, reqs: &[AdmitRequest]| {
         vec![
-            (s.id.clone(), oref(&reqs[1])),
-            (s.id.clone(), oref(&reqs[0])),
-            (missing.clone(), oref(&ghost)),
-            (s.id.clone(), oref(&reqs[0])),
-            (s.id.clone(), oref(&reqs[3])),
+            (s.id.clone(), OrderRef::from(&reqs[1])),
+            (s.id.clone(), OrderRef::from(&reqs[0])),
+            (missing.clone(), OrderRef::from(&ghost)),
+            (s.id.clone(), OrderRef::from(&reqs[0])),
+            (s.id.clone(), OrderRef::from(&reqs[3])),
         ]
     };
     let mut one_by_one = Vec::new();
@@ -184,7 +181,10 @@ async fn an_aborted_order_is_not_claimed_in_a_batch() {
     let (s, reqs) = admitted(&redis, "aborted").await;
     // Order 0's append failed: aborted before the settler saw it.
     assert_eq!(
-        redis.abort(&s.id, &oref(&reqs[0])).await.expect("abort"),
+        redis
+            .abort(&s.id, &OrderRef::from(&reqs[0]))
+            .await
+            .expect("abort"),
         AbortOutcome::Undone
     );
     let results = redis
@@ -196,7 +196,10 @@ async fn an_aborted_order_is_not_claimed_in_a_batch() {
     assert_eq!(shape(&results), vec!["ok false", "ok true"]);
     // Claimed now: an abort of order 1 is refused.
     assert_eq!(
-        redis.abort(&s.id, &oref(&reqs[1])).await.expect("abort"),
+        redis
+            .abort(&s.id, &OrderRef::from(&reqs[1]))
+            .await
+            .expect("abort"),
         AbortOutcome::AlreadyClaimed
     );
 }
@@ -216,8 +219,10 @@ async fn confirm_batch_makes_retries_replay() {
             Decision::InProgress
         );
     }
-    let batch: Vec<(SaleId, OrderRef)> =
-        reqs[..3].iter().map(|r| (s.id.clone(), oref(r))).collect();
+    let batch: Vec<(SaleId, OrderRef)> = reqs[..3]
+        .iter()
+        .map(|r| (s.id.clone(), OrderRef::from(r)))
+        .collect();
     let results = redis.confirm_batch(&batch).await;
     assert!(results.iter().all(Result::is_ok));
     for (i, r) in reqs.iter().enumerate() {
@@ -272,8 +277,8 @@ async fn one_order_error_does_not_fail_the_batch_and_flushed_scripts_reload() {
         .expect("flush");
     let results = redis
         .release_batch(&[
-            (broken.clone(), oref(&reqs[2])),
-            (s.id.clone(), oref(&reqs[2])),
+            (broken.clone(), OrderRef::from(&reqs[2])),
+            (s.id.clone(), OrderRef::from(&reqs[2])),
         ])
         .await;
     assert_eq!(shape(&results), vec!["err", "ok true"]);
@@ -284,8 +289,8 @@ async fn one_order_error_does_not_fail_the_batch_and_flushed_scripts_reload() {
         .expect("flush");
     let results = redis
         .confirm_batch(&[
-            (broken.clone(), oref(&reqs[3])),
-            (s.id.clone(), oref(&reqs[3])),
+            (broken.clone(), OrderRef::from(&reqs[3])),
+            (s.id.clone(), OrderRef::from(&reqs[3])),
         ])
         .await;
     // The confirm script reads only the idem hash, which the broken sale lacks.
@@ -306,7 +311,7 @@ async fn one_order_error_does_not_fail_the_batch_and_flushed_scripts_reload() {
     // Single calls still work.
     assert!(redis.claim(&s.id, reqs[4].order_id).await.expect("claim"));
     assert!(!redis
-        .release(&s.id, &oref(&reqs[2]))
+        .release(&s.id, &OrderRef::from(&reqs[2]))
         .await
         .expect("release"));
     // Empty batches cost nothing and answer nothing.
