@@ -211,16 +211,26 @@ fn decode_stats(json: &[u8]) -> Option<RawStats> {
 
 /// What a producer learnt about its broker connections (shared by its context and the
 /// [`KafkaLog`] using it).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Connection {
     /// A record of this producer was delivered: the broker holds its producer id.
     delivered: AtomicBool,
     /// A broker connection failed after a record was delivered (a broker crash or restart,
     /// a partition): the broker may have lost this producer's idempotence state.
     stale: AtomicBool,
+    /// Wakes the [`KafkaLog`]'s watcher when the producer goes stale.
+    wake: std::sync::mpsc::SyncSender<()>,
 }
 
 impl Connection {
+    fn new(wake: std::sync::mpsc::SyncSender<()>) -> Self {
+        Connection {
+            delivered: AtomicBool::new(false),
+            stale: AtomicBool::new(false),
+            wake,
+        }
+    }
+
     /// Whether the producer must be replaced before it sends again. tansu 0.6.0 on SQLite
     /// panics when a producer goes on under its old producer id after a broker restart
     /// (and then refuses every produce, from any producer), so a producer that lost a
@@ -238,6 +248,8 @@ impl Connection {
         );
         if lost && self.delivered.load(Ordering::Acquire) {
             self.stale.store(true, Ordering::Release);
+            // Full: a wake-up is pending already.
+            let _ = self.wake.try_send(());
         }
     }
 }
@@ -246,7 +258,7 @@ impl Connection {
 /// and notes a lost broker connection. Each producer adds what changed since its last
 /// report, so the gauge is the sum over the process's producers and the counter never
 /// goes back when a producer is replaced.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct ProducerStats {
     /// `(msg_cnt, txretries)` of the last report.
     last: parking_lot::Mutex<(i64, u64)>,
@@ -289,11 +301,26 @@ impl Drop for ProducerStats {
 }
 
 /// The producer side: [`OrderLog`] on Kafka.
+///
+/// tansu 0.6.0 on SQLite panics when a producer goes on under its old producer id after a
+/// broker restart (and then refuses every produce, from any producer), so a producer that
+/// lost a broker connection after it had delivered is never used again, and what it still
+/// holds is purged before it can reconnect: a watcher thread replaces it as soon as the
+/// connection fails (not at the next send, which may come after the broker is back and
+/// librdkafka has re-sent the queue under the old id), and a record is only ever queued on
+/// the producer in use under the read lock that the replacement takes for writing, so no
+/// record reaches a replaced producer after its purge.
 pub struct KafkaLog {
+    producers: Arc<Producers>,
+    topic: String,
+}
+
+/// The producer in use and how to replace it (shared with the watcher thread).
+struct Producers {
     current: parking_lot::RwLock<Current>,
     recreated: parking_lot::Mutex<std::time::Instant>,
-    topic: String,
     config: KafkaConfig,
+    wake: std::sync::mpsc::SyncSender<()>,
 }
 
 /// The producer in use and what its context learnt.
@@ -303,8 +330,8 @@ struct Current {
     connection: Arc<Connection>,
 }
 
-fn producer(config: &KafkaConfig) -> Result<Current> {
-    let connection = Arc::new(Connection::default());
+fn producer(config: &KafkaConfig, wake: std::sync::mpsc::SyncSender<()>) -> Result<Current> {
+    let connection = Arc::new(Connection::new(wake));
     let context = ProducerStats::new(Arc::clone(&connection));
     let producer = ClientConfig::new()
         .set("bootstrap.servers", &config.bootstrap)
@@ -329,29 +356,30 @@ fn producer(config: &KafkaConfig) -> Result<Current> {
     })
 }
 
-impl std::fmt::Debug for KafkaLog {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("KafkaLog")
-            .field("topic", &self.topic)
-            .finish_non_exhaustive()
+/// Replaces the producer as soon as its connection goes stale (woken by its context; every
+/// second it also checks), until the [`KafkaLog`] is dropped.
+fn watch(producers: &std::sync::Weak<Producers>, woken: &std::sync::mpsc::Receiver<()>) {
+    loop {
+        if let Err(std::sync::mpsc::RecvTimeoutError::Disconnected) =
+            woken.recv_timeout(Duration::from_secs(1))
+        {
+            return;
+        }
+        let Some(producers) = producers.upgrade() else {
+            return;
+        };
+        let current = producers.current.read().clone();
+        if current.connection.stale() {
+            producers.recreate(
+                &current,
+                "a broker connection failed after records were delivered",
+                false,
+            );
+        }
     }
 }
 
-impl KafkaLog {
-    /// An idempotent producer of accepted orders.
-    pub fn new(config: &KafkaConfig) -> Result<Self> {
-        Ok(KafkaLog {
-            current: parking_lot::RwLock::new(producer(config)?),
-            recreated: parking_lot::Mutex::new(std::time::Instant::now()),
-            topic: config.orders_topic(),
-            config: config.clone(),
-        })
-    }
-
-    fn current(&self) -> Current {
-        self.current.read().clone()
-    }
-
+impl Producers {
     /// Replaces the producer `stale` (if it is still the one in use) by a new one, with a
     /// new producer id, and purges what the old one still holds, so that nothing is sent
     /// again under the old id: its queued records fail as never sent, those in flight as
@@ -363,9 +391,11 @@ impl KafkaLog {
         {
             return;
         }
-        match producer(&self.config) {
+        match producer(&self.config, self.wake.clone()) {
             Ok(p) => {
                 tracing::warn!(why, "recreating the Kafka producer");
+                // Taken for writing: no send is queueing on the old producer meanwhile, and
+                // none queues on it after (see `KafkaLog::send`).
                 let old = std::mem::replace(&mut *self.current.write(), p);
                 *last = std::time::Instant::now();
                 drop(last);
@@ -376,12 +406,46 @@ impl KafkaLog {
             Err(e) => tracing::error!(error = %e, "recreating the Kafka producer failed"),
         }
     }
+}
+
+impl std::fmt::Debug for KafkaLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaLog")
+            .field("topic", &self.topic)
+            .finish_non_exhaustive()
+    }
+}
+
+impl KafkaLog {
+    /// An idempotent producer of accepted orders.
+    pub fn new(config: &KafkaConfig) -> Result<Self> {
+        let (wake, woken) = std::sync::mpsc::sync_channel(1);
+        let producers = Arc::new(Producers {
+            current: parking_lot::RwLock::new(producer(config, wake.clone())?),
+            recreated: parking_lot::Mutex::new(std::time::Instant::now()),
+            config: config.clone(),
+            wake,
+        });
+        let watched = Arc::downgrade(&producers);
+        std::thread::Builder::new()
+            .name("kafka-producer-watch".into())
+            .spawn(move || watch(&watched, &woken))
+            .map_err(unavailable)?;
+        Ok(KafkaLog {
+            producers,
+            topic: config.orders_topic(),
+        })
+    }
+
+    fn current(&self) -> Current {
+        self.producers.current.read().clone()
+    }
 
     /// Fails with the names of the pipeline's topics the broker does not have (a missing
     /// topic is a clear error at start-up, not a hang).
     pub async fn check_topics(&self) -> Result<()> {
         let producer = self.current().producer;
-        let wanted = self.config.topics();
+        let wanted = self.producers.config.topics();
         tokio::task::spawn_blocking(move || {
             let metadata = producer
                 .client()
@@ -446,22 +510,18 @@ impl KafkaLog {
             .key(key)
             .payload(payload)
             .headers(headers);
-        let mut current = self.current();
+        let current = self.current();
         if current.connection.stale() {
-            self.recreate(
+            self.producers.recreate(
                 &current,
                 "a broker connection failed after records were delivered",
                 false,
             );
-            current = self.current();
         }
-        let sent = current
-            .producer
-            .send(record, self.config.delivery_timeout)
-            .await;
+        let (current, sent) = self.queue_and_wait(record).await;
         match &sent {
             Ok(_) => current.connection.delivered.store(true, Ordering::Release),
-            Err((e, _)) => {
+            Err(e) => {
                 let fatal = current.producer.client().fatal_error().is_some();
                 let refused = !matches!(
                     e,
@@ -473,7 +533,7 @@ impl KafkaLog {
                     )
                 );
                 if fatal || refused {
-                    self.recreate(&current, &e.to_string(), true);
+                    self.producers.recreate(&current, &e.to_string(), true);
                 }
             }
         }
@@ -483,22 +543,59 @@ impl KafkaLog {
                 offset: d.offset as u64,
             }),
             // Refused before it could have been written: safe to undo the admission.
-            Err((
-                KafkaError::MessageProduction(
-                    code @ (RDKafkaErrorCode::QueueFull
-                    | RDKafkaErrorCode::PurgeQueue
-                    | RDKafkaErrorCode::MessageSizeTooLarge
-                    | RDKafkaErrorCode::UnknownTopic
-                    | RDKafkaErrorCode::UnknownTopicOrPartition
-                    | RDKafkaErrorCode::UnknownPartition
-                    | RDKafkaErrorCode::InvalidMessage),
-                ),
-                _,
+            Err(KafkaError::MessageProduction(
+                code @ (RDKafkaErrorCode::QueueFull
+                | RDKafkaErrorCode::PurgeQueue
+                | RDKafkaErrorCode::MessageSizeTooLarge
+                | RDKafkaErrorCode::UnknownTopic
+                | RDKafkaErrorCode::UnknownTopicOrPartition
+                | RDKafkaErrorCode::UnknownPartition
+                | RDKafkaErrorCode::InvalidMessage),
             )) => Err(Error::Unavailable(format!(
                 "the broker did not take the record: {code}"
             ))),
             // Anything else (a delivery timeout above all) may have been written.
-            Err((e, _)) => Err(Error::Indeterminate(e.to_string())),
+            Err(e) => Err(Error::Indeterminate(e.to_string())),
+        }
+    }
+
+    /// Queues `record` on the producer in use, under the read lock a replacement takes for
+    /// writing (so it is on the producer that is current, or purged with the one replaced),
+    /// and waits for its delivery report. A full queue is retried every 100 ms for up to the
+    /// delivery timeout. Returns the producer it was queued on.
+    async fn queue_and_wait(
+        &self,
+        mut record: FutureRecord<'_, str, [u8]>,
+    ) -> (
+        Current,
+        std::result::Result<rdkafka::producer::future_producer::Delivery, KafkaError>,
+    ) {
+        let start = Instant::now();
+        loop {
+            let (current, queued) = {
+                let current = self.producers.current.read();
+                (current.clone(), current.producer.send_result(record))
+            };
+            match queued {
+                Ok(delivery) => {
+                    let sent = match delivery.await {
+                        Ok(Ok(d)) => Ok(d),
+                        Ok(Err((e, _))) => Err(e),
+                        // The producer dropped the report: as good as purged in flight.
+                        Err(_) => Err(KafkaError::MessageProduction(
+                            RDKafkaErrorCode::PurgeInflight,
+                        )),
+                    };
+                    return (current, sent);
+                }
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r))
+                    if start.elapsed() < self.producers.config.delivery_timeout =>
+                {
+                    record = r;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err((e, _)) => return (current, Err(e)),
+            }
         }
     }
 
@@ -991,7 +1088,8 @@ mod tests {
     #[test]
     fn a_producer_is_stale_once_it_lost_a_broker_after_it_delivered() {
         let lost = || KafkaError::Global(RDKafkaErrorCode::BrokerTransportFailure);
-        let connection = Arc::new(Connection::default());
+        let (wake, woken) = std::sync::mpsc::sync_channel(1);
+        let connection = Arc::new(Connection::new(wake.clone()));
         let context = ProducerStats::new(Arc::clone(&connection));
         context.error(lost(), "Connect to ipv4#127.0.0.1:9092 failed");
         connection.delivered.store(true, Ordering::Release);
@@ -1006,7 +1104,8 @@ mod tests {
         assert!(!connection.stale(), "only a lost connection counts");
         context.error(lost(), "Disconnected (after 98ms in state UP)");
         assert!(connection.stale());
-        let other = Arc::new(Connection::default());
+        assert!(woken.try_recv().is_ok(), "going stale wakes the watcher");
+        let other = Arc::new(Connection::new(wake));
         other.delivered.store(true, Ordering::Release);
         ProducerStats::new(Arc::clone(&other)).error(
             KafkaError::Global(RDKafkaErrorCode::AllBrokersDown),
@@ -1059,7 +1158,9 @@ mod tests {
         // No real producer runs in this test binary, so the process's values move only here.
         let m = crate::metrics::metrics();
         let (queued, retries) = (m.kafka_queue_messages.get(), m.kafka_retries.get());
-        let stats = ProducerStats::default();
+        let stats = ProducerStats::new(Arc::new(Connection::new(
+            std::sync::mpsc::sync_channel(1).0,
+        )));
         stats.stats_raw(
             br#"{"msg_cnt":7,"brokers":{"a:9092/1":{"txretries":2},"b:9092/2":{"txretries":1}}}"#,
         );
