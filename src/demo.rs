@@ -553,7 +553,7 @@ async fn drive(config: &Config, running: &Running, opts: &DemoOptions) -> anyhow
         .await
         .map_err(|e| anyhow::anyhow!("stats: {}", e.detail))?;
     let orders = running.store.orders_of_sale(&sale_id).await?;
-    let audit = settler::mock::fetch_audit(&running.payment_url).await?;
+    let audit = mock_provider::fetch_audit(&running.payment_url).await?;
 
     let mut inv = BTreeMap::new();
     // 1. No oversell.
