@@ -102,6 +102,12 @@ async fn read_body(req: Request<Incoming>) -> Result<Bytes, Problem> {
     }
 }
 
+/// The request's idempotency key and body.
+async fn keyed_body(req: Request<Incoming>) -> Result<(String, Bytes), Problem> {
+    let key = idempotency_key(&req)?;
+    Ok((key, read_body(req).await?))
+}
+
 fn invalid_body(detail: impl Into<Cow<'static, str>>) -> Problem {
     Problem::new(StatusCode::BAD_REQUEST, "invalid_body", detail)
 }
@@ -175,12 +181,8 @@ async fn answer(state: &Mock, injection: Injection, handled: Handled) -> Process
 }
 
 async fn charge(state: &Mock, req: Request<Incoming>) -> Processed {
-    let key = match idempotency_key(&req) {
-        Ok(key) => key,
-        Err(p) => return Ok(Err(p)),
-    };
-    let body = match read_body(req).await {
-        Ok(body) => body,
+    let (key, body) = match keyed_body(req).await {
+        Ok(kb) => kb,
         Err(p) => return Ok(Err(p)),
     };
     let request: ChargeRequest<'_> = match parse_json(&body) {
@@ -227,8 +229,7 @@ fn lookup(state: &Mock, key: &str) -> Handled {
 }
 
 async fn refund(state: &Mock, req: Request<Incoming>) -> Handled {
-    let key = idempotency_key(&req)?;
-    let body = read_body(req).await?;
+    let (key, body) = keyed_body(req).await?;
     let request: RefundRequest<'_> = parse_json(&body)?;
     let mut inner = state.inner.lock();
     check_up(&mut inner)?;
@@ -274,12 +275,8 @@ async fn refund(state: &Mock, req: Request<Incoming>) -> Handled {
 }
 
 async fn notification(state: &Mock, req: Request<Incoming>) -> Processed {
-    let key = match idempotency_key(&req) {
-        Ok(key) => key,
-        Err(p) => return Ok(Err(p)),
-    };
-    let body = match read_body(req).await {
-        Ok(body) => body,
+    let (key, body) = match keyed_body(req).await {
+        Ok(kb) => kb,
         Err(p) => return Ok(Err(p)),
     };
     let request: NotificationRequest<'_> = match parse_json(&body) {
