@@ -19,12 +19,12 @@ use ingest::auth::Auth;
 use ingest::model::{Limits, OrderRef};
 use ingest::redis_admission::RedisAdmission;
 use ingest::server::{self, ServerConfig};
+use mock_provider::{MockConfig, MockProvider};
 use prometheus_client::registry::Registry;
 use sequencer::embedded::{FileLog, FileLogOptions};
 #[cfg(feature = "kafka")]
 use sequencer::kafka::{KafkaConfig, KafkaConsumer, KafkaLog};
 use sequencer::{LogConsumer, OrderLog};
-use settler::mock::{MockConfig, MockProvider};
 use settler::DeadLetter;
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -164,6 +164,10 @@ pub enum Command {
         /// `POST /v1/admin/config`).
         #[arg(long)]
         down: bool,
+        /// Most orders whose detail the audit keeps; past it the oldest are dropped (the
+        /// totals stay exact).
+        #[arg(long, default_value_t = mock_provider::config::DEFAULT_AUDIT_CAP)]
+        audit_cap: usize,
     },
     /// Check the invariants across Redis, the log and the store; rebuild a sale's admission
     /// counters from the store and repair them on request. Exits 1 when an invariant is
@@ -492,6 +496,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             timeout_rate,
             lost_answer_rate,
             down,
+            audit_cap,
         } => {
             let listener = tokio::net::TcpListener::bind(listen)
                 .await
@@ -504,9 +509,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
                 shutdown_signal().await;
                 t.cancel();
             });
-            settler::mock::serve(
+            mock_provider::serve(
                 listener,
-                settler::mock::MockConfig {
+                mock_provider::MockConfig {
                     latency,
                     latency_jitter: jitter,
                     decline_rate,
@@ -516,7 +521,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
                     timeout_rate,
                     lost_answer_rate,
                     down,
-                    ..settler::mock::MockConfig::default()
+                    audit_cap,
+                    ..mock_provider::MockConfig::default()
                 },
                 token,
             )

@@ -10,8 +10,8 @@
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::Full;
+use httpd::{Handler, Hangup, ServerConfig};
 use hyper::body::Incoming;
-use ingest::server::{self, Handler, ServerConfig};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
@@ -260,9 +260,9 @@ impl MetricsEndpoint {
 }
 
 impl Handler for MetricsEndpoint {
-    fn handle(&self, req: Request<Incoming>) -> impl Future<Output = Resp> + Send {
+    fn handle(&self, req: Request<Incoming>) -> impl Future<Output = Result<Resp, Hangup>> + Send {
         let resp = self.answer(&req);
-        async move { resp }
+        async move { Ok(resp) }
     }
 }
 
@@ -278,7 +278,7 @@ pub async fn serve_metrics(
         shutdown_grace: Duration::from_secs(1),
         ..ServerConfig::default()
     };
-    server::serve_with(
+    httpd::serve_with(
         listener,
         Arc::new(MetricsEndpoint { registry }),
         None,

@@ -97,7 +97,7 @@ pub async fn run(
     let lag = log_lag(config, store.as_ref()).await?;
     let audit = match audit_url {
         Some(url) => Some(
-            settler::mock::fetch_audit(url)
+            mock_provider::fetch_audit(url)
                 .await
                 .with_context(|| format!("--payment-url {url}: no audit"))?,
         ),
@@ -253,7 +253,7 @@ fn check_refunds(orders: &[Order], broken: &mut Vec<String>) {
 }
 
 /// One charge per order, from the store and, when given, the provider's audit.
-fn check_charges(orders: &[Order], audit: Option<&settler::mock::Audit>, broken: &mut Vec<String>) {
+fn check_charges(orders: &[Order], audit: Option<&mock_provider::Audit>, broken: &mut Vec<String>) {
     let mut charge_ids: HashMap<&str, OrderId> = HashMap::new();
     for o in orders {
         let id = o.new.order_id;

@@ -238,16 +238,12 @@ async fn acknowledged_orders_survive_kill_9() {
     })
     .await;
     // One successful charge per acknowledged order at the provider.
-    let audit: Value = client
-        .get(format!("{provider_url}/v1/audit"))
-        .send()
+    let audit = mock_provider::fetch_audit(&provider_url)
         .await
-        .expect("audit")
-        .json()
-        .await
-        .expect("json");
+        .expect("audit");
     for (_, _, id) in &acked {
-        assert_eq!(audit["orders"][id]["successful_charges"], 1, "order {id}");
+        let charges = audit.orders.get(id).map(|a| a.successful_charges);
+        assert_eq!(charges, Some(1), "order {id}");
     }
     let _ = Command::new("kill")
         .args(["-TERM", &server.0.id().to_string()])

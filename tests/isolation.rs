@@ -5,7 +5,7 @@ mod common;
 
 use common::TestApp;
 use futures_util::stream::{self, StreamExt};
-use settler::mock::{self, MockConfig, MockProvider};
+use mock_provider::{self as mock, MockConfig, MockProvider};
 use std::time::Duration;
 use storage::{OrderStatus, SaleId};
 use testkit::eventually;

@@ -708,11 +708,11 @@ async fn every_dashboard_query_returns_data_from_a_real_sale_and_the_alerts_eval
 
     // A payment-provider outage: the released units sell again but cannot be charged; the
     // breaker opens, and Prometheus sees it.
-    settler::mock::update_config(
+    mock_provider::update_config(
         &mock_url,
-        &settler::mock::MockConfig {
+        &mock_provider::MockConfig {
             down: true,
-            ..settler::mock::MockConfig::default()
+            ..mock_provider::MockConfig::default()
         },
     )
     .await
@@ -759,7 +759,7 @@ async fn every_dashboard_query_returns_data_from_a_real_sale_and_the_alerts_eval
     if !breaker_seen {
         problems.push("Prometheus never saw flashsale_breaker_state{provider=\"payment\"} = 2 during the outage".into());
     }
-    settler::mock::update_config(&mock_url, &settler::mock::MockConfig::default())
+    mock_provider::update_config(&mock_url, &mock_provider::MockConfig::default())
         .await
         .expect("provider back");
 

@@ -8,8 +8,8 @@
 mod common;
 
 use flashsale::config::Config;
+use mock_provider::{Audit, MockConfig, MockProvider};
 use serde_json::{json, Value};
-use settler::mock::{Audit, MockConfig, MockProvider};
 use std::collections::HashSet;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -249,7 +249,7 @@ impl Pipeline {
         let stored: HashSet<String> = orders.iter().map(|o| o.new.order_id.to_string()).collect();
         assert_eq!(stored.len(), orders.len(), "no duplicate rows");
         assert_eq!(&stored, acked, "persisted == accepted");
-        let audit: Audit = settler::mock::fetch_audit(&self.mock.url())
+        let audit: Audit = mock_provider::fetch_audit(&self.mock.url())
             .await
             .expect("audit");
         let mut released_units = 0;
@@ -497,12 +497,12 @@ async fn the_provider_down_for_thirty_seconds_opens_the_circuit_and_fails_no_ord
         down: true,
         ..MockConfig::default()
     };
-    let refused_before = settler::mock::fetch_audit(&p.mock.url())
+    let refused_before = mock_provider::fetch_audit(&p.mock.url())
         .await
         .expect("audit")
         .totals
         .unavailable;
-    settler::mock::update_config(&p.mock.url(), &down)
+    mock_provider::update_config(&p.mock.url(), &down)
         .await
         .expect("provider down");
     // The outage under test lasts thirty seconds.
@@ -520,7 +520,7 @@ async fn the_provider_down_for_thirty_seconds_opens_the_circuit_and_fails_no_ord
     );
     // The circuit opened: the settler stopped calling after a few failures and only probes
     // now and then, where a closed circuit would call for every waiting order every sweep.
-    let refused = settler::mock::fetch_audit(&p.mock.url())
+    let refused = mock_provider::fetch_audit(&p.mock.url())
         .await
         .expect("audit")
         .totals
@@ -532,7 +532,7 @@ async fn the_provider_down_for_thirty_seconds_opens_the_circuit_and_fails_no_ord
         refused < waiting,
         "{refused} calls reached the provider while it was down ({waiting} orders waiting)"
     );
-    settler::mock::update_config(&p.mock.url(), &MockConfig::default())
+    mock_provider::update_config(&p.mock.url(), &MockConfig::default())
         .await
         .expect("provider up");
     p.wait_settled(&acked, Duration::from_secs(300)).await;

@@ -20,7 +20,6 @@ pub mod fuzzing;
 pub mod metrics;
 pub mod model;
 pub mod problem;
-pub mod protocol;
 pub mod redis_admission;
 mod sale_cache;
 pub mod server;

@@ -1,55 +1,65 @@
 //! RFC 9457 problem details: every error the API returns, with its stable `code`.
 //!
-//! Handlers return [`ApiError`]; this module is the one place that turns it into a
-//! `application/problem+json` response. Codes are part of the API contract: never rename.
+//! Handlers return [`ApiError`], the API's [`httpd::Problem`] (the one problem+json type and
+//! its rendering); this module is the one list of the API's codes, each with its
+//! constructor. Codes are part of the API contract: never rename.
 
 use bytes::Bytes;
-use http::{header, HeaderValue, Response, StatusCode};
+use http::{Response, StatusCode};
 use http_body_util::Full;
-use serde::Serialize;
+use httpd::problem::{Code, Problem};
 use std::borrow::Cow;
 
-/// An error answer of the API.
+/// An error answer of the API: a [`Problem`] whose code is one of [`ALL_CODES`] (the
+/// constructors below are the only way to make one). Reads of its fields go to the
+/// problem.
 #[derive(Debug, Clone)]
-pub struct ApiError {
-    /// HTTP status.
-    pub status: StatusCode,
-    /// Stable machine-readable code.
-    pub code: &'static str,
-    /// Human-readable explanation of this occurrence.
-    pub detail: Cow<'static, str>,
-    /// Seconds to wait before retrying (sent as `Retry-After`).
-    pub retry_after: Option<u32>,
-    /// Methods the resource allows (sent as `Allow` with 405).
-    pub allow: Option<&'static str>,
-    /// One extension member of the problem body (name, value), such as the `stage` of
-    /// `settler_stage_down`.
-    pub member: Option<(&'static str, &'static str)>,
+pub struct ApiError(pub Problem);
+
+impl std::ops::Deref for ApiError {
+    type Target = Problem;
+
+    fn deref(&self) -> &Problem {
+        &self.0
+    }
+}
+
+impl From<ApiError> for Problem {
+    fn from(e: ApiError) -> Problem {
+        e.0
+    }
 }
 
 macro_rules! codes {
-    ($($fn:ident => $status:ident, $code:literal, $title:literal;)*) => {
+    (
+        $($fn:ident => $status:ident, $code:literal, $title:literal;)*
+        @httpd: $($hfn:ident => $hcode:ident;)*
+    ) => {
         impl ApiError {
             $(
                 #[doc = concat!("`", $code, "`: ", $title)]
                 pub fn $fn(detail: impl Into<Cow<'static, str>>) -> Self {
-                    ApiError { status: StatusCode::$status, code: $code, detail: detail.into(), retry_after: None, allow: None, member: None }
+                    ApiError(Code { status: StatusCode::$status, code: $code, title: $title }.problem(detail))
+                }
+            )*
+            $(
+                #[doc = concat!("[`httpd::problem::", stringify!($hcode), "`], a code the HTTP layer also answers by itself")]
+                pub fn $hfn(detail: impl Into<Cow<'static, str>>) -> Self {
+                    ApiError(httpd::problem::$hcode.problem(detail))
                 }
             )*
         }
 
         /// Every code the API can return, with its status and title (for the docs test).
-        pub const ALL_CODES: &[(&str, u16, &str)] = &[$(($code, StatusCode::$status.as_u16(), $title)),*];
-
-        fn title_of(code: &str) -> &'static str {
-            match code { $($code => $title,)* _ => "Error" }
-        }
+        pub const ALL_CODES: &[(&str, u16, &str)] = &[
+            $(($code, StatusCode::$status.as_u16(), $title),)*
+            $((httpd::problem::$hcode.code, httpd::problem::$hcode.status.as_u16(), httpd::problem::$hcode.title),)*
+        ];
     };
 }
 
 codes! {
     malformed_json => BAD_REQUEST, "malformed_json", "The body is not valid JSON";
-    malformed_request => BAD_REQUEST, "malformed_request", "The request is not valid HTTP/1.1";
     missing_idempotency_key => BAD_REQUEST, "missing_idempotency_key", "The Idempotency-Key header is required";
     invalid_idempotency_key => BAD_REQUEST, "invalid_idempotency_key", "The Idempotency-Key header is invalid";
     missing_token => UNAUTHORIZED, "missing_token", "A bearer token is required";
@@ -66,85 +76,42 @@ codes! {
     request_in_progress => CONFLICT, "request_in_progress", "A request with this Idempotency-Key is still in progress";
     request_timeout => REQUEST_TIMEOUT, "request_timeout", "The request body did not arrive in time";
     body_too_large => PAYLOAD_TOO_LARGE, "body_too_large", "The request body is too large";
-    uri_too_long => URI_TOO_LONG, "uri_too_long", "The request target is too long";
     unsupported_media_type => UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type", "The body must be application/json";
     invalid_body => UNPROCESSABLE_ENTITY, "invalid_body", "The body does not match the schema";
     invalid_quantity => UNPROCESSABLE_ENTITY, "invalid_quantity", "The quantity is out of range";
     invalid_payment_token => UNPROCESSABLE_ENTITY, "invalid_payment_token", "The payment token is invalid";
     invalid_sale => UNPROCESSABLE_ENTITY, "invalid_sale", "The sale definition is invalid";
     idempotency_conflict => UNPROCESSABLE_ENTITY, "idempotency_conflict", "The Idempotency-Key was used with a different body";
-    headers_too_large => REQUEST_HEADER_FIELDS_TOO_LARGE, "headers_too_large", "The request head is too large or has too many header fields";
     rate_limited => TOO_MANY_REQUESTS, "rate_limited", "Too many requests";
     unavailable => SERVICE_UNAVAILABLE, "unavailable", "A backend is unavailable; nothing was taken";
     capacity_exceeded => SERVICE_UNAVAILABLE, "capacity_exceeded", "The sale's admission state is at its cap; nothing was taken";
     settler_stage_down => SERVICE_UNAVAILABLE, "settler_stage_down", "A stage of the in-process settler is down";
     internal => INTERNAL_SERVER_ERROR, "internal", "Internal error";
+    @httpd:
+    malformed_request => MALFORMED_REQUEST;
+    headers_too_large => HEADERS_TOO_LARGE;
+    uri_too_long => URI_TOO_LONG;
 }
 
 impl ApiError {
     /// Adds a `Retry-After` in seconds.
-    pub fn retry_after(mut self, seconds: u32) -> Self {
-        self.retry_after = Some(seconds);
-        self
+    pub fn retry_after(self, seconds: u32) -> Self {
+        ApiError(self.0.retry_after(seconds))
     }
 
     /// Adds the extension member `name` to the problem body.
-    pub fn member(mut self, name: &'static str, value: &'static str) -> Self {
-        self.member = Some((name, value));
-        self
+    pub fn member(self, name: &'static str, value: &'static str) -> Self {
+        ApiError(self.0.member(name, value))
     }
 
     /// Adds the `Allow` header of a 405.
-    pub fn allow(mut self, methods: &'static str) -> Self {
-        self.allow = Some(methods);
-        self
-    }
-
-    /// The problem+json body.
-    pub fn body(&self) -> Vec<u8> {
-        #[derive(Serialize)]
-        struct Problem<'a> {
-            #[serde(rename = "type")]
-            kind: String,
-            title: &'a str,
-            status: u16,
-            code: &'a str,
-            detail: &'a str,
-            #[serde(flatten)]
-            member: Option<std::collections::BTreeMap<&'a str, &'a str>>,
-        }
-        serde_json::to_vec(&Problem {
-            kind: format!("urn:flashsale:problem:{}", self.code),
-            title: title_of(self.code),
-            status: self.status.as_u16(),
-            code: self.code,
-            detail: &self.detail,
-            member: self.member.map(|(k, v)| std::iter::once((k, v)).collect()),
-        })
-        .unwrap_or_default()
+    pub fn allow(self, methods: &'static str) -> Self {
+        ApiError(self.0.allow(methods))
     }
 
     /// The problem+json response.
     pub fn into_response(self) -> Response<Full<Bytes>> {
-        let mut resp = Response::new(Full::new(Bytes::from(self.body())));
-        *resp.status_mut() = self.status;
-        resp.headers_mut().insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/problem+json"),
-        );
-        if let Some(s) = self.retry_after {
-            resp.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(s));
-        }
-        if let Some(methods) = self.allow {
-            resp.headers_mut()
-                .insert(header::ALLOW, HeaderValue::from_static(methods));
-        }
-        if self.status == StatusCode::UNAUTHORIZED {
-            resp.headers_mut()
-                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-        }
-        resp
+        self.0.into_response()
     }
 }
 

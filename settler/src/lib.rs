@@ -6,8 +6,8 @@
 //! once, and publishes every status change. [`provider`] holds the HTTP clients of the
 //! payment and notification providers, [`breaker`] the circuit breaker in front of the
 //! payment provider, [`events`] the publishing of status changes to
-//! `flashsale.order-events.v1`, [`mock`] a real HTTP mock of both providers for tests and
-//! the embedded demo, and [`dead_letter`] the place records go that cannot be decoded.
+//! `flashsale.order-events.v1`, and [`dead_letter`] the place records go that cannot be
+//! decoded. (The mock of both providers is the `mock-provider` crate.)
 //! [`metrics`] names the Prometheus families of all of them once; [`metrics::register`]
 //! adds them to a process's registry.
 
@@ -17,7 +17,6 @@ pub mod breaker;
 pub mod dead_letter;
 pub mod events;
 pub mod metrics;
-pub mod mock;
 pub mod provider;
 pub mod settle;
 

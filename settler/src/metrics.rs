@@ -1,7 +1,7 @@
 //! The settler's Prometheus metrics, named once here (see `docs/METRICS.md`): the settle
 //! loop's progress, the provider calls and the circuit breakers, process-global
-//! ([`metrics`]) and added to a registry by [`register`]; and the mock provider's own
-//! families ([`MockMetrics`]), one set per mock server, which serves them itself.
+//! ([`metrics`]) and added to a registry by [`register`]. (The mock provider's families
+//! are the `mock-provider` crate's.)
 //!
 //! The families are `Arc`-backed: registering them into several registries (several apps
 //! in one test process) shows the same values. Label values come from closed sets: events,
@@ -319,8 +319,7 @@ pub fn metrics() -> &'static SettlerMetrics {
     &METRICS
 }
 
-/// Registers every settler family into `registry` (clones sharing the values). The mock
-/// provider's families are not among them: each mock serves its own.
+/// Registers every settler family into `registry` (clones sharing the values).
 pub fn register(registry: &mut Registry) {
     let m = metrics();
     registry.register(
@@ -400,79 +399,6 @@ pub fn register(registry: &mut Registry) {
     );
 }
 
-/// Label of [`MockMetrics::requests`].
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct MockRequestLabel {
-    /// The route's name.
-    pub route: &'static str,
-    /// `ok`, the problem code answered, or `answer_lost`.
-    pub outcome: &'static str,
-}
-
-/// Label of [`MockMetrics::duration`].
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct MockRouteLabel {
-    /// The route's name.
-    pub route: &'static str,
-}
-
-fn mock_buckets() -> Histogram {
-    // 50 µs to ~3.3 s (injected hangs land in +Inf).
-    Histogram::new(exponential_buckets(0.000_05, 2.0, 17))
-}
-
-/// The mock provider's families, in a registry of its own (one per mock server, served on
-/// its `GET /metrics`).
-#[derive(Debug)]
-pub struct MockMetrics {
-    registry: Registry,
-    /// `flashsale_mock_requests_total{route,outcome}`.
-    pub requests: Family<MockRequestLabel, Counter>,
-    /// `flashsale_mock_request_duration_seconds{route}`.
-    pub duration: HistogramFamily<MockRouteLabel>,
-}
-
-impl Default for MockMetrics {
-    fn default() -> Self {
-        let requests = Family::<MockRequestLabel, Counter>::default();
-        let duration: HistogramFamily<MockRouteLabel> = Family::new_with_constructor(mock_buckets);
-        let mut registry = Registry::default();
-        registry.register(
-            "flashsale_mock_requests",
-            "Requests answered by the mock provider",
-            requests.clone(),
-        );
-        registry.register(
-            "flashsale_mock_request_duration_seconds",
-            "Time the mock provider took to answer",
-            duration.clone(),
-        );
-        MockMetrics {
-            registry,
-            requests,
-            duration,
-        }
-    }
-}
-
-impl MockMetrics {
-    /// Records one request.
-    pub(crate) fn request(&self, route: &'static str, outcome: &'static str, elapsed: Duration) {
-        self.requests
-            .get_or_create(&MockRequestLabel { route, outcome })
-            .inc();
-        self.duration
-            .get_or_create(&MockRouteLabel { route })
-            .observe(elapsed.as_secs_f64());
-    }
-
-    /// The exposition of the mock's families (OpenMetrics when `openmetrics`, else the
-    /// text format 0.0.4) and its content type.
-    pub fn encode(&self, openmetrics: bool) -> (String, &'static str) {
-        storage::exposition::render(&self.registry, openmetrics)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -535,16 +461,5 @@ mod tests {
         let text = encode(&r);
         assert!(!text.contains("partition=\"900\""), "{text}");
         assert!(text.contains("flashsale_settler_lag_records{partition=\"901\"} 4"));
-    }
-
-    #[test]
-    fn mock_metrics_live_in_their_own_registry() {
-        let (one, two) = (MockMetrics::default(), MockMetrics::default());
-        one.request("charge", "ok", Duration::from_millis(2));
-        assert!(one
-            .encode(true)
-            .0
-            .contains("flashsale_mock_requests_total{route=\"charge\",outcome=\"ok\"} 1"));
-        assert!(!two.encode(true).0.contains("route=\"charge\""));
     }
 }

@@ -1,5 +1,5 @@
 //! HTTP clients of the payment and notification providers, and the wire types both they
-//! and the [`mock`](crate::mock) provider speak.
+//! and the mock provider (the `mock-provider` crate) speak.
 //!
 //! Every request carries an `Idempotency-Key` (the order id for a charge,
 //! `"{order_id}:{kind}"` for a notification, `"{order_id}:refund"` for a refund), so a
@@ -86,7 +86,8 @@ impl ProviderError {
         }
     }
 
-    pub(crate) fn from_reqwest(e: reqwest::Error) -> Self {
+    /// The error of a failed `reqwest` call.
+    pub fn from_reqwest(e: reqwest::Error) -> Self {
         if e.is_timeout() {
             ProviderError::Timeout
         } else if e.is_builder() {
@@ -289,7 +290,7 @@ fn base_url(url: &str) -> Result<String, ProviderError> {
 }
 
 /// Sends a request and reads the answer's status and body (at most 64 KiB).
-pub(crate) async fn exchange(
+pub async fn exchange(
     request: reqwest::RequestBuilder,
 ) -> Result<(StatusCode, Bytes), ProviderError> {
     let mut response = request.send().await.map_err(ProviderError::from_reqwest)?;
@@ -325,7 +326,7 @@ struct ProblemCode {
 }
 
 /// Maps a non-2xx answer to its error; passes a 2xx body through.
-pub(crate) fn expect_success(status: StatusCode, body: Bytes) -> Result<Bytes, ProviderError> {
+pub fn expect_success(status: StatusCode, body: Bytes) -> Result<Bytes, ProviderError> {
     if status.is_success() {
         return Ok(body);
     }
@@ -342,7 +343,7 @@ pub(crate) fn expect_success(status: StatusCode, body: Bytes) -> Result<Bytes, P
 }
 
 /// Decodes a JSON answer.
-pub(crate) fn decode_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ProviderError> {
+pub fn decode_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ProviderError> {
     serde_json::from_slice(body).map_err(|e| ProviderError::InvalidResponse(e.to_string()))
 }
 

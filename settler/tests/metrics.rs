@@ -10,8 +10,8 @@
 mod common;
 
 use common::{eventually, record, Harness, DEADLINE};
+use mock_provider::MockConfig;
 use sequencer::OrderRecord;
-use settler::mock::MockConfig;
 use settler::provider::{ChargeOutcome, PaymentClient, RetryPolicy};
 use settler::SettlerConfig;
 use std::time::Duration;

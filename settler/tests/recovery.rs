@@ -5,7 +5,7 @@ mod common;
 
 use async_trait::async_trait;
 use common::{eventually, record, Harness, DEADLINE};
-use settler::mock::{self, MockConfig};
+use mock_provider::MockConfig;
 use settler::provider::{ChargeOutcome, NotificationKind, PaymentClient, RetryPolicy};
 use settler::{FileDeadLetter, Settler, StockRelease};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -56,7 +56,7 @@ async fn a_pending_order_charged_before_a_crash_is_looked_up_not_charged_again()
     let stored = h.store.get_order(id).await.expect("get").expect("order");
     assert_eq!(stored.status, OrderStatus::Paid);
     assert_eq!(stored.charge_id.as_deref(), Some(charge_id.as_str()));
-    let a = mock::fetch_order_audit(&h.mock.url(), &id.to_string())
+    let a = mock_provider::fetch_order_audit(&h.mock.url(), &id.to_string())
         .await
         .expect("audit")
         .expect("seen");
@@ -86,7 +86,9 @@ impl ExpiresBeforePaid {
                     down: true,
                     ..MockConfig::default()
                 };
-                mock::update_config(url, &down).await.expect("mock down");
+                mock_provider::update_config(url, &down)
+                    .await
+                    .expect("mock down");
             }
         }
         Ok(())
@@ -219,7 +221,9 @@ async fn a_late_success_for_an_expired_order_is_refunded_and_its_stock_released(
     assert_eq!(snapshot.paid, 0);
     assert_eq!(snapshot.released, 2);
     let releases = h.release.calls();
-    let audit = mock::fetch_audit(&h.mock.url()).await.expect("audit");
+    let audit = mock_provider::fetch_audit(&h.mock.url())
+        .await
+        .expect("audit");
     for r in &records {
         let order = h
             .store
@@ -271,7 +275,7 @@ async fn a_failed_refund_of_a_late_charge_is_retried_until_it_lands() {
     })
     .await;
     assert_eq!(stats.snapshot().refunded, 0);
-    mock::update_config(&h.mock.url(), &MockConfig::default())
+    mock_provider::update_config(&h.mock.url(), &MockConfig::default())
         .await
         .expect("provider back");
     eventually("the refund landed", DEADLINE, || async {
@@ -286,7 +290,7 @@ async fn a_failed_refund_of_a_late_charge_is_retried_until_it_lands() {
     let order = h.store.get_order(id).await.expect("get").expect("order");
     assert_eq!(order.status, OrderStatus::Expired);
     assert_eq!(h.release.calls().get(&id), Some(&1));
-    let a = mock::fetch_order_audit(&h.mock.url(), &id.to_string())
+    let a = mock_provider::fetch_order_audit(&h.mock.url(), &id.to_string())
         .await
         .expect("audit")
         .expect("seen");
@@ -331,7 +335,7 @@ async fn a_refund_owed_survives_a_settler_restart() {
     let order = h.store.get_order(id).await.expect("get").expect("order");
     assert_eq!(order.status, OrderStatus::Expired);
     assert_eq!(order.refund, Some(RefundState::Owed));
-    let late = mock::fetch_order_audit(&h.mock.url(), &id.to_string())
+    let late = mock_provider::fetch_order_audit(&h.mock.url(), &id.to_string())
         .await
         .expect("audit")
         .expect("seen");
@@ -342,7 +346,7 @@ async fn a_refund_owed_survives_a_settler_restart() {
         .expect("the late charge's id is kept");
 
     // The provider is back; a new settler (the plain store) finishes the refund.
-    mock::update_config(&h.mock.url(), &MockConfig::default())
+    mock_provider::update_config(&h.mock.url(), &MockConfig::default())
         .await
         .expect("provider back");
     let running = h.start(h.config()).await;
@@ -358,7 +362,7 @@ async fn a_refund_owed_survives_a_settler_restart() {
     let order = h.store.get_order(id).await.expect("get").expect("order");
     assert_eq!(order.charge_id.as_deref(), Some(charge_id.as_str()));
     assert!(h.store.refunds_owed(10).await.expect("owed").is_empty());
-    let a = mock::fetch_order_audit(&h.mock.url(), &id.to_string())
+    let a = mock_provider::fetch_order_audit(&h.mock.url(), &id.to_string())
         .await
         .expect("audit")
         .expect("seen");

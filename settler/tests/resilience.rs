@@ -4,8 +4,8 @@
 mod common;
 
 use common::{eventually, record, Harness, DEADLINE};
+use mock_provider::MockConfig;
 use sequencer::OrderRecord;
-use settler::mock::{self, MockConfig};
 use settler::provider::{ChargeOutcome, NotificationKind, PaymentClient, RetryPolicy};
 use settler::{RecordingEventSink, SettlerConfig};
 use std::collections::HashMap;
@@ -84,7 +84,7 @@ async fn the_intake_waits_for_a_slow_provider_and_keeps_persisting_while_it_hang
     assert_eq!(stats.circuit_opened_total, 0, "slow is not down");
 
     // Then every charge hangs past the client timeout: the circuit opens, persisting goes on.
-    mock::update_config(
+    mock_provider::update_config(
         &h.mock.url(),
         &MockConfig {
             timeout_rate: 1.0,
@@ -112,7 +112,7 @@ async fn the_intake_waits_for_a_slow_provider_and_keeps_persisting_while_it_hang
     let stats = running.stats.snapshot();
     assert_eq!(stats.payment_failed + stats.expired, 0);
 
-    mock::update_config(&h.mock.url(), &MockConfig::default())
+    mock_provider::update_config(&h.mock.url(), &MockConfig::default())
         .await
         .expect("the provider answers again");
     h.wait_settled(records.len()).await;
@@ -147,7 +147,9 @@ async fn declines_errors_timeouts_and_lost_answers_charge_each_paid_order_once()
     let stats = running.stats.snapshot();
     running.stop().await;
 
-    let audit = mock::fetch_audit(&h.mock.url()).await.expect("audit");
+    let audit = mock_provider::fetch_audit(&h.mock.url())
+        .await
+        .expect("audit");
     assert!(audit.totals.lost_answers > 0, "some answers were lost");
     assert!(audit.totals.timeouts > 0, "some requests hung");
     assert!(audit.totals.errors > 0, "some requests failed");
@@ -231,7 +233,9 @@ async fn stale_pending_orders_are_looked_up_then_expired_and_released_once() {
     let stats = running.stats.snapshot();
     running.stop().await;
 
-    let audit = mock::fetch_audit(&h.mock.url()).await.expect("audit");
+    let audit = mock_provider::fetch_audit(&h.mock.url())
+        .await
+        .expect("audit");
     let releases = h.release.calls();
     let order = |id: OrderId| {
         let store = Arc::clone(&h.store);
@@ -302,7 +306,9 @@ async fn orders_the_provider_refuses_do_not_starve_the_sweep() {
     )
     .await;
     running.stop().await;
-    let audit = mock::fetch_audit(&h.mock.url()).await.expect("audit");
+    let audit = mock_provider::fetch_audit(&h.mock.url())
+        .await
+        .expect("audit");
     for o in &refused {
         let stored = h
             .store
@@ -455,7 +461,9 @@ async fn a_settler_killed_three_times_still_charges_and_releases_once() {
     h.wait_settled(records.len()).await;
     last.stop().await;
 
-    let audit = mock::fetch_audit(&h.mock.url()).await.expect("audit");
+    let audit = mock_provider::fetch_audit(&h.mock.url())
+        .await
+        .expect("audit");
     let releases = h.release.calls();
     for r in &records {
         let order = h
@@ -504,7 +512,7 @@ async fn a_refused_orders_backoff_survives_a_settler_restart() {
     };
     let stored = || async { h.store.get_order(id).await.expect("get").expect("order") };
     let refusals = || async {
-        mock::fetch_order_audit(&h.mock.url(), &id.to_string())
+        mock_provider::fetch_order_audit(&h.mock.url(), &id.to_string())
             .await
             .expect("audit")
             .map_or(0, |a| a.refused_charges)

@@ -4,7 +4,7 @@
 mod common;
 
 use common::{eventually, record, Harness, DEADLINE};
-use settler::mock::{self, MockConfig};
+use mock_provider::MockConfig;
 use std::time::Duration;
 use storage::{OrderStatus, OrderStore};
 
@@ -48,7 +48,9 @@ async fn settles_every_order_exactly_once() {
         h.store.checkpoint("settler", 0).await.expect("checkpoint"),
         Some(300)
     );
-    let audit = mock::fetch_audit(&h.mock.url()).await.expect("audit");
+    let audit = mock_provider::fetch_audit(&h.mock.url())
+        .await
+        .expect("audit");
     assert_eq!(audit.totals.charges, 300);
     assert_eq!(audit.totals.successful_charges, 300 - failed);
     assert_eq!(audit.totals.notifications, 300);
@@ -113,14 +115,22 @@ async fn a_provider_outage_opens_the_circuit_and_fails_no_order() {
     .await;
     // While it is open the provider is left alone: one probe per cool-down, not a charge
     // per order per sweep (that would be 200 orders x 2 attempts x 10 sweeps here).
-    let seen = |a: mock::Audit| a.totals.unavailable;
-    let before = seen(mock::fetch_audit(&h.mock.url()).await.expect("audit"));
+    let seen = |a: mock_provider::Audit| a.totals.unavailable;
+    let before = seen(
+        mock_provider::fetch_audit(&h.mock.url())
+            .await
+            .expect("audit"),
+    );
     let sweeps = running.stats.snapshot().sweeps;
     eventually("ten sweeps while the circuit is open", DEADLINE, || async {
         running.stats.snapshot().sweeps >= sweeps + 10
     })
     .await;
-    let after = seen(mock::fetch_audit(&h.mock.url()).await.expect("audit"));
+    let after = seen(
+        mock_provider::fetch_audit(&h.mock.url())
+            .await
+            .expect("audit"),
+    );
     assert!(
         after - before <= 60,
         "{} provider requests during ten sweeps of an open circuit",
@@ -138,10 +148,12 @@ async fn a_provider_outage_opens_the_circuit_and_fails_no_order() {
     let stats = running.stats.snapshot();
     assert_eq!(stats.paid + stats.payment_failed + stats.expired, 0);
     assert!(stats.circuit_opened_total >= 1);
-    let audit = mock::fetch_audit(&h.mock.url()).await.expect("audit");
+    let audit = mock_provider::fetch_audit(&h.mock.url())
+        .await
+        .expect("audit");
     assert_eq!(audit.totals.charges, 0, "a 503 records no charge");
 
-    mock::update_config(&h.mock.url(), &MockConfig::default())
+    mock_provider::update_config(&h.mock.url(), &MockConfig::default())
         .await
         .expect("end the outage");
     h.wait_settled(records.len()).await;
@@ -221,7 +233,9 @@ async fn an_order_aborted_before_its_record_landed_is_cancelled_not_charged() {
     let running = h.start(h.config()).await;
     h.wait_settled(records.len()).await;
     running.stop().await;
-    let audit = mock::fetch_audit(&h.mock.url()).await.expect("audit");
+    let audit = mock_provider::fetch_audit(&h.mock.url())
+        .await
+        .expect("audit");
     for id in &aborted {
         let order = h.store.get_order(*id).await.expect("get").expect("stored");
         assert_eq!(order.status, OrderStatus::Expired, "aborted order {id}");

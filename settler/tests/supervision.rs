@@ -8,9 +8,9 @@ mod common;
 
 use async_trait::async_trait;
 use common::{eventually, record, Harness, DEADLINE};
+use mock_provider::MockConfig;
 use sequencer::embedded::FileLog;
 use sequencer::{LogConsumer, LogEntry, LogPosition};
-use settler::mock::MockConfig;
 use settler::{ConsumerSource, EventSink, RecordingEventSink, Settler, Stage};
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -4,10 +4,10 @@
 #![allow(dead_code)]
 
 use async_trait::async_trait;
+use mock_provider::{MockConfig, MockProvider};
 use parking_lot::Mutex;
 use sequencer::embedded::{FileLog, FileLogOptions};
 use sequencer::{OrderLog, OrderRecord, RECORD_VERSION};
-use settler::mock::{MockConfig, MockProvider};
 use settler::{FileDeadLetter, Settler, SettlerConfig, SettlerStats, StockRelease};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -229,7 +229,7 @@ impl Harness {
         let orders = self.orders().await;
         assert_eq!(orders.len(), records.len(), "one stored order per record");
         let by_id: HashMap<OrderId, &Order> = orders.iter().map(|o| (o.new.order_id, o)).collect();
-        let audit = settler::mock::fetch_audit(&self.mock.url())
+        let audit = mock_provider::fetch_audit(&self.mock.url())
             .await
             .expect("audit");
         let releases = self.release.calls();

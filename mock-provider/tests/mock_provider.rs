@@ -1,6 +1,6 @@
 //! The mock provider over real HTTP, and the provider clients against it.
 
-use settler::mock::{self, MockConfig, MockProvider};
+use mock_provider::{MockConfig, MockProvider};
 use settler::provider::{
     ChargeOutcome, NotificationKind, PaymentClient, ProviderError, RetryPolicy,
 };
@@ -76,13 +76,13 @@ async fn a_repeated_charge_key_charges_once() {
     assert_eq!((s1, s2), (200, 200));
     assert_eq!(b1["status"], "succeeded");
     assert_eq!(b1["charge_id"], b2["charge_id"]);
-    let a = mock::fetch_order_audit(&m.url(), "order-1")
+    let a = mock_provider::fetch_order_audit(&m.url(), "order-1")
         .await
         .expect("audit")
         .expect("order seen");
     assert_eq!(a.successful_charges, 1);
     assert_eq!(a.charge_attempts, 2);
-    let audit = mock::fetch_audit(&m.url()).await.expect("audit");
+    let audit = mock_provider::fetch_audit(&m.url()).await.expect("audit");
     assert_eq!(audit.totals.charges, 1);
     assert_eq!(audit.totals.successful_charges, 1);
     m.stop().await;
@@ -114,7 +114,7 @@ async fn declines_by_token_and_by_rate() {
     .await;
     assert_eq!(s, 200);
     assert_eq!(b["status"], "declined");
-    mock::update_config(
+    mock_provider::update_config(
         &m.url(),
         &MockConfig {
             decline_rate: 1.0,
@@ -125,7 +125,7 @@ async fn declines_by_token_and_by_rate() {
     .expect("config");
     let (_, b) = post(url, Some("o-r"), charge_body("o-r", "tok_visa")).await;
     assert_eq!(b["status"], "declined");
-    let audit = mock::fetch_audit(&m.url()).await.expect("audit");
+    let audit = mock_provider::fetch_audit(&m.url()).await.expect("audit");
     assert_eq!(audit.totals.declined_charges, 2);
     assert_eq!(audit.totals.successful_charges, 0);
     assert_eq!(audit.orders["o-d"].declined_charges, 1);
@@ -150,7 +150,7 @@ async fn injected_errors_record_nothing_and_lookup_tells() {
         .expect("lookup");
     assert_eq!(lookup.status().as_u16(), 404);
 
-    mock::update_config(&m.url(), &MockConfig::default())
+    mock_provider::update_config(&m.url(), &MockConfig::default())
         .await
         .expect("config");
     let (s, b) = post(url.clone(), Some("o-1"), charge_body("o-1", "tok_visa")).await;
@@ -165,7 +165,7 @@ async fn injected_errors_record_nothing_and_lookup_tells() {
         .expect("json");
     assert_eq!(found["charge_id"], b["charge_id"]);
     assert_eq!(found["status"], "succeeded");
-    let audit = mock::fetch_audit(&m.url()).await.expect("audit");
+    let audit = mock_provider::fetch_audit(&m.url()).await.expect("audit");
     assert_eq!(audit.totals.errors, 1);
     assert_eq!(audit.totals.charges, 1);
 }
@@ -198,7 +198,7 @@ async fn refuses_bad_requests_with_problem_json() {
         .await
         .expect("health");
     assert_eq!(health.status().as_u16(), 200);
-    assert!(mock::update_config(
+    assert!(mock_provider::update_config(
         &m.url(),
         &MockConfig {
             error_rate: 2.0,
@@ -220,14 +220,14 @@ async fn notifications_are_deduplicated_by_key() {
     let (s2, b2) = post(url, Some("o-1:order_paid"), body).await;
     assert_eq!((s1, s2), (202, 202));
     assert_eq!(b2["duplicate"], true);
-    let a = mock::fetch_order_audit(&m.url(), "o-1")
+    let a = mock_provider::fetch_order_audit(&m.url(), "o-1")
         .await
         .expect("audit")
         .expect("seen");
     assert_eq!(a.notifications, vec![NotificationKind::OrderPaid]);
     assert_eq!(a.duplicate_notifications, 1);
     assert_eq!(
-        mock::fetch_order_audit(&m.url(), "nobody")
+        mock_provider::fetch_order_audit(&m.url(), "nobody")
             .await
             .expect("audit"),
         None
@@ -274,7 +274,7 @@ async fn clients_charge_refund_and_notify_idempotently() {
             .await
             .expect("notify");
     }
-    let a = mock::fetch_order_audit(&m.url(), &order.order_id.to_string())
+    let a = mock_provider::fetch_order_audit(&m.url(), &order.order_id.to_string())
         .await
         .expect("audit")
         .expect("seen");
@@ -303,7 +303,7 @@ async fn the_client_retries_5xx_but_not_4xx() {
         "{err:?}"
     );
     assert!(err.is_retryable());
-    let audit = mock::fetch_audit(&m.url()).await.expect("audit");
+    let audit = mock_provider::fetch_audit(&m.url()).await.expect("audit");
     assert_eq!(audit.totals.errors, 3, "three attempts in all");
     assert_eq!(audit.totals.charges, 0);
 
@@ -334,7 +334,7 @@ async fn a_timed_out_charge_is_looked_up_before_it_is_sent_again() {
     let order = new_order("tok_visa");
     let outcome = pay.charge(&order).await.expect("charge");
     assert!(matches!(outcome, ChargeOutcome::Succeeded { .. }));
-    let a = mock::fetch_order_audit(&m.url(), &order.order_id.to_string())
+    let a = mock_provider::fetch_order_audit(&m.url(), &order.order_id.to_string())
         .await
         .expect("audit")
         .expect("seen");
@@ -390,12 +390,12 @@ async fn a_down_provider_answers_503_to_everything_and_records_nothing() {
     .await;
     assert_eq!(s, 503);
     // The admin routes still work: the outage ends at run time.
-    mock::update_config(&m.url(), &MockConfig::default())
+    mock_provider::update_config(&m.url(), &MockConfig::default())
         .await
         .expect("config");
     let (s, _) = post(url, Some("o-1"), charge_body("o-1", "tok_visa")).await;
     assert_eq!(s, 200);
-    let audit = mock::fetch_audit(&m.url()).await.expect("audit");
+    let audit = mock_provider::fetch_audit(&m.url()).await.expect("audit");
     assert_eq!(audit.totals.unavailable, 4);
     assert_eq!(audit.totals.charges, 1);
     assert_eq!(audit.totals.notifications, 0);
@@ -434,18 +434,18 @@ async fn a_lost_answer_is_charged_and_a_retry_gets_the_same_charge() {
     let err = pay.charge(&order).await.expect_err("every answer is lost");
     assert!(matches!(err, ProviderError::Transport(_)), "{err:?}");
     assert!(err.is_retryable());
-    mock::update_config(&m.url(), &MockConfig::default())
+    mock_provider::update_config(&m.url(), &MockConfig::default())
         .await
         .expect("config");
     let outcome = pay.charge(&order).await.expect("charge");
     assert!(matches!(outcome, ChargeOutcome::Succeeded { .. }));
-    let a = mock::fetch_order_audit(&m.url(), &order.order_id.to_string())
+    let a = mock_provider::fetch_order_audit(&m.url(), &order.order_id.to_string())
         .await
         .expect("audit")
         .expect("seen");
     assert_eq!(a.successful_charges, 1, "one charge whatever the retries");
     assert_eq!(a.charge_attempts, 4);
-    let audit = mock::fetch_audit(&m.url()).await.expect("audit");
+    let audit = mock_provider::fetch_audit(&m.url()).await.expect("audit");
     assert_eq!(audit.totals.lost_answers, 4);
 }
 
@@ -466,7 +466,7 @@ async fn a_hung_request_times_out_records_nothing_and_does_not_hold_up_stop() {
     // The second attempt looked the charge up first (the first timed out): nothing there.
     let key = PaymentClient::charge_key(order.order_id);
     assert_eq!(pay.lookup(&key).await.expect("lookup"), None);
-    let audit = mock::fetch_audit(&m.url()).await.expect("audit");
+    let audit = mock_provider::fetch_audit(&m.url()).await.expect("audit");
     assert_eq!(audit.totals.charges, 0);
     assert_eq!(audit.totals.timeouts, 2, "two attempts, both hung");
     // A request still hanging does not keep the mock from stopping.
@@ -482,7 +482,7 @@ async fn a_hung_request_times_out_records_nothing_and_does_not_hold_up_stop() {
     });
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
-        let now = mock::fetch_audit(&m.url()).await.expect("audit");
+        let now = mock_provider::fetch_audit(&m.url()).await.expect("audit");
         if now.totals.timeouts > audit.totals.timeouts {
             break;
         }
@@ -512,7 +512,7 @@ async fn a_rejected_token_is_a_4xx_refusal_not_a_decline() {
         "{err:?}"
     );
     assert!(!err.is_retryable());
-    let a = mock::fetch_order_audit(&m.url(), &order.order_id.to_string())
+    let a = mock_provider::fetch_order_audit(&m.url(), &order.order_id.to_string())
         .await
         .expect("audit")
         .expect("seen");
@@ -524,4 +524,87 @@ async fn a_rejected_token_is_a_4xx_refusal_not_a_decline() {
             .expect("lookup"),
         None
     );
+}
+
+#[tokio::test]
+async fn the_audit_stays_bounded_past_its_cap_and_pages_by_cursor() {
+    let cap = 40;
+    let m = MockProvider::start(MockConfig {
+        audit_cap: cap,
+        ..MockConfig::default()
+    })
+    .await
+    .expect("start");
+    let url = format!("{}/v1/charges", m.url());
+    let orders = 100;
+    for i in 0..orders {
+        let id = format!("o-{i:03}");
+        let (status, _) = post(url.clone(), Some(&id), charge_body(&id, "tok_visa")).await;
+        assert_eq!(status, 200);
+    }
+    // Totals count every order; detail is kept for the last `cap` orders seen.
+    let audit = mock_provider::fetch_audit(&m.url()).await.expect("audit");
+    assert_eq!(audit.totals.charges, orders);
+    assert_eq!(audit.totals.successful_charges, orders);
+    assert_eq!(audit.orders.len(), cap);
+    assert_eq!(audit.pruned, orders - cap as u64);
+    let kept: Vec<String> = (orders - cap as u64..orders)
+        .map(|i| format!("o-{i:03}"))
+        .collect();
+    assert_eq!(audit.orders.keys().cloned().collect::<Vec<_>>(), kept);
+    assert!(mock_provider::fetch_order_audit(&m.url(), "o-000")
+        .await
+        .expect("audit")
+        .is_none());
+    // A retry of a pruned order still finds its charge (the ledger keeps it).
+    let (status, body) = post(url.clone(), Some("o-000"), charge_body("o-000", "tok_visa")).await;
+    assert_eq!((status, body["status"].as_str()), (200, Some("succeeded")));
+    let audit = mock_provider::fetch_audit(&m.url()).await.expect("audit");
+    assert_eq!(audit.totals.charges, orders);
+    assert_eq!(audit.orders.len(), cap);
+
+    // Pages of 15 by cursor: every kept order once, in order id order.
+    let mut seen = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let mut req = http()
+            .get(format!("{}/v1/audit", m.url()))
+            .query(&[("limit", "15")]);
+        if let Some(a) = &after {
+            req = req.query(&[("after", a)]);
+        }
+        let page: serde_json::Value = req.send().await.expect("send").json().await.expect("json");
+        let keys = page["orders"].as_object().expect("orders");
+        assert!(keys.len() <= 15);
+        seen.extend(keys.keys().cloned());
+        assert_eq!(page["totals"]["charges"], orders);
+        match page["next"].as_str() {
+            Some(next) => after = Some(next.to_owned()),
+            None => break,
+        }
+    }
+    let mut want: Vec<String> = audit.orders.keys().cloned().collect();
+    want.sort();
+    assert_eq!(seen, want);
+    let bad = http()
+        .get(format!("{}/v1/audit?limit=0", m.url()))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(bad.status().as_u16(), 400);
+
+    // Lowering the cap at run time drops the excess at once.
+    mock_provider::update_config(
+        &m.url(),
+        &MockConfig {
+            audit_cap: 5,
+            ..MockConfig::default()
+        },
+    )
+    .await
+    .expect("config");
+    let audit = mock_provider::fetch_audit(&m.url()).await.expect("audit");
+    assert_eq!(audit.orders.len(), 5);
+    assert_eq!(audit.totals.charges, orders);
+    m.stop().await;
 }

@@ -1,4 +1,4 @@
-//! hyper's own answers as problem+json.
+//! hyper's own answers as problem+json: the connection wrapper of [`crate::server`].
 //!
 //! hyper answers a request head it cannot parse before any service sees it, with a bare
 //! head and no body: 400 for bad syntax (a bad method, URI, header or version, `HTTP/2.0`
@@ -24,7 +24,7 @@
 //! rewritten answer lingers: it sends FIN, then reads and discards what still arrives until
 //! the client closes, for at most [`LINGER`] and [`LINGER_BYTES`].
 
-use crate::problem::ApiError;
+use crate::problem::{Problem, HEADERS_TOO_LARGE, MALFORMED_REQUEST, URI_TOO_LONG};
 use http::StatusCode;
 use parking_lot::Mutex;
 use std::collections::VecDeque;
@@ -153,25 +153,27 @@ fn parse_head(head: &[u8]) -> Option<Head> {
 }
 
 /// The problem that replaces hyper's own answer with `status`, if it is one hyper gives.
-fn problem_for(status: u16, limits: HeadLimits) -> Option<ApiError> {
+fn problem_for(status: u16, limits: HeadLimits) -> Option<Problem> {
     match StatusCode::from_u16(status).ok()? {
-        StatusCode::BAD_REQUEST => Some(ApiError::malformed_request(
-            "the request is not valid HTTP/1.1 (request line, header fields or version)",
-        )),
-        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE => Some(ApiError::headers_too_large(format!(
+        StatusCode::BAD_REQUEST => {
+            Some(MALFORMED_REQUEST.problem(
+                "the request is not valid HTTP/1.1 (request line, header fields or version)",
+            ))
+        }
+        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE => Some(HEADERS_TOO_LARGE.problem(format!(
             "the request head must be at most {} bytes with at most {} header fields",
             limits.max_bytes, limits.max_fields
         ))),
-        StatusCode::URI_TOO_LONG => Some(ApiError::uri_too_long(
-            "the request target must be shorter than 64 KiB",
-        )),
+        StatusCode::URI_TOO_LONG => {
+            Some(URI_TOO_LONG.problem("the request target must be shorter than 64 KiB"))
+        }
         _ => None,
     }
 }
 
 /// hyper's head `head` (status line, its fields, blank line) rewritten to carry `problem`:
 /// its fields but `Content-Length`, then the problem's type, length and body.
-fn rewrite(head: &[u8], problem: &ApiError) -> Vec<u8> {
+fn rewrite(head: &[u8], problem: &Problem) -> Vec<u8> {
     let body = problem.body();
     let mut out = Vec::with_capacity(head.len() + body.len() + 64);
     let mut lines = head.split(|b| *b == b'\n');
