@@ -6,7 +6,7 @@
 //! drains what is queued and sends it in one [`Admission::confirm_batch`] (one round trip
 //! with Redis). Until a confirmation lands, a retry of the order is answered
 //! `request_in_progress` by the backend, and by this instance with the order's 202 (see
-//! `api.rs`: it remembers the durable answers it gave).
+//! `api/orders.rs`: it remembers the durable answers it gave).
 //!
 //! Bounded: the queue holds at most `capacity` confirmations; when it is full the caller
 //! confirms inline (back-pressure, nothing dropped). A failed confirmation is retried with
