@@ -386,7 +386,7 @@ fn text(status: StatusCode, body: String, content_type: &'static str) -> Resp {
 
 fn admission_error(e: admission::Error) -> ApiError {
     match e {
-        admission::Error::Unavailable(_) => {
+        admission::Error::Unavailable { .. } => {
             ApiError::unavailable("admission backend unavailable").retry_after(1)
         }
         admission::Error::UnknownSale(_) => ApiError::unknown_sale("no such sale"),
@@ -400,7 +400,7 @@ fn store_error(e: storage::Error) -> ApiError {
         storage::Error::UnknownSale(_) => ApiError::unknown_sale("no such sale"),
         storage::Error::Invalid(e) => ApiError::invalid_quantity(e.to_string()),
         other => {
-            tracing::warn!(error = %other, "store error");
+            tracing::warn!(error = %storage::ErrorChain(&other), "store error");
             ApiError::unavailable("order store unavailable").retry_after(1)
         }
     }
@@ -803,7 +803,7 @@ impl Ingest {
             .await
             .map_err(|e| match Arc::try_unwrap(e) {
                 Ok(e) => store_error(e),
-                Err(shared) => store_error(storage::Error::Unavailable(shared.to_string())),
+                Err(shared) => store_error(storage::Error::unavailable("loading the sale", shared)),
             })
     }
 
