@@ -46,14 +46,14 @@ impl settler::StockRelease for AdmissionRelease {
         self.0
             .release(&order.new.sale_id, &OrderRef::from(order))
             .await
-            .map_err(|e| settler::Error::Release(e.to_string()))
+            .map_err(|e| settler::Error::Release(storage::ErrorChain(&e).to_string()))
     }
 
     async fn claim(&self, order: &Order) -> Result<bool, settler::Error> {
         self.0
             .claim(&order.new.sale_id, order.new.order_id)
             .await
-            .map_err(|e| settler::Error::Release(e.to_string()))
+            .map_err(|e| settler::Error::Release(storage::ErrorChain(&e).to_string()))
     }
 
     async fn release_batch(&self, orders: &[Order]) -> Vec<Result<bool, settler::Error>> {
@@ -65,7 +65,7 @@ impl settler::StockRelease for AdmissionRelease {
             .release_batch(&refs)
             .await
             .into_iter()
-            .map(|r| r.map_err(|e| settler::Error::Release(e.to_string())))
+            .map(|r| r.map_err(|e| settler::Error::Release(storage::ErrorChain(&e).to_string())))
             .collect()
     }
 
@@ -78,7 +78,7 @@ impl settler::StockRelease for AdmissionRelease {
             .claim_batch(&ids)
             .await
             .into_iter()
-            .map(|r| r.map_err(|e| settler::Error::Release(e.to_string())))
+            .map(|r| r.map_err(|e| settler::Error::Release(storage::ErrorChain(&e).to_string())))
             .collect()
     }
 }
@@ -183,7 +183,7 @@ impl Running {
             Ok(Err(e)) => anyhow::Error::new(e),
             Err(e) => anyhow::Error::new(e).context("settler task"),
         };
-        tracing::error!(error = %failure, "the in-process settler failed; stopping");
+        tracing::error!(error = %format!("{failure:#}"), "the in-process settler failed; stopping");
         if let Err(e) = self.stop().await {
             tracing::error!(error = %format!("{e:#}"), "stopping after the settler failed");
         }
@@ -199,7 +199,7 @@ async fn flush_producer(kafka: Arc<KafkaLog>) -> anyhow::Result<()> {
         .await
         .context("flushing the Kafka producer")?;
     flushed.map_err(|e| {
-        tracing::error!(error = %e, "records left undelivered at shutdown");
+        tracing::error!(error = %storage::ErrorChain(&e), "records left undelivered at shutdown");
         anyhow::Error::new(e).context("flushing the Kafka producer at shutdown")
     })
 }
@@ -280,7 +280,7 @@ async fn recover_admission(
                 r.sequence,
             ) {
                 crate::metrics::recovery_skipped(crate::metrics::SKIPPED_RECORD);
-                tracing::warn!(error = %err, order = %r.order_id, "log record of an unknown sale");
+                tracing::warn!(error = %storage::ErrorChain(&err), order = %r.order_id, "log record of an unknown sale");
             }
             replayed += 1;
         }
@@ -297,7 +297,7 @@ async fn recover_admission(
         // and recovery goes on, since refusing to start would not bring the sale back.
         if let Err(err) = admission.restore_release(&o.new.sale_id, &OrderRef::from(o)) {
             crate::metrics::recovery_skipped(crate::metrics::SKIPPED_RELEASE);
-            tracing::warn!(error = %err, order = %o.new.order_id, "release of an unknown sale");
+            tracing::warn!(error = %storage::ErrorChain(&err), order = %o.new.order_id, "release of an unknown sale");
         }
     }
     if replayed > 0 || covered > 0 {
@@ -518,7 +518,7 @@ impl settler::EventSink for KafkaEventSink {
             async move { self.log.send(&self.topic, &key, &payload).await }
         });
         for r in futures_util::future::join_all(sends).await {
-            r.map_err(|e| settler::Error::Publish(e.to_string()))?;
+            r.map_err(|e| settler::Error::Publish(storage::ErrorChain(&e).to_string()))?;
         }
         Ok(())
     }

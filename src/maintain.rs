@@ -75,7 +75,7 @@ impl Maintenance {
             let totals = match self.store.sale_totals(&sale).await {
                 Ok(t) => t,
                 Err(e) => {
-                    tracing::warn!(error = %e, %sale, "cannot read a sale's totals; not retired");
+                    tracing::warn!(error = %storage::ErrorChain(&e), %sale, "cannot read a sale's totals; not retired");
                     continue;
                 }
             };

@@ -18,21 +18,46 @@ use crate::model::{
 use async_trait::async_trait;
 use dashmap::DashMap;
 use parking_lot::Mutex;
+use std::borrow::Cow;
 use std::sync::Arc;
-use storage::{OrderId, Sale, SaleId, Timestamp};
+use storage::{BoxError, OrderId, Sale, SaleId, Timestamp};
 
 /// Errors of an admission backend.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The backend is down or too slow; nothing is known to be taken.
-    #[error("admission unavailable: {0}")]
-    Unavailable(String),
+    #[error("admission unavailable: {context}")]
+    Unavailable {
+        /// What failed.
+        context: Cow<'static, str>,
+        /// The backend's error, if there is one ([`std::error::Error::source`]).
+        #[source]
+        source: Option<BoxError>,
+    },
     /// The sale is not known to the backend.
     #[error("unknown sale {0}")]
     UnknownSale(SaleId),
     /// The sale exists already.
     #[error("sale {0} exists already")]
     SaleExists(SaleId),
+}
+
+impl Error {
+    /// [`Error::Unavailable`] caused by `source`: `context` says what failed.
+    pub fn unavailable(context: impl Into<Cow<'static, str>>, source: impl Into<BoxError>) -> Self {
+        Error::Unavailable {
+            context: context.into(),
+            source: Some(source.into()),
+        }
+    }
+
+    /// [`Error::Unavailable`] with no underlying error: `context` says it all.
+    pub fn unavailable_msg(context: impl Into<Cow<'static, str>>) -> Self {
+        Error::Unavailable {
+            context: context.into(),
+            source: None,
+        }
+    }
 }
 
 /// Result alias of admission.
@@ -304,5 +329,28 @@ impl Admission for EmbeddedAdmission {
 
     async fn ping(&self) -> Result<()> {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::error::Error as _;
+
+    #[test]
+    fn unavailable_exposes_the_backend_error() {
+        let cause = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset by peer");
+        let err = Error::unavailable("redis", cause);
+        assert_eq!(err.to_string(), "admission unavailable: redis");
+        let source = err.source().expect("a source");
+        assert!(
+            source.downcast_ref::<std::io::Error>().is_some(),
+            "{source}"
+        );
+        assert_eq!(
+            storage::ErrorChain(&err).to_string(),
+            "admission unavailable: redis: reset by peer"
+        );
+        assert!(Error::unavailable_msg("no reply").source().is_none());
     }
 }

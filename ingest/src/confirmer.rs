@@ -100,7 +100,7 @@ impl Confirmer {
         };
         let (sale, order) = item;
         if let Err(e) = self.admission.confirm(&sale, &order).await {
-            tracing::warn!(error = %e, order = %order.order_id, "inline confirm failed; retries answer in-progress until reconcile");
+            tracing::warn!(error = %storage::ErrorChain(&e), order = %order.order_id, "inline confirm failed; retries answer in-progress until reconcile");
         }
     }
 
@@ -157,7 +157,7 @@ async fn send(admission: &dyn Admission, mut batch: Vec<Item>, config: ConfirmCo
         batch.retain(|_| match results.next() {
             Some(Ok(())) => false,
             Some(Err(e)) => {
-                error = Some(e.to_string());
+                error = Some(storage::ErrorChain(&e).to_string());
                 true
             }
             None => {

@@ -123,7 +123,7 @@ impl From<crate::admission::Error> for ApiError {
     fn from(e: crate::admission::Error) -> Self {
         use crate::admission::Error;
         match e {
-            Error::Unavailable(_) => {
+            Error::Unavailable { .. } => {
                 ApiError::unavailable("admission backend unavailable").retry_after(1)
             }
             Error::UnknownSale(_) => ApiError::no_such_sale(),
@@ -139,7 +139,7 @@ impl From<storage::Error> for ApiError {
             storage::Error::UnknownSale(_) => ApiError::no_such_sale(),
             storage::Error::Invalid(e) => ApiError::invalid_quantity(e.to_string()),
             other => {
-                tracing::warn!(error = %other, "store error");
+                tracing::warn!(error = %storage::ErrorChain(&other), "store error");
                 ApiError::unavailable("order store unavailable").retry_after(1)
             }
         }
@@ -152,7 +152,7 @@ impl From<std::sync::Arc<storage::Error>> for ApiError {
     fn from(e: std::sync::Arc<storage::Error>) -> Self {
         match std::sync::Arc::try_unwrap(e) {
             Ok(e) => e.into(),
-            Err(shared) => storage::Error::Unavailable(shared.to_string()).into(),
+            Err(shared) => storage::Error::unavailable("loading the sale", shared).into(),
         }
     }
 }

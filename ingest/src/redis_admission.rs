@@ -23,8 +23,9 @@ use crate::sold_out::{self, FlagKeys, SoldOutFlags};
 use async_trait::async_trait;
 use redis::aio::ConnectionManager;
 use redis::{Cmd, Script, ServerErrorKind, Value};
+use std::sync::Arc;
 use std::time::Duration;
-use storage::{OrderId, Sale, SaleId, UserId};
+use storage::{BoxError, OrderId, Sale, SaleId, UserId};
 
 /// How long a sale's keys outlive its end (idempotency answers must outlive retries).
 const KEEP_AFTER_END_MS: i64 = 7 * 24 * 3600 * 1000;
@@ -56,13 +57,14 @@ impl std::fmt::Debug for RedisAdmission {
     }
 }
 
-fn unavailable(e: impl std::fmt::Display) -> Error {
-    Error::Unavailable(e.to_string())
+/// Redis failed with `e`.
+fn unavailable(e: impl Into<BoxError>) -> Error {
+    Error::unavailable("redis", e)
 }
 
 /// The sale's keys are absent or half-written: never read that as full stock.
 fn missing(sale: &SaleId) -> Error {
-    Error::Unavailable(format!(
+    Error::unavailable_msg(format!(
         "the counters of sale {sale} are missing from Redis; run `flashsale reconcile --sale {sale}`"
     ))
 }
@@ -113,7 +115,7 @@ fn failed<T>(results: &[Result<T>]) -> u64 {
 /// An integer reply of a script call in a batch.
 fn int_reply(reply: Result<Value>) -> Result<i64> {
     let v = reply?;
-    as_i64(&v).ok_or_else(|| Error::Unavailable(format!("unexpected script reply {v:?}")))
+    as_i64(&v).ok_or_else(|| Error::unavailable_msg(format!("unexpected script reply {v:?}")))
 }
 
 impl RedisAdmission {
@@ -138,16 +140,17 @@ impl RedisAdmission {
             let replies: Vec<Value> = match pipe.query_async(&mut conn).await {
                 Ok(r) => r,
                 Err(e) => {
+                    let e = Arc::new(e);
                     for &i in &todo {
-                        out[i] = Some(Err(unavailable(&e)));
+                        out[i] = Some(Err(unavailable(Arc::clone(&e))));
                     }
                     break;
                 }
             };
             if replies.len() != todo.len() {
                 for &i in &todo {
-                    out[i] = Some(Err(Error::Unavailable(
-                        "a pipeline answered a different number of replies".into(),
+                    out[i] = Some(Err(Error::unavailable_msg(
+                        "a pipeline answered a different number of replies",
                     )));
                 }
                 break;
@@ -170,8 +173,9 @@ impl RedisAdmission {
                 break;
             }
             if let Err(e) = script.load_async(&mut conn).await {
+                let e = Arc::new(e);
                 for &i in &again {
-                    out[i] = Some(Err(unavailable(&e)));
+                    out[i] = Some(Err(unavailable(Arc::clone(&e))));
                 }
                 break;
             }
@@ -187,7 +191,7 @@ impl RedisAdmission {
             todo = again;
         }
         out.into_iter()
-            .map(|r| r.unwrap_or_else(|| Err(Error::Unavailable("no reply".into()))))
+            .map(|r| r.unwrap_or_else(|| Err(Error::unavailable_msg("no reply"))))
             .collect()
     }
 
@@ -295,7 +299,7 @@ impl RedisAdmission {
             .invoke_async(&mut conn)
             .await
             .map_err(unavailable)?;
-        let bad = || Error::Unavailable("unexpected admission script reply".into());
+        let bad = || Error::unavailable_msg("unexpected admission script reply");
         let kind = reply.first().and_then(as_string).ok_or_else(bad)?;
         let now = reply.last().and_then(as_i64).ok_or_else(bad)?;
         let answer = |r: &[Value]| -> Result<Answer> {
@@ -755,5 +759,28 @@ impl Admission for RedisAdmission {
             .await
             .map_err(unavailable)?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::error::Error as _;
+
+    #[test]
+    fn a_redis_failure_is_kept_as_the_cause() {
+        let cause = redis::RedisError::from(std::io::Error::other("connection reset"));
+        let err = unavailable(Arc::new(cause));
+        let source = err.source().expect("a source");
+        assert!(
+            source.downcast_ref::<Arc<redis::RedisError>>().is_some(),
+            "{source:?}"
+        );
+        let chain = storage::ErrorChain(&err).to_string();
+        assert!(
+            chain.starts_with("admission unavailable: redis: "),
+            "{chain}"
+        );
+        assert!(chain.contains("connection reset"), "{chain}");
     }
 }

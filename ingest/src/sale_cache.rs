@@ -124,7 +124,7 @@ impl SaleCache {
                 Ok(sale) => Entry::new(sale.map(Arc::new)),
                 Err(e) => {
                     // Keep serving what we have; tried again a TTL from now.
-                    tracing::warn!(error = %e, sale = %id, "refreshing a sale failed; serving the cached definition");
+                    tracing::warn!(error = %storage::ErrorChain(&e), sale = %id, "refreshing a sale failed; serving the cached definition");
                     Entry::new(old.sale.clone())
                 }
             };

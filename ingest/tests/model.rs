@@ -206,7 +206,7 @@ async fn a_missing_sale_is_unavailable_never_full_stock() {
     };
     assert!(matches!(
         redis.admit(&id, &req).await,
-        Err(ingest::admission::Error::Unavailable(_))
+        Err(ingest::admission::Error::Unavailable { .. })
     ));
     // A half-written sale (one field, no `ready` mark) is missing too.
     let client = redis::Client::open(server.url()).expect("client");
@@ -223,7 +223,7 @@ async fn a_missing_sale_is_unavailable_never_full_stock() {
         .expect("hset");
     assert!(matches!(
         redis.admit(&id, &req).await,
-        Err(ingest::admission::Error::Unavailable(_))
+        Err(ingest::admission::Error::Unavailable { .. })
     ));
     assert_eq!(redis.counters(&id).await.expect("counters"), None);
     // Every key of a sale carries its hash tag.

@@ -91,7 +91,7 @@ impl Admission for Counting {
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
             .is_ok();
         if fail {
-            return Err(admission::Error::Unavailable("injected".into()));
+            return Err(admission::Error::unavailable_msg("injected"));
         }
         self.inner.confirm(sale, order).await?;
         self.confirms_done.fetch_add(1, Ordering::SeqCst);

@@ -149,6 +149,11 @@ fn invalid(msg: &'static str) -> Error {
     std::io::Error::new(std::io::ErrorKind::InvalidData, msg).into()
 }
 
+/// An append refused because writing the log failed with `e`.
+fn write_failed(e: &Arc<std::io::Error>) -> Error {
+    Error::unavailable("order log write failed", Arc::clone(e))
+}
+
 fn sync_dir(dir: &Path) -> std::io::Result<()> {
     File::open(dir)?.sync_all()
 }
@@ -383,10 +388,10 @@ impl FileLog {
             .write(true)
             .open(dir.join(LOCK_FILE))?;
         lock.try_lock().map_err(|e| {
-            Error::Unavailable(format!(
-                "log {} is in use by another process: {e}",
-                dir.display()
-            ))
+            Error::unavailable(
+                format!("log {} is in use by another process", dir.display()),
+                e,
+            )
         })?;
         let mut bases = list_segments(dir)?;
         if migrate_legacy(dir, &bases)? {
@@ -488,7 +493,7 @@ impl FileLog {
             let segments = self.shared.segments.read();
             let start = segments.first().map_or(0, |s| s.base);
             if from < start {
-                return Err(Error::Unavailable(format!(
+                return Err(Error::unavailable_msg(format!(
                     "offset {from} was deleted; the log starts at {start}"
                 )));
             }
@@ -599,15 +604,15 @@ impl FileLog {
         match self.tx.try_send(Pending { payload, reply }) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) => {
-                return Err(Error::Unavailable("order log queue is full".into()))
+                return Err(Error::unavailable_msg("order log queue is full"))
             }
             Err(TrySendError::Disconnected(_)) => {
-                return Err(Error::Unavailable("order log is closed".into()))
+                return Err(Error::unavailable_msg("order log is closed"))
             }
         }
         let offset = rx
             .await
-            .map_err(|_| Error::Unavailable("order log writer stopped".into()))??;
+            .map_err(|_| Error::unavailable_msg("order log writer stopped"))??;
         Ok(LogPosition {
             partition: 0,
             offset,
@@ -685,7 +690,8 @@ fn writer(
     };
     let mut batch: Vec<Pending> = Vec::with_capacity(options.max_batch);
     let mut buf: Vec<u8> = Vec::with_capacity(1 << 20);
-    let mut failed: Option<String> = None;
+    // The write error that closed the log, given to every later append as its cause.
+    let mut failed: Option<Arc<std::io::Error>> = None;
     while let Ok(first) = rx.recv() {
         batch.push(first);
         while batch.len() < options.max_batch {
@@ -694,9 +700,9 @@ fn writer(
                 Err(_) => break,
             }
         }
-        if let Some(why) = &failed {
+        if let Some(e) = &failed {
             for p in batch.drain(..) {
-                let _ = p.reply.send(Err(Error::Unavailable(why.clone())));
+                let _ = p.reply.send(Err(write_failed(e)));
             }
             continue;
         }
@@ -727,9 +733,9 @@ fn writer(
             // None of the batch is acknowledged, so none of it may stay: cut the file back
             // to the last acknowledged frame. If even that fails, stop taking records so
             // that nothing is ever acknowledged after frames that were refused.
-            let why = format!("order log write failed: {e}");
+            let e = Arc::new(e);
             for p in batch.drain(..) {
-                let _ = p.reply.send(Err(Error::Unavailable(why.clone())));
+                let _ = p.reply.send(Err(write_failed(&e)));
             }
             let end = live.end;
             let cut = live
@@ -744,7 +750,7 @@ fn writer(
                 Err(cut_err) => {
                     tracing::error!(error = %e, cut_error = %cut_err, "order log write failed and could not be cut back; log closed for appends");
                     shared.failed.store(true, Ordering::Relaxed);
-                    failed = Some(why);
+                    failed = Some(e);
                 }
             }
             continue;
@@ -783,12 +789,12 @@ impl OrderLog for FileLog {
 
     async fn ping(&self) -> Result<()> {
         if self.shared.failed.load(Ordering::Relaxed) {
-            return Err(Error::Unavailable(
-                "order log closed after a write it could not undo".into(),
+            return Err(Error::unavailable_msg(
+                "order log closed after a write it could not undo",
             ));
         }
         if self.tx.is_full() {
-            return Err(Error::Unavailable("order log queue is full".into()));
+            return Err(Error::unavailable_msg("order log queue is full"));
         }
         Ok(())
     }
@@ -1021,7 +1027,7 @@ mod tests {
         let err = loop {
             match FileLog::open(dir.path(), FileLogOptions::default()) {
                 Err(Error::Corrupt(e)) => break e,
-                Err(Error::Unavailable(_)) if std::time::Instant::now() < deadline => {
+                Err(Error::Unavailable { .. }) if std::time::Instant::now() < deadline => {
                     tokio::time::sleep(Duration::from_millis(10)).await
                 }
                 Err(e) => panic!("unexpected error {e}"),

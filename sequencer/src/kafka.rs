@@ -44,6 +44,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use storage::BoxError;
 
 /// The rdkafka crate this log is built on (for benchmarks of producer variants).
 pub use rdkafka;
@@ -115,8 +116,9 @@ impl KafkaConfig {
     }
 }
 
-fn unavailable(e: impl std::fmt::Display) -> Error {
-    Error::Unavailable(e.to_string())
+/// The Kafka client (or the blocking task around it) failed with `e`.
+fn unavailable(e: impl Into<BoxError>) -> Error {
+    Error::unavailable("kafka", e)
 }
 
 /// Creates the pipeline's topics (existing ones are left alone); returns those created.
@@ -149,7 +151,7 @@ pub async fn create_topics(config: &KafkaConfig) -> Result<Vec<String>> {
             Ok(name) => created.push(name),
             Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
             Err((name, code)) => {
-                return Err(Error::Unavailable(format!("creating topic {name}: {code}")))
+                return Err(Error::unavailable(format!("creating topic {name}"), code))
             }
         }
     }
@@ -459,7 +461,7 @@ impl KafkaLog {
             if missing.is_empty() {
                 Ok(())
             } else {
-                Err(Error::Unavailable(format!(
+                Err(Error::unavailable_msg(format!(
                     "the broker lacks topics {missing:?}: run `flashsale migrate`"
                 )))
             }
@@ -543,19 +545,22 @@ impl KafkaLog {
                 offset: d.offset as u64,
             }),
             // Refused before it could have been written: safe to undo the admission.
-            Err(KafkaError::MessageProduction(
-                code @ (RDKafkaErrorCode::QueueFull
-                | RDKafkaErrorCode::PurgeQueue
-                | RDKafkaErrorCode::MessageSizeTooLarge
-                | RDKafkaErrorCode::UnknownTopic
-                | RDKafkaErrorCode::UnknownTopicOrPartition
-                | RDKafkaErrorCode::UnknownPartition
-                | RDKafkaErrorCode::InvalidMessage),
-            )) => Err(Error::Unavailable(format!(
-                "the broker did not take the record: {code}"
-            ))),
+            Err(
+                e @ KafkaError::MessageProduction(
+                    RDKafkaErrorCode::QueueFull
+                    | RDKafkaErrorCode::PurgeQueue
+                    | RDKafkaErrorCode::MessageSizeTooLarge
+                    | RDKafkaErrorCode::UnknownTopic
+                    | RDKafkaErrorCode::UnknownTopicOrPartition
+                    | RDKafkaErrorCode::UnknownPartition
+                    | RDKafkaErrorCode::InvalidMessage,
+                ),
+            ) => Err(Error::unavailable("the broker did not take the record", e)),
             // Anything else (a delivery timeout above all) may have been written.
-            Err(e) => Err(Error::Indeterminate(e.to_string())),
+            Err(e) => Err(Error::Indeterminate {
+                context: "the delivery failed".into(),
+                source: Box::new(e),
+            }),
         }
     }
 
@@ -604,10 +609,10 @@ impl KafkaLog {
     pub fn flush(&self, timeout: Duration) -> Result<()> {
         let producer = self.current().producer;
         producer.flush(timeout).map_err(|e| {
-            Error::Unavailable(format!(
-                "{} record(s) left undelivered: {e}",
-                producer.in_flight_count()
-            ))
+            Error::unavailable(
+                format!("{} record(s) left undelivered", producer.in_flight_count()),
+                e,
+            )
         })
     }
 }
@@ -1011,7 +1016,7 @@ impl LogConsumer for KafkaConsumer {
             .elements()
             .first()
             .map(|e| e.topic().to_owned())
-            .ok_or_else(|| Error::Unavailable("the consumer has no subscription".into()))?;
+            .ok_or_else(|| Error::unavailable_msg("the consumer has no subscription"))?;
         let mut next: BTreeMap<u32, u64> = BTreeMap::new();
         for p in positions {
             let e = next.entry(p.partition).or_default();

@@ -15,7 +15,9 @@ pub mod record;
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use std::borrow::Cow;
 use std::time::Duration;
+use storage::BoxError;
 
 pub use record::{decode, encode, OrderRecord, RecordError, CONTENT_TYPE, RECORD_VERSION};
 
@@ -24,22 +26,52 @@ pub use record::{decode, encode, OrderRecord, RecordError, CONTENT_TYPE, RECORD_
 pub enum Error {
     /// The log cannot take the record now (backend down, queue full, closed); nothing was
     /// written, or it is unknown whether it was.
-    #[error("log unavailable: {0}")]
-    Unavailable(String),
+    #[error("log unavailable: {context}")]
+    Unavailable {
+        /// What failed.
+        context: Cow<'static, str>,
+        /// The backend's error, if there is one ([`std::error::Error::source`]).
+        #[source]
+        source: Option<BoxError>,
+    },
     /// An I/O error of the embedded log.
     #[error("log i/o: {0}")]
     Io(#[from] std::io::Error),
     /// The record may or may not have been written (a delivery timed out after sending).
     /// Ingest aborts the admission; should the record land, the settler's claim of it
     /// fails and it cancels the order instead of charging it.
-    #[error("order log outcome unknown: {0}")]
-    Indeterminate(String),
+    #[error("order log outcome unknown: {context}")]
+    Indeterminate {
+        /// What was being done.
+        context: Cow<'static, str>,
+        /// The backend's error ([`std::error::Error::source`]).
+        #[source]
+        source: BoxError,
+    },
     /// The embedded log file is damaged in a way that would lose acknowledged records.
     #[error("order log corrupt: {0}")]
     Corrupt(String),
     /// A record could not be encoded.
     #[error(transparent)]
     Record(#[from] RecordError),
+}
+
+impl Error {
+    /// [`Error::Unavailable`] caused by `source`: `context` says what failed.
+    pub fn unavailable(context: impl Into<Cow<'static, str>>, source: impl Into<BoxError>) -> Self {
+        Error::Unavailable {
+            context: context.into(),
+            source: Some(source.into()),
+        }
+    }
+
+    /// [`Error::Unavailable`] with no underlying error: `context` says it all.
+    pub fn unavailable_msg(context: impl Into<Cow<'static, str>>) -> Self {
+        Error::Unavailable {
+            context: context.into(),
+            source: None,
+        }
+    }
 }
 
 /// Result alias of this crate.
@@ -107,5 +139,38 @@ pub trait LogConsumer: Send + 'static {
     /// returns nothing.
     fn lag(&self) -> Vec<PartitionLag> {
         Vec::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::error::Error as _;
+
+    #[test]
+    fn errors_built_from_a_failure_expose_it() {
+        let io = || std::io::Error::new(std::io::ErrorKind::BrokenPipe, "broker gone");
+        let err = Error::unavailable("producing", io());
+        assert_eq!(err.to_string(), "log unavailable: producing");
+        let source = err.source().expect("a source");
+        assert!(
+            source.downcast_ref::<std::io::Error>().is_some(),
+            "{source}"
+        );
+        assert_eq!(
+            storage::ErrorChain(&err).to_string(),
+            "log unavailable: producing: broker gone"
+        );
+        let err = Error::Indeterminate {
+            context: "delivery".into(),
+            source: Box::new(io()),
+        };
+        assert_eq!(
+            err.source().map(|s| s.to_string()).as_deref(),
+            Some("broker gone")
+        );
+        assert!(Error::unavailable_msg("order log queue is full")
+            .source()
+            .is_none());
     }
 }

@@ -7,6 +7,7 @@
 
 #[cfg(any(feature = "embedded", feature = "postgres"))]
 mod batch;
+mod error;
 pub mod exposition;
 pub mod metrics;
 pub mod model;
@@ -17,33 +18,8 @@ pub mod shard;
 pub mod sqlite;
 
 use async_trait::async_trait;
+pub use error::{BoxError, Error, ErrorChain, Result};
 pub use model::*;
-
-/// Errors of the order store.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    /// The backend could not be reached or failed; the operation may be retried.
-    #[error("store unavailable: {0}")]
-    Unavailable(String),
-    /// A sale with this id exists already.
-    #[error("sale {0} exists already")]
-    SaleExists(SaleId),
-    /// No sale with this id.
-    #[error("unknown sale {0}")]
-    UnknownSale(SaleId),
-    /// Stored data that does not decode: a bug or a tampered database.
-    #[error("corrupt stored data: {0}")]
-    Corrupt(String),
-    /// A move the status machine refuses.
-    #[error(transparent)]
-    IllegalTransition(#[from] IllegalTransition),
-    /// A value the model refuses (nothing was changed).
-    #[error(transparent)]
-    Invalid(#[from] InvalidValue),
-}
-
-/// Result alias of this crate.
-pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Where a consumer of the log has got to: the next offset to read in a partition.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -184,8 +160,8 @@ pub trait OrderStore: Send + Sync + 'static {
                 Change::Released(id) => self.mark_released(*id).await?,
                 Change::Notified(id) => self.mark_notified(*id).await?,
                 Change::Refund { .. } | Change::Deferred { .. } => {
-                    return Err(Error::Unavailable(
-                        "this store records refunds and deferrals only in apply_batch".into(),
+                    return Err(Error::unavailable_msg(
+                        "this store records refunds and deferrals only in apply_batch",
                     ))
                 }
             });

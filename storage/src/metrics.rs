@@ -318,7 +318,7 @@ impl<S: OrderStore> Metered<S> {
                     .deadline_exceeded
                     .get_or_create(&OpLabel { op: op.as_str() })
                     .inc();
-                Err(Error::Unavailable(format!(
+                Err(Error::unavailable_msg(format!(
                     "store call {} did not finish within its deadline of {:?} \
                      (store.call_timeout)",
                     op.as_str(),

@@ -39,8 +39,8 @@
 use crate::batch::{self, Current, Deltas};
 use crate::metrics::{self, PoolSource, PoolStatus};
 use crate::{
-    model::*, Change, Checkpoint, Error, Order, OrderStore, Result, Sale, SaleId, SaleTotals,
-    StatusCount,
+    model::*, BoxError, Change, Checkpoint, Error, Order, OrderStore, Result, Sale, SaleId,
+    SaleTotals, StatusCount,
 };
 use async_trait::async_trait;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension, Row};
@@ -73,8 +73,9 @@ fn migrations() -> Migrations<'static> {
     ])
 }
 
-fn unavailable(e: impl std::fmt::Display) -> Error {
-    Error::Unavailable(e.to_string())
+/// The embedded database (or the thread or task around it) failed with `e`.
+fn unavailable(e: impl Into<BoxError>) -> Error {
+    Error::unavailable("embedded database", e)
 }
 
 /// A database error of a write: the charge-id limit becomes [`Error::Invalid`].
@@ -90,7 +91,7 @@ fn write_error(e: rusqlite::Error) -> Error {
 }
 
 fn writer_stopped() -> Error {
-    Error::Unavailable("the store's writer has stopped".into())
+    Error::unavailable_msg("the store's writer has stopped")
 }
 
 /// How much the writer has done: groups (transactions) and commands run in them.
@@ -347,8 +348,10 @@ where
         let answer = match (self.result, group) {
             (Some(Err(e)), _) => Err(e),
             (Some(Ok(v)), Ok(())) => Ok(v),
-            (Some(Ok(_)), Err(why)) | (None, Err(why)) => Err(Error::Unavailable(why.into())),
-            (None, Ok(())) => Err(Error::Unavailable("the write failed in the store".into())),
+            (Some(Ok(_)), Err(why)) | (None, Err(why)) => {
+                Err(Error::unavailable_msg(why.to_owned()))
+            }
+            (None, Ok(())) => Err(Error::unavailable_msg("the write failed in the store")),
         };
         // The caller may have gone away: its write happened (or not) all the same.
         let _ = self.reply.send(answer);

@@ -1214,13 +1214,16 @@ mod postgres {
             .await
             .expect("a read of the frozen shard returned");
         assert!(
-            matches!(&read, Err(Error::Unavailable(m)) if m.contains("deadline")),
+            matches!(&read, Err(Error::Unavailable { context: m, .. }) if m.contains("deadline")),
             "{read:?}"
         );
         let write = tokio::time::timeout(hang, store.apply_batch(&pending))
             .await
             .expect("a write to the frozen shard returned");
-        assert!(matches!(&write, Err(Error::Unavailable(_))), "{write:?}");
+        assert!(
+            matches!(&write, Err(Error::Unavailable { .. })),
+            "{write:?}"
+        );
         let other = tokio::time::timeout(hang, store.get_order(healthy))
             .await
             .expect("a read of the other shard returned")
@@ -1259,7 +1262,7 @@ mod postgres {
             .await
             .expect_err("not migrated");
         assert!(
-            matches!(&err, Error::Unavailable(m) if m.contains("flashsale migrate")),
+            matches!(&err, Error::Unavailable { context: m, .. } if m.contains("flashsale migrate")),
             "{err}"
         );
         // A shard URL that nothing answers is refused too, quickly, naming the shard.
@@ -1276,7 +1279,7 @@ mod postgres {
             .await
             .expect_err("shard 1 down");
         assert!(
-            matches!(&err, Error::Unavailable(m) if m.contains("shard 1")),
+            matches!(&err, Error::Unavailable { context: m, .. } if m.contains("shard 1")),
             "{err}"
         );
         assert!(started.elapsed() < Duration::from_secs(10));
@@ -1305,14 +1308,14 @@ mod postgres {
             .await
             .expect_err("two shards over a one-shard catalog");
         assert!(
-            matches!(&err, Error::Unavailable(m) if m.contains("records 1 shard")),
+            matches!(&err, Error::Unavailable { context: m, .. } if m.contains("records 1 shard")),
             "{err}"
         );
         let err = PgStore::connect(&shard, &two, 2)
             .await
             .expect_err("connect with two");
         assert!(
-            matches!(&err, Error::Unavailable(m) if m.contains("records 1 shard")),
+            matches!(&err, Error::Unavailable { context: m, .. } if m.contains("records 1 shard")),
             "{err}"
         );
     }
@@ -1404,12 +1407,12 @@ mod postgres {
         let started = Instant::now();
         let err = store.get_order(on_1).await.expect_err("shard 1 is down");
         assert!(
-            matches!(&err, Error::Unavailable(m) if m.contains("shard 1")),
+            matches!(&err, Error::Unavailable { context: m, .. } if m.contains("shard 1")),
             "{err}"
         );
         assert!(matches!(
             store.orders_of_sale(&s.id).await,
-            Err(Error::Unavailable(_))
+            Err(Error::Unavailable { .. })
         ));
         assert!(matches!(
             store
@@ -1420,7 +1423,7 @@ mod postgres {
                     None
                 )
                 .await,
-            Err(Error::Unavailable(_))
+            Err(Error::Unavailable { .. })
         ));
         let more: Vec<_> = (40..80)
             .map(|i| order("outage", i, 1, Timestamp::now()))
@@ -1432,9 +1435,9 @@ mod postgres {
         };
         assert!(matches!(
             store.persist_batch(&more, Some(&cp)).await,
-            Err(Error::Unavailable(_))
+            Err(Error::Unavailable { .. })
         ));
-        assert!(matches!(store.ping().await, Err(Error::Unavailable(_))));
+        assert!(matches!(store.ping().await, Err(Error::Unavailable { .. })));
         assert!(
             started.elapsed() < Duration::from_secs(5),
             "failing took {:?}",

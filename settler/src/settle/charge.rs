@@ -327,7 +327,7 @@ impl Core {
         let owed = match self.store.refunds_owed(limit).await {
             Ok(owed) => owed,
             Err(e) => {
-                tracing::warn!(error = %e, "sweep: refunds owed not read");
+                tracing::warn!(error = %storage::ErrorChain(&e), "sweep: refunds owed not read");
                 return;
             }
         };

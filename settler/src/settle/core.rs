@@ -93,7 +93,7 @@ impl Core {
                             .collect()
                     }
                     Err(e) => {
-                        let e = e.to_string();
+                        let e = storage::ErrorChain(&e).to_string();
                         reqs.iter().map(|_| Err(e.clone())).collect()
                     }
                 }
@@ -233,7 +233,7 @@ impl Core {
                 None
             }
             Err(e) => {
-                tracing::warn!(order_id = %id, error = %e, "order read failed; left for the sweep");
+                tracing::warn!(order_id = %id, error = %storage::ErrorChain(&e), "order read failed; left for the sweep");
                 None
             }
         }
@@ -366,7 +366,7 @@ impl Core {
             Ok(()) => true,
             Err(e) => {
                 SettlerStats::add(&self.counters().provider_errors, 1);
-                tracing::warn!(order_id = %id, error = %e, "notification failed; left for the sweep");
+                tracing::warn!(order_id = %id, error = %storage::ErrorChain(&e), "notification failed; left for the sweep");
                 false
             }
         }

@@ -75,7 +75,7 @@ impl Intake {
                 Err(e) => {
                     failures = failures.saturating_add(1);
                     let delay = Duration::from_millis(20 << failures.min(8));
-                    tracing::warn!(error = %e, retry_in = ?delay, "log poll failed");
+                    tracing::warn!(error = %storage::ErrorChain(&e), retry_in = ?delay, "log poll failed");
                     if !pause(shutdown, delay).await {
                         return;
                     }
@@ -167,8 +167,9 @@ impl Intake {
             };
             let store = &self.core.store;
             let (batch_ref, cp) = (&batch, &checkpoint);
-            let inserted = until_done(shutdown, "persist", || {
-                store.persist_batch(batch_ref, Some(cp))
+            let inserted = until_done(shutdown, "persist", || async move {
+                let persisted = store.persist_batch(batch_ref, Some(cp)).await;
+                persisted.map_err(|e| storage::ErrorChain(&e).to_string())
             })
             .await?;
             SettlerStats::add(&self.core.counters().persisted, inserted as u64);
@@ -187,7 +188,7 @@ impl Intake {
         if let Err(e) = self.consumer.commit(&positions).await {
             // The store holds the checkpoint and persisting is idempotent: a redelivery
             // after this costs time, not correctness.
-            tracing::warn!(error = %e, "log commit failed");
+            tracing::warn!(error = %storage::ErrorChain(&e), "log commit failed");
         }
         Some(orders)
     }

@@ -18,7 +18,7 @@ pub(crate) async fn publish_pending(core: &Core, sink: &dyn EventSink, batch: us
         let events = match core.store.unpublished_events(batch).await {
             Ok(events) => events,
             Err(e) => {
-                tracing::warn!(error = %e, "publisher: outbox not read");
+                tracing::warn!(error = %storage::ErrorChain(&e), "publisher: outbox not read");
                 return false;
             }
         };
@@ -27,14 +27,14 @@ pub(crate) async fn publish_pending(core: &Core, sink: &dyn EventSink, batch: us
             return true;
         }
         if let Err(e) = sink.publish(&events).await {
-            tracing::warn!(error = %e, events = events.len(), "publisher: events not published; retrying later");
+            tracing::warn!(error = %storage::ErrorChain(&e), events = events.len(), "publisher: events not published; retrying later");
             return false;
         }
         let keys: Vec<(OrderId, OrderStatus)> =
             events.iter().map(|e| (e.order_id, e.status)).collect();
         if let Err(e) = core.store.mark_published(&keys).await {
             // Published but not marked: they go out again (at least once).
-            tracing::warn!(error = %e, "publisher: published events not marked");
+            tracing::warn!(error = %storage::ErrorChain(&e), "publisher: published events not marked");
             return false;
         }
         SettlerStats::add(&core.counters().events_published, events.len() as u64);

@@ -62,7 +62,9 @@ pub(crate) async fn sweep(
             let cutoff = Timestamp::now().plus_millis(-ttl);
             match core.store.pending_since(cutoff, take).await {
                 Ok(orders) => ids.extend(orders.iter().map(|o| o.new.order_id)),
-                Err(e) => tracing::warn!(error = %e, "sweep: stale pending orders not read"),
+                Err(e) => {
+                    tracing::warn!(error = %storage::ErrorChain(&e), "sweep: stale pending orders not read")
+                }
             }
             // The store leaves out the orders whose recorded backoff is not over (so a restart
             // does not send them all at once to a provider that refuses them); read past
@@ -79,7 +81,9 @@ pub(crate) async fn sweep(
                         .filter(|id| core.is_due(*id, now))
                         .take(take),
                 ),
-                Err(e) => tracing::warn!(error = %e, "sweep: unsettled orders not read"),
+                Err(e) => {
+                    tracing::warn!(error = %storage::ErrorChain(&e), "sweep: unsettled orders not read")
+                }
             }
         }
         match core.store.unfinished_followups(limit).await {
@@ -89,7 +93,9 @@ pub(crate) async fn sweep(
                 metrics().set_backlog(NOTIFICATIONS_BACKLOG, unnotified);
                 ids.extend(orders.iter().map(|o| o.new.order_id));
             }
-            Err(e) => tracing::warn!(error = %e, "sweep: follow-ups not read"),
+            Err(e) => {
+                tracing::warn!(error = %storage::ErrorChain(&e), "sweep: follow-ups not read")
+            }
         }
         for id in ids {
             let Some(claim) = claim(&core, id) else {
