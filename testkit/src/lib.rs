@@ -64,6 +64,30 @@ fn wait_for_port(addr: SocketAddr, child: &mut Child, what: &str) {
     }
 }
 
+/// Starts `command` (a server listening on `port` of 127.0.0.1, running in `dir`), waits
+/// until it listens, and records its pid file.
+fn launch(command: &mut Command, port: u16, dir: &Path, what: &str) -> (Child, PidFile) {
+    let mut child = command
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {what}: {e}"));
+    wait_for_port(
+        SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
+        &mut child,
+        what,
+    );
+    let pid_file = PidFile::record(&child, dir);
+    (child, pid_file)
+}
+
+/// SIGKILLs a server started by [`launch`] (if it runs) and drops its pid file.
+fn kill_launched(child: &mut Option<Child>, pid_file: &mut Option<PidFile>) {
+    if let Some(mut c) = child.take() {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    *pid_file = None;
+}
+
 /// A redis-server of the test's own, with persistence off.
 #[derive(Debug)]
 pub struct RedisServer {
@@ -92,21 +116,19 @@ impl RedisServer {
     }
 
     fn spawn(&mut self) {
-        let mut child = Command::new(&self.binary)
-            .args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])
-            .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
-            .arg("--dir")
-            .arg(self.dir.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {}: {e}", self.binary.display()));
-        wait_for_port(
-            SocketAddr::from((Ipv4Addr::LOCALHOST, self.port)),
-            &mut child,
+        let (child, pid_file) = launch(
+            Command::new(&self.binary)
+                .args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])
+                .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
+                .arg("--dir")
+                .arg(self.dir.path())
+                .stdout(Stdio::null())
+                .stderr(Stdio::inherit()),
+            self.port,
+            self.dir.path(),
             "redis-server",
         );
-        self.pid_file = Some(PidFile::record(&child, self.dir.path()));
+        self.pid_file = Some(pid_file);
         self.child = Some(child);
     }
 
@@ -122,11 +144,7 @@ impl RedisServer {
 
     /// Kills it with SIGKILL (its data is lost: persistence is off).
     pub fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        self.pid_file = None;
+        kill_launched(&mut self.child, &mut self.pid_file);
     }
 
     /// Starts it again on the same port, empty.
@@ -204,22 +222,35 @@ impl TansuBroker {
     fn spawn(&mut self) {
         let url = format!("tcp://127.0.0.1:{}", self.port);
         // The sqlite path is taken relative to the working directory: run inside the dir.
-        let mut child = Command::new(&self.binary)
-            .arg("broker")
-            .args(["--listener-url", &url, "--advertised-listener-url", &url])
-            .args(["--storage-engine", &self.storage])
-            .current_dir(self.dir.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {}: {e}", self.binary.display()));
-        wait_for_port(
-            SocketAddr::from((Ipv4Addr::LOCALHOST, self.port)),
-            &mut child,
+        // Its stderr (panics above all) goes to `tansu.log` in its directory, across restarts.
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .unwrap();
+        let (child, pid_file) = launch(
+            Command::new(&self.binary)
+                .arg("broker")
+                .args(["--listener-url", &url, "--advertised-listener-url", &url])
+                .args(["--storage-engine", &self.storage])
+                .current_dir(self.dir.path())
+                .stdout(Stdio::null())
+                .stderr(log),
+            self.port,
+            self.dir.path(),
             "tansu broker",
         );
-        self.pid_file = Some(PidFile::record(&child, self.dir.path()));
+        self.pid_file = Some(pid_file);
         self.child = Some(child);
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.path().join("tansu.log")
+    }
+
+    /// What the broker wrote to stderr so far (every run of it, restarts included).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
     }
 
     /// `127.0.0.1:PORT`, the bootstrap servers.
@@ -229,11 +260,7 @@ impl TansuBroker {
 
     /// Kills it with SIGKILL.
     pub fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        self.pid_file = None;
+        kill_launched(&mut self.child, &mut self.pid_file);
     }
 
     /// Freezes it (SIGSTOP): connections stay open but nothing is answered, as with a
@@ -270,6 +297,16 @@ impl Drop for TansuBroker {
         // A paused process cannot die until it is continued.
         self.resume();
         self.kill();
+        // A broker that panicked (tansu answers every later request with an error) is the
+        // likely cause of a failing test: say so in the test's output.
+        let log = self.log();
+        if let Some(at) = log.find("panicked at") {
+            let tail: String = log[at..].lines().take(3).collect::<Vec<_>>().join("\n");
+            eprintln!(
+                "testkit: the tansu broker on port {} panicked: {tail}",
+                self.port
+            );
+        }
     }
 }
 
