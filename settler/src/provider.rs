@@ -396,12 +396,44 @@ fn note_retry(circuit: Option<&CircuitBreaker>, e: &ProviderError, after: Durati
 /// Client of the payment provider: charge, look up, refund.
 #[derive(Debug, Clone)]
 pub struct PaymentClient {
-    http: reqwest::Client,
-    base_url: String,
+    endpoint: Endpoint,
     charges_url: String,
     refunds_url: String,
+}
+
+/// What both provider clients share: the HTTP client, the provider's base URL, the retry
+/// policy and the circuit their attempts count against.
+#[derive(Debug, Clone)]
+struct Endpoint {
+    http: reqwest::Client,
+    base_url: String,
     retry: RetryPolicy,
     circuit: Option<CircuitBreaker>,
+}
+
+impl Endpoint {
+    fn new(base_url: &str, timeout: Duration, retry: RetryPolicy) -> Result<Self, ProviderError> {
+        Ok(Endpoint {
+            http: http_client(timeout)?,
+            base_url: self::base_url(base_url)?,
+            retry,
+            circuit: None,
+        })
+    }
+
+    /// Runs `attempt` until it succeeds, with the retry policy's backoff, for as long as
+    /// its error is worth another attempt and the circuit is closed.
+    async fn retried<T, F, Fut>(&self, attempt: F) -> Result<T, ProviderError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, ProviderError>>,
+    {
+        attempt
+            .retry(self.retry.backoff())
+            .when(|e| retry_further(self.circuit.as_ref(), e))
+            .notify(|e, after| note_retry(self.circuit.as_ref(), e, after))
+            .await
+    }
 }
 
 impl PaymentClient {
@@ -412,14 +444,11 @@ impl PaymentClient {
         timeout: Duration,
         retry: RetryPolicy,
     ) -> Result<Self, ProviderError> {
-        let base_url = self::base_url(base_url)?;
+        let endpoint = Endpoint::new(base_url, timeout, retry)?;
         Ok(PaymentClient {
-            http: http_client(timeout)?,
-            charges_url: format!("{base_url}/v1/charges"),
-            refunds_url: format!("{base_url}/v1/refunds"),
-            base_url,
-            retry,
-            circuit: None,
+            charges_url: format!("{}/v1/charges", endpoint.base_url),
+            refunds_url: format!("{}/v1/refunds", endpoint.base_url),
+            endpoint,
         })
     }
 
@@ -429,13 +458,13 @@ impl PaymentClient {
     /// is not closed: with hundreds of calls in flight, an outage then costs each of them
     /// one attempt instead of all its retries.
     pub fn with_circuit(mut self, circuit: CircuitBreaker) -> Self {
-        self.circuit = Some(circuit);
+        self.endpoint.circuit = Some(circuit);
         self
     }
 
     /// The provider's base URL.
     pub fn base_url(&self) -> &str {
-        &self.base_url
+        &self.endpoint.base_url
     }
 
     /// The idempotency key of an order's charge: the order id.
@@ -472,11 +501,7 @@ impl PaymentClient {
             }
             sent
         };
-        attempt
-            .retry(self.retry.backoff())
-            .when(|e| retry_further(self.circuit.as_ref(), e))
-            .notify(|e, after| note_retry(self.circuit.as_ref(), e, after))
-            .await
+        self.endpoint.retried(attempt).await
     }
 
     async fn charge_once(
@@ -499,7 +524,8 @@ impl PaymentClient {
         request: &ChargeRequest<'_>,
     ) -> Result<ChargeOutcome, ProviderError> {
         let (status, body) = exchange(
-            self.http
+            self.endpoint
+                .http
                 .post(&self.charges_url)
                 .header(IDEMPOTENCY_KEY, key)
                 .json(request),
@@ -513,11 +539,7 @@ impl PaymentClient {
     /// never took it. Retried like a charge.
     #[tracing::instrument(level = "debug", skip(self))]
     pub async fn lookup(&self, key: &str) -> Result<Option<ChargeOutcome>, ProviderError> {
-        (|| self.lookup_once(key))
-            .retry(self.retry.backoff())
-            .when(|e| retry_further(self.circuit.as_ref(), e))
-            .notify(|e, after| note_retry(self.circuit.as_ref(), e, after))
-            .await
+        self.endpoint.retried(|| self.lookup_once(key)).await
     }
 
     async fn lookup_once(&self, key: &str) -> Result<Option<ChargeOutcome>, ProviderError> {
@@ -526,7 +548,7 @@ impl PaymentClient {
 
     async fn lookup_attempt(&self, key: &str) -> Result<Option<ChargeOutcome>, ProviderError> {
         let url = format!("{}/{key}", self.charges_url);
-        let (status, body) = exchange(self.http.get(url)).await?;
+        let (status, body) = exchange(self.endpoint.http.get(url)).await?;
         if status == StatusCode::NOT_FOUND {
             return Ok(None);
         }
@@ -552,7 +574,8 @@ impl PaymentClient {
         let attempt = || {
             observed(PAYMENT, "refund", succeeded, async move {
                 let (status, body) = exchange(
-                    self.http
+                    self.endpoint
+                        .http
                         .post(&self.refunds_url)
                         .header(IDEMPOTENCY_KEY, key)
                         .json(request),
@@ -562,22 +585,15 @@ impl PaymentClient {
                 decode_json::<Refund>(&body)
             })
         };
-        attempt
-            .retry(self.retry.backoff())
-            .when(|e| retry_further(self.circuit.as_ref(), e))
-            .notify(|e, after| note_retry(self.circuit.as_ref(), e, after))
-            .await
+        self.endpoint.retried(attempt).await
     }
 }
 
 /// Client of the notification provider.
 #[derive(Debug, Clone)]
 pub struct NotificationClient {
-    http: reqwest::Client,
-    base_url: String,
+    endpoint: Endpoint,
     notifications_url: String,
-    retry: RetryPolicy,
-    circuit: Option<CircuitBreaker>,
 }
 
 impl NotificationClient {
@@ -588,29 +604,22 @@ impl NotificationClient {
         timeout: Duration,
         retry: RetryPolicy,
     ) -> Result<Self, ProviderError> {
-        let base_url = self::base_url(base_url)?;
+        let endpoint = Endpoint::new(base_url, timeout, retry)?;
         Ok(NotificationClient {
-            http: http_client(timeout)?,
-            notifications_url: format!("{base_url}/v1/notifications"),
-            base_url,
-            retry,
-            circuit: None,
+            notifications_url: format!("{}/v1/notifications", endpoint.base_url),
+            endpoint,
         })
     }
 
-    /// Ties the client's retries to `circuit`: every failed attempt counts as a failure
-    /// (so a provider that goes down opens the circuit after `threshold` attempts, not
-    /// `threshold` calls of four attempts each), and a call stops retrying once the circuit
-    /// is not closed: with hundreds of calls in flight, an outage then costs each of them
-    /// one attempt instead of all its retries.
+    /// Ties the client's retries to `circuit`, as [`PaymentClient::with_circuit`] does.
     pub fn with_circuit(mut self, circuit: CircuitBreaker) -> Self {
-        self.circuit = Some(circuit);
+        self.endpoint.circuit = Some(circuit);
         self
     }
 
     /// The provider's base URL.
     pub fn base_url(&self) -> &str {
-        &self.base_url
+        &self.endpoint.base_url
     }
 
     /// The idempotency key of a notification: `"{order_id}:{kind}"`.
@@ -638,7 +647,8 @@ impl NotificationClient {
         let attempt = || {
             observed(NOTIFICATION, "notify", succeeded, async move {
                 let (status, body) = exchange(
-                    self.http
+                    self.endpoint
+                        .http
                         .post(&self.notifications_url)
                         .header(IDEMPOTENCY_KEY, key)
                         .json(request),
@@ -647,11 +657,7 @@ impl NotificationClient {
                 expect_success(status, body).map(drop)
             })
         };
-        attempt
-            .retry(self.retry.backoff())
-            .when(|e| retry_further(self.circuit.as_ref(), e))
-            .notify(|e, after| note_retry(self.circuit.as_ref(), e, after))
-            .await
+        self.endpoint.retried(attempt).await
     }
 }
 
