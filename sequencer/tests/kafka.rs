@@ -4,28 +4,17 @@
 //! partition from librdkafka's statistics, and appends are timed.
 #![cfg(feature = "kafka")]
 
+mod common;
+
 use sequencer::kafka::{create_topics, KafkaConfig, KafkaConsumer, KafkaLog};
-use sequencer::{decode, LogConsumer, OrderLog, OrderRecord, RECORD_VERSION};
+use sequencer::{decode, LogConsumer, OrderLog, OrderRecord};
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use storage::{Currency, OrderId, SaleId, Timestamp, UserId};
+use storage::OrderId;
 
 fn record(i: u64) -> OrderRecord {
-    OrderRecord {
-        v: RECORD_VERSION,
-        order_id: OrderId::new(),
-        sale_id: SaleId::parse("kafka-sale").expect("id"),
-        user_id: UserId::parse(format!("u{i}")).expect("user"),
-        quantity: 1,
-        amount_minor: 100,
-        currency: Currency::parse("EUR").expect("eur"),
-        sequence: i,
-        idempotency_key: format!("k{i}"),
-        fingerprint: "f".into(),
-        payment_token: "tok".into(),
-        accepted_at: Timestamp::now(),
-    }
+    common::record("kafka-sale", i)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
