@@ -8,8 +8,11 @@
 //! script that installs it.
 #![allow(clippy::unwrap_used)] // test support: a broken harness should fail loudly
 
+mod cql;
 mod reap;
 mod wait;
+
+pub use cql::CqlServer;
 
 pub use reap::{pid_dir, reap_orphans};
 pub use wait::{eventually, eventually_ok, wait_until};
