@@ -13,6 +13,8 @@ pub mod metrics;
 pub mod model;
 #[cfg(feature = "postgres")]
 pub mod postgres;
+#[cfg(feature = "scylla")]
+pub mod scylla;
 pub mod shard;
 #[cfg(feature = "embedded")]
 pub mod sqlite;
