@@ -1468,3 +1468,61 @@ mod postgres {
         store.ping().await.expect("ping");
     }
 }
+
+/// The Scylla store: against the harness's CQL server (kassandra, in-process), or against a
+/// live Scylla or Cassandra node when `FLASHSALE_TEST_SCYLLA=host:port` is set (in a fresh
+/// keyspace of its own, dropped afterwards).
+#[cfg(feature = "scylla")]
+mod scylla_store {
+    use super::*;
+    use storage::scylla::{ScyllaConfig, ScyllaStore};
+
+    /// A CQL node to test against: the live one named by the environment, else a harness
+    /// server (kept alive by the returned guard).
+    fn node() -> (String, Option<testkit::CqlServer>) {
+        match std::env::var("FLASHSALE_TEST_SCYLLA") {
+            Ok(live) if !live.trim().is_empty() => (live.trim().to_owned(), None),
+            _ => {
+                let server = testkit::CqlServer::start();
+                (server.node(), Some(server))
+            }
+        }
+    }
+
+    fn config(node: &str) -> ScyllaConfig {
+        let keyspace = format!(
+            "fs_test_{}_{}",
+            std::process::id(),
+            Timestamp::now().millis() % 1_000_000_000
+        );
+        ScyllaConfig::from_url(&format!("scylla://{node}/{keyspace}")).expect("url")
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn conforms() {
+        let (node, _server) = node();
+        let config = config(&node);
+        assert_eq!(
+            ScyllaStore::migrate(&config).await.expect("migrate"),
+            vec![1]
+        );
+        assert!(
+            ScyllaStore::migrate(&config)
+                .await
+                .expect("migrate again")
+                .is_empty(),
+            "a second migrate applies nothing"
+        );
+        let store = ScyllaStore::connect(&config).await.expect("connect");
+        check(&store, &|_| 0).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_unmigrated_keyspace_is_refused_naming_the_fix() {
+        let (node, _server) = node();
+        let err = ScyllaStore::connect(&config(&node))
+            .await
+            .expect_err("no schema yet");
+        assert!(err.to_string().contains("flashsale migrate"), "{err}");
+    }
+}
