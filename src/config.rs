@@ -707,7 +707,10 @@ mod tests {
             jail.set_env("FLASHSALE_STORE__REQUEST_TIMEOUT", "soon");
             let err = load(None, &[]).expect_err("not a duration");
             let err = format!("{err:#}");
-            assert!(err.to_lowercase().contains("store.request_timeout"), "{err}");
+            assert!(
+                err.to_lowercase().contains("store.request_timeout"),
+                "{err}"
+            );
             Ok(())
         });
     }
