@@ -31,6 +31,8 @@ use std::sync::Arc;
 use std::time::Duration;
 use storage::metrics::Metered;
 use storage::postgres::PgStore;
+#[cfg(feature = "scylla")]
+use storage::scylla::{ScyllaConfig, ScyllaStore};
 use storage::sqlite::SqliteStore;
 use storage::{Order, OrderStatus, OrderStore};
 use tokio::net::TcpListener;
@@ -207,6 +209,9 @@ async fn flush_producer(kafka: Arc<KafkaLog>) -> anyhow::Result<()> {
 fn unsupported(key: &str, url: &str) -> anyhow::Error {
     let available = if key == "admission.url" {
         "\"embedded\" or redis://host:port/db"
+    } else if key == "store.url" {
+        "\"embedded\", postgres://...[,postgres://...] (one per shard) or \
+         scylla://host:port[,host:port]/keyspace"
     } else {
         "only \"embedded\" (the distributed backend of this part is not implemented yet)"
     };
@@ -498,6 +503,30 @@ pub fn no_kafka(url: &str) -> String {
     )
 }
 
+/// The error for a Scylla store URL in a build without the `scylla` feature (the URL is not
+/// repeated: the error names the key).
+pub fn no_scylla() -> String {
+    "store.url: a scylla:// store, but this binary was built without the `scylla` feature; \
+     build it with `--features scylla`"
+        .to_owned()
+}
+
+/// Where a Scylla store is, for error messages: its nodes and keyspace (a URL with
+/// credentials in it is never printed).
+#[cfg(feature = "scylla")]
+fn scylla_place(scylla: &ScyllaConfig) -> String {
+    format!(
+        "keyspace {} on {}",
+        scylla.keyspace,
+        scylla
+            .nodes
+            .iter()
+            .map(|n| n.rsplit('@').next().unwrap_or(n))
+            .collect::<Vec<_>>()
+            .join(",")
+    )
+}
+
 /// Status changes go to `flashsale.order-events.v1`, keyed by order id (so one order's
 /// events stay in order on one partition), encoded by [`settler::encode_event`].
 #[cfg(feature = "kafka")]
@@ -549,8 +578,9 @@ impl DeadLetter for KafkaDeadLetter {
     }
 }
 
-/// Opens the configured order store: SQLite in `data_dir`, or sharded Postgres (migrated
-/// beforehand by `flashsale migrate`). Every call is timed (`flashsale_store_duration_seconds`).
+/// Opens the configured order store: SQLite in `data_dir`, sharded Postgres or Scylla (both
+/// migrated beforehand by `flashsale migrate`). Every call is timed
+/// (`flashsale_store_duration_seconds`).
 pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn OrderStore>> {
     if config.store.call_timeout.is_zero() {
         anyhow::bail!("store.call_timeout must be above zero (every store call would fail)");
@@ -560,6 +590,17 @@ pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn OrderStore>> 
             .await
             .with_context(|| format!("store.url: cannot use {}", config.store.url))?;
         return Ok(Arc::new(Metered::new(store, config.store.call_timeout)));
+    }
+    #[cfg(feature = "scylla")]
+    if let Some(scylla) = config.store.scylla()? {
+        let store = ScyllaStore::connect(&scylla)
+            .await
+            .with_context(|| format!("store.url: cannot use the {}", scylla_place(&scylla)))?;
+        return Ok(Arc::new(Metered::new(store, config.store.call_timeout)));
+    }
+    #[cfg(not(feature = "scylla"))]
+    if config.store.wants_scylla() {
+        bail!("{}", no_scylla());
     }
     if config.store.url != EMBEDDED {
         return Err(unsupported("store.url", &config.store.url));
@@ -579,6 +620,25 @@ pub async fn migrate_store(config: &Config) -> anyhow::Result<String> {
             "store: catalog and {} shard(s) are at the latest schema",
             pg.shards.len()
         ));
+    }
+    #[cfg(feature = "scylla")]
+    if let Some(scylla) = config.store.scylla()? {
+        let applied = ScyllaStore::migrate(&scylla)
+            .await
+            .with_context(|| format!("store.url: cannot migrate the {}", scylla_place(&scylla)))?;
+        let what = if applied.is_empty() {
+            "nothing to apply".to_owned()
+        } else {
+            format!("applied versions {applied:?}")
+        };
+        return Ok(format!(
+            "store: keyspace {} at the latest schema ({what})",
+            scylla.keyspace
+        ));
+    }
+    #[cfg(not(feature = "scylla"))]
+    if config.store.wants_scylla() {
+        bail!("{}", no_scylla());
     }
     if config.store.url != EMBEDDED {
         return Err(unsupported("store.url", &config.store.url));
@@ -1094,5 +1154,61 @@ mod tests {
             .expect("recovery goes on");
         assert_eq!(sample(records), r0 + 1.0);
         assert_eq!(sample(releases), l0 + 1.0);
+    }
+}
+
+#[cfg(test)]
+mod store_url_tests {
+    use super::*;
+
+    fn config(url: &str) -> Config {
+        let mut config = Config::default();
+        config.store.url = url.into();
+        config.data_dir = std::env::temp_dir().join("flashsale-never-created");
+        config
+    }
+
+    #[cfg(not(feature = "scylla"))]
+    #[tokio::test]
+    async fn a_scylla_store_without_the_feature_is_refused_by_name() {
+        let config = config("scylla://127.0.0.1:9042/flashsale");
+        let opened = open_store(&config).await.err().expect("refused");
+        let migrated = migrate_store(&config).await.expect_err("refused");
+        for err in [opened, migrated] {
+            let err = format!("{err:#}");
+            assert!(err.starts_with("store.url: "), "{err}");
+            assert!(err.contains("without the `scylla` feature"), "{err}");
+        }
+    }
+
+    #[cfg(feature = "scylla")]
+    #[tokio::test]
+    async fn bad_scylla_settings_are_refused_before_connecting() {
+        let mut config = config("scylla://127.0.0.1:9/flashsale");
+        config.store.consistency = "most".into();
+        let err = open_store(&config).await.err().expect("refused");
+        assert!(
+            format!("{err:#}").starts_with("store.consistency: "),
+            "{err:#}"
+        );
+        let err = migrate_store(&config).await.expect_err("refused");
+        assert!(
+            format!("{err:#}").starts_with("store.consistency: "),
+            "{err:#}"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_unknown_store_url_lists_the_stores() {
+        let err = open_store(&config("mysql://h/db"))
+            .await
+            .err()
+            .expect("refused");
+        let err = format!("{err:#}");
+        assert!(err.starts_with("store.url = "), "{err}");
+        assert!(
+            err.contains("postgres://") && err.contains("scylla://"),
+            "{err}"
+        );
     }
 }

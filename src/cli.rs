@@ -33,7 +33,8 @@ pub struct Backends {
     /// Order log: `embedded` or `kafka://host:port` (log.url).
     #[arg(long)]
     pub log: Option<String>,
-    /// Order store: `embedded` or `postgres://...,postgres://...` (store.url).
+    /// Order store: `embedded`, `postgres://...,postgres://...` or
+    /// `scylla://host:port[,host:port]/keyspace` (store.url).
     #[arg(long)]
     pub store: Option<String>,
     /// Payment provider base URL or `embedded` (providers.payment_url).
@@ -185,7 +186,8 @@ pub enum Command {
         /// Admission backend (admission.url).
         #[arg(long)]
         admission: Option<String>,
-        /// Order store (store.url).
+        /// Order store (store.url): `embedded`, `postgres://...,postgres://...` or
+        /// `scylla://host:port[,host:port]/keyspace`.
         #[arg(long)]
         store: Option<String>,
         /// Order log (log.url); with kafka://, the settler's lag is checked.
@@ -196,13 +198,14 @@ pub enum Command {
         #[arg(long)]
         payment_url: Option<String>,
     },
-    /// Apply the store's schema migrations (every Postgres shard and the catalog) and
-    /// create the Kafka topics.
+    /// Apply the store's schema migrations (every Postgres shard and the catalog, or the
+    /// Scylla keyspace, created if missing) and create the Kafka topics.
     Migrate {
         /// Data directory of the embedded store (data_dir).
         #[arg(long)]
         data_dir: Option<PathBuf>,
-        /// Order store (store.url): `embedded` or `postgres://...,postgres://...`.
+        /// Order store (store.url): `embedded`, `postgres://...,postgres://...` or
+        /// `scylla://host:port[,host:port]/keyspace`.
         #[arg(long)]
         store: Option<String>,
         /// Order log (log.url); with kafka://, its topics are created.

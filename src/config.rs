@@ -296,7 +296,8 @@ impl LogSection {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StoreSection {
-    /// `embedded` (SQLite in `data_dir`), or `postgres://...` shard URLs separated by commas.
+    /// `embedded` (SQLite in `data_dir`), `postgres://...` shard URLs separated by commas, or
+    /// `scylla://host:port[,host:port]/keyspace`.
     pub url: String,
     /// Postgres: the catalog database (sales, consumer offsets); empty means the first
     /// shard's database.
@@ -308,6 +309,15 @@ pub struct StoreSection {
     /// hung database (stopped, not gone) cannot hold a caller until TCP gives up.
     #[serde(with = "humantime_serde")]
     pub call_timeout: Duration,
+    /// Scylla: consistency level of every read and write (`one`, `local_one`, `quorum`,
+    /// `local_quorum`, `each_quorum`, `all`).
+    pub consistency: String,
+    /// Scylla: replication of the keyspace `flashsale migrate` creates (an existing one is
+    /// left as it is): `SimpleStrategy:N` or `NetworkTopologyStrategy:dc1=3,dc2=3`.
+    pub replication: String,
+    /// Scylla: deadline of one request to the cluster.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
 }
 
 impl Default for StoreSection {
@@ -317,6 +327,9 @@ impl Default for StoreSection {
             catalog_url: String::new(),
             pool_size: 16,
             call_timeout: Duration::from_secs(5),
+            consistency: "local_quorum".into(),
+            replication: "SimpleStrategy:1".into(),
+            request_timeout: Duration::from_secs(2),
         }
     }
 }
@@ -358,6 +371,50 @@ impl StoreSection {
             );
         };
         Ok(Some(PostgresUrls { catalog, shards }))
+    }
+
+    /// Whether `url` names a Scylla store (`scylla://...`), in any build.
+    pub fn wants_scylla(&self) -> bool {
+        self.url.starts_with("scylla://")
+    }
+
+    /// The Scylla store's settings when `url` is `scylla://host:port[,host:port]/keyspace`
+    /// (with `consistency`, `replication` and `request_timeout`); `None` for another store.
+    /// Errors name the key that is wrong.
+    #[cfg(feature = "scylla")]
+    pub fn scylla(&self) -> anyhow::Result<Option<storage::scylla::ScyllaConfig>> {
+        use storage::scylla::ScyllaConfig;
+        if !ScyllaConfig::is_scylla_url(&self.url) {
+            return Ok(None);
+        }
+        let mut config = ScyllaConfig::from_url(&self.url)
+            .map_err(|e| anyhow::anyhow!("store.url: {}", e.reason))?;
+        config.consistency = self
+            .consistency
+            .parse()
+            .map_err(|e: storage::InvalidValue| {
+                anyhow::anyhow!(
+                    "store.consistency: {} (not {:?})",
+                    e.reason,
+                    self.consistency
+                )
+            })?;
+        config.replication = self
+            .replication
+            .parse()
+            .map_err(|e: storage::InvalidValue| {
+                anyhow::anyhow!(
+                    "store.replication: {} (not {:?})",
+                    e.reason,
+                    self.replication
+                )
+            })?;
+        anyhow::ensure!(
+            !self.request_timeout.is_zero(),
+            "store.request_timeout: must be above zero (every request would fail)"
+        );
+        config.request_timeout = self.request_timeout;
+        Ok(Some(config))
     }
 }
 
@@ -512,6 +569,148 @@ mod tests {
             jail.create_file("f.toml", "[server]\nlisten_addr = \"x\"\n")?;
             let err = load(Some(Path::new("f.toml")), &[]).expect_err("must fail");
             assert!(format!("{err:#}").contains("listen_addr"), "{err:#}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn a_scylla_url_is_recognised_in_any_build() {
+        let store = |url: &str| StoreSection {
+            url: url.into(),
+            ..StoreSection::default()
+        };
+        assert!(store("scylla://127.0.0.1:9042/flashsale").wants_scylla());
+        assert!(!store(EMBEDDED).wants_scylla());
+        assert!(!store("postgres://h/db").wants_scylla());
+    }
+
+    #[cfg(feature = "scylla")]
+    #[test]
+    fn the_scylla_settings_come_from_the_url_and_the_store_keys() {
+        use storage::scylla::{Consistency, Replication};
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "f.toml",
+                r#"
+                [store]
+                url = "scylla://10.0.0.1:9042,10.0.0.2:9042/orders"
+                consistency = "QUORUM"
+                replication = "NetworkTopologyStrategy:dc1=3,dc2=2"
+                request_timeout = "750ms"
+                "#,
+            )?;
+            let cfg = load(Some(Path::new("f.toml")), &[]).map_err(|e| e.to_string())?;
+            let scylla = cfg
+                .store
+                .scylla()
+                .map_err(|e| e.to_string())?
+                .expect("a scylla:// url");
+            assert_eq!(scylla.nodes, vec!["10.0.0.1:9042", "10.0.0.2:9042"]);
+            assert_eq!(scylla.keyspace, "orders");
+            assert_eq!(scylla.consistency, Consistency::Quorum);
+            assert_eq!(
+                scylla.replication,
+                Replication::NetworkTopology(vec![("dc1".into(), 3), ("dc2".into(), 2)])
+            );
+            assert_eq!(scylla.request_timeout, Duration::from_millis(750));
+            Ok(())
+        });
+
+        let store = |url: &str| StoreSection {
+            url: url.into(),
+            ..StoreSection::default()
+        };
+        // The defaults of the keys.
+        let scylla = store("scylla://127.0.0.1:9042/flashsale")
+            .scylla()
+            .expect("valid")
+            .expect("scylla");
+        assert_eq!(scylla.consistency, Consistency::LocalQuorum);
+        assert_eq!(scylla.replication, Replication::Simple(1));
+        assert_eq!(scylla.request_timeout, Duration::from_secs(2));
+        // Other stores are not Scylla's.
+        for other in [
+            EMBEDDED,
+            "postgres://h/db",
+            "postgresql://h/db,postgres://g/db",
+        ] {
+            assert!(
+                store(other).scylla().expect("no error").is_none(),
+                "{other}"
+            );
+        }
+    }
+
+    #[cfg(feature = "scylla")]
+    #[test]
+    fn bad_scylla_settings_name_their_key() {
+        let url = "scylla://127.0.0.1:9042/flashsale";
+        let err = |s: StoreSection| format!("{:#}", s.scylla().expect_err("must fail"));
+        for bad_url in [
+            "scylla://127.0.0.1:9042",
+            "scylla:///flashsale",
+            "scylla://host/flashsale",
+            "scylla://h:9042/bad-keyspace",
+        ] {
+            let e = err(StoreSection {
+                url: bad_url.into(),
+                ..StoreSection::default()
+            });
+            assert!(e.starts_with("store.url: "), "{bad_url}: {e}");
+        }
+        let e = err(StoreSection {
+            url: url.into(),
+            consistency: "two".into(),
+            ..StoreSection::default()
+        });
+        assert!(
+            e.starts_with("store.consistency: must be one of one, local_one, quorum"),
+            "{e}"
+        );
+        assert!(e.contains("\"two\""), "{e}");
+        for bad in [
+            "SimpleStrategy",
+            "SimpleStrategy:0",
+            "Other:1",
+            "NetworkTopologyStrategy:",
+        ] {
+            let e = err(StoreSection {
+                url: url.into(),
+                replication: bad.into(),
+                ..StoreSection::default()
+            });
+            assert!(
+                e.starts_with("store.replication: must be SimpleStrategy:N"),
+                "{bad}: {e}"
+            );
+        }
+        let e = err(StoreSection {
+            url: url.into(),
+            request_timeout: Duration::ZERO,
+            ..StoreSection::default()
+        });
+        assert!(
+            e.starts_with("store.request_timeout: must be above zero"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn the_scylla_keys_are_store_keys() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("FLASHSALE_STORE__CONSISTENCY", "one");
+            jail.set_env("FLASHSALE_STORE__REQUEST_TIMEOUT", "3s");
+            let cfg = load(None, &[]).map_err(|e| e.to_string())?;
+            assert_eq!(cfg.store.consistency, "one");
+            assert_eq!(cfg.store.replication, "SimpleStrategy:1");
+            assert_eq!(cfg.store.request_timeout, Duration::from_secs(3));
+            jail.set_env("FLASHSALE_STORE__REQUEST_TIMEOUT", "soon");
+            let err = load(None, &[]).expect_err("not a duration");
+            let err = format!("{err:#}");
+            assert!(
+                err.to_lowercase().contains("store.request_timeout"),
+                "{err}"
+            );
             Ok(())
         });
     }

@@ -325,8 +325,9 @@ pub async fn run(mut config: Config, opts: &DemoOptions) -> anyhow::Result<Repor
             .await
             .with_context(|| format!("log.url = {:?}: creating the topics", config.log.url))?;
     }
-    if config.store.postgres()?.is_some() {
-        // Likewise the store's schema, on every shard (idempotent).
+    if config.store.postgres()?.is_some() || config.store.wants_scylla() {
+        // Likewise the store's schema: every Postgres shard, or the Scylla keyspace
+        // (idempotent; without the `scylla` feature this refuses the URL by name).
         crate::app::migrate_store(&config).await?;
     }
     let running = App::start(&config, listener).await?;

@@ -143,3 +143,38 @@ fn migrate_creates_the_schema_and_bad_config_names_the_key() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--decline-rate"));
 }
+
+#[cfg(feature = "scylla")]
+#[test]
+fn migrate_creates_the_scylla_keyspace_once() {
+    let cql = testkit::CqlServer::start();
+    let store = format!("scylla://{}/flashsale", cql.node());
+    let first = flashsale(&["migrate", "--store", &store], &[]);
+    let text = String::from_utf8_lossy(&first.stdout);
+    assert!(
+        first.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    assert!(
+        text.contains("store: keyspace flashsale at the latest schema (applied versions ["),
+        "{text}"
+    );
+    let again = flashsale(&["migrate", "--store", &store], &[]);
+    let text = String::from_utf8_lossy(&again.stdout);
+    assert!(again.status.success(), "{text}");
+    assert!(text.contains("(nothing to apply)"), "{text}");
+}
+
+#[cfg(not(feature = "scylla"))]
+#[test]
+fn a_scylla_store_needs_the_scylla_feature() {
+    let out = flashsale(
+        &["migrate", "--store", "scylla://127.0.0.1:9042/flashsale"],
+        &[],
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("store.url"), "{err}");
+    assert!(err.contains("without the `scylla` feature"), "{err}");
+}

@@ -60,6 +60,40 @@ fn demo_on_redis_kafka_and_sharded_postgres_passes_and_reconciles() {
     assert!(text.contains("consistent"), "{text}");
 }
 
+#[cfg(all(feature = "kafka", feature = "scylla"))]
+#[test]
+fn demo_on_redis_kafka_and_scylla_passes_and_reconciles() {
+    let redis = testkit::RedisServer::start();
+    let broker = testkit::TansuBroker::start();
+    let cql = testkit::CqlServer::start();
+    let log = format!("kafka://{}", broker.bootstrap());
+    let store = format!("scylla://{}/flashsale", cql.node());
+    let backends = [
+        "--admission",
+        &redis.url(),
+        "--log",
+        &log,
+        "--store",
+        &store,
+    ];
+    let r = demo_passes(&backends);
+    assert!(r["paid"].as_u64().unwrap_or(0) > 0, "{r}");
+    // Afterwards the distributed state checks out.
+    let out = Command::new(env!("CARGO_BIN_EXE_flashsale"))
+        .arg("reconcile")
+        .args(backends)
+        .env_remove("FLASHSALE_CONFIG")
+        .output()
+        .expect("run reconcile");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "reconcile: {text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("consistent"), "{text}");
+}
+
 fn demo_passes(extra: &[&str]) -> Value {
     demo_passes_with(extra, &[])
 }

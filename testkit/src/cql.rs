@@ -25,12 +25,15 @@ pub struct CqlServer {
 impl CqlServer {
     /// Starts a server on a free port of 127.0.0.1, empty.
     pub fn start() -> CqlServer {
-        let listener = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-            .expect("a free port for the CQL server");
-        let addr = listener.local_addr().expect("its address");
-        listener
-            .set_nonblocking(true)
-            .expect("non-blocking listener");
+        CqlServer::start_on(0).expect("a free port for the CQL server")
+    }
+
+    /// Starts a server on `port` of 127.0.0.1 (0: a free one), empty; fails when the port
+    /// cannot be bound.
+    pub fn start_on(port: u16) -> std::io::Result<CqlServer> {
+        let listener = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, port))?;
+        let addr = listener.local_addr()?;
+        listener.set_nonblocking(true)?;
         let (stop, stopped) = tokio::sync::oneshot::channel();
         let engine: Engine = Arc::new(Mutex::new(KassandraSession::new()));
         let thread = std::thread::Builder::new()
@@ -41,13 +44,12 @@ impl CqlServer {
                     .build()
                     .expect("the CQL server's runtime");
                 rt.block_on(serve(listener, engine, stopped));
-            })
-            .expect("the CQL server's thread");
-        CqlServer {
+            })?;
+        Ok(CqlServer {
             addr,
             stop: Some(stop),
             thread: Some(thread),
-        }
+        })
     }
 
     /// `127.0.0.1:PORT`, a known node for the driver.
