@@ -377,6 +377,8 @@ mod tests {
             refund,
             failed_attempts: 0,
             retry_after: None,
+            receipt_key: None,
+            refund_note_key: None,
         }
     }
 

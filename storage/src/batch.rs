@@ -27,7 +27,7 @@
 //! the sorted order of [`Deltas`], so two transactions lock those rows in the same order
 //! and cannot deadlock on them.
 
-use crate::{transition, Change, OrderId, OrderStatus, RefundState};
+use crate::{transition, Change, DocumentKind, OrderId, OrderStatus, RefundState};
 use std::collections::{BTreeMap, HashMap};
 
 /// What the store holds of an order, as far as a batch's preconditions go.
@@ -43,6 +43,10 @@ pub(crate) struct Current {
     pub refund: Option<RefundState>,
     /// `failed_attempts`.
     pub failed_attempts: u32,
+    /// `receipt_key IS NOT NULL`.
+    pub receipt: bool,
+    /// `refund_note_key IS NOT NULL`.
+    pub refund_note: bool,
 }
 
 /// The final values of one order changed by a batch. `None` keeps the stored value (the
@@ -67,6 +71,10 @@ pub(crate) struct RowUpdate {
     pub failed_attempts: Option<i64>,
     /// Its `retry_after` (milliseconds), if the batch deferred it.
     pub retry_after: Option<i64>,
+    /// Its receipt's object key, if the batch recorded one.
+    pub receipt_key: Option<String>,
+    /// Its refund note's object key, if the batch recorded one.
+    pub refund_note_key: Option<String>,
 }
 
 impl RowUpdate {
@@ -171,6 +179,21 @@ pub(crate) fn totals_of_plan(
     deltas
 }
 
+/// Refuses a batch carrying a document key that is empty or longer than
+/// [`MAX_DOCUMENT_KEY`](crate::MAX_DOCUMENT_KEY), before it writes anything.
+pub(crate) fn check_document_keys(changes: &[Change]) -> crate::Result<()> {
+    let bad = changes.iter().any(|c| {
+        matches!(c, Change::Document { key, .. } if key.is_empty() || key.len() > crate::MAX_DOCUMENT_KEY)
+    });
+    if bad {
+        return Err(crate::Error::Invalid(crate::InvalidValue {
+            field: "document_key",
+            reason: "must be 1 to 512 bytes",
+        }));
+    }
+    Ok(())
+}
+
 /// The distinct orders of a batch, in order of first appearance (what a backend reads).
 pub(crate) fn touched<'a>(changes: impl IntoIterator<Item = &'a Change>) -> Vec<OrderId> {
     let mut seen = std::collections::HashSet::new();
@@ -215,6 +238,14 @@ pub(crate) fn plan<'a>(
             } => cur.status.releases_stock() && cur.refund.is_none() && charge_id.is_some(),
             Change::Refund { .. } => cur.refund == Some(RefundState::Owed),
             Change::Deferred { .. } => !cur.status.is_final(),
+            Change::Document {
+                kind: DocumentKind::Receipt,
+                ..
+            } => cur.status == OrderStatus::Paid && !cur.receipt,
+            Change::Document {
+                kind: DocumentKind::RefundNote,
+                ..
+            } => cur.refund == Some(RefundState::Refunded) && !cur.refund_note,
         };
         plan.applied.push(applies);
         if !applies {
@@ -231,6 +262,8 @@ pub(crate) fn plan<'a>(
                 refund: None,
                 failed_attempts: None,
                 retry_after: None,
+                receipt_key: None,
+                refund_note_key: None,
             });
             plan.updates.len() - 1
         });
@@ -271,6 +304,16 @@ pub(crate) fn plan<'a>(
                 update.failed_attempts = Some(i64::from(cur.failed_attempts));
                 update.retry_after = Some(retry_after.millis());
             }
+            Change::Document { kind, key, .. } => match kind {
+                DocumentKind::Receipt => {
+                    cur.receipt = true;
+                    update.receipt_key = Some(key.clone());
+                }
+                DocumentKind::RefundNote => {
+                    cur.refund_note = true;
+                    update.refund_note_key = Some(key.clone());
+                }
+            },
         }
     }
     plan
@@ -297,6 +340,8 @@ mod tests {
             notified: false,
             refund: None,
             failed_attempts: 0,
+            receipt: false,
+            refund_note: false,
         }
     }
 
@@ -325,6 +370,8 @@ mod tests {
                 refund: None,
                 failed_attempts: None,
                 retry_after: None,
+                receipt_key: None,
+                refund_note_key: None,
             }]
         );
         assert_eq!(

@@ -79,7 +79,22 @@ pub enum Change {
         /// The earliest next attempt.
         retry_after: Timestamp,
     },
+    /// Records the object key of a document stored for the order: a receipt (only for a
+    /// `paid` order with none recorded) or a refund note (only for an order whose refund
+    /// is `refunded`, with none recorded). Keys are at most [`MAX_DOCUMENT_KEY`] bytes.
+    Document {
+        /// The order.
+        id: OrderId,
+        /// Which document.
+        kind: DocumentKind,
+        /// Its object key.
+        key: String,
+    },
 }
+
+/// The longest document key the stores keep (a batch carrying a longer one fails with
+/// [`Error::Invalid`], field `document_key`, and changes nothing).
+pub const MAX_DOCUMENT_KEY: usize = 512;
 
 impl Change {
     /// The order this change is about.
@@ -89,7 +104,8 @@ impl Change {
             | Change::Released(id)
             | Change::Notified(id)
             | Change::Refund { id, .. }
-            | Change::Deferred { id, .. } => *id,
+            | Change::Deferred { id, .. }
+            | Change::Document { id, .. } => *id,
         }
     }
 }
@@ -161,9 +177,9 @@ pub trait OrderStore: Send + Sync + 'static {
                 },
                 Change::Released(id) => self.mark_released(*id).await?,
                 Change::Notified(id) => self.mark_notified(*id).await?,
-                Change::Refund { .. } | Change::Deferred { .. } => {
+                Change::Refund { .. } | Change::Deferred { .. } | Change::Document { .. } => {
                     return Err(Error::unavailable_msg(
-                        "this store records refunds and deferrals only in apply_batch",
+                        "this store records refunds, deferrals and documents only in apply_batch",
                     ))
                 }
             });
@@ -194,6 +210,10 @@ pub trait OrderStore: Send + Sync + 'static {
     async fn refunds_owed(&self, limit: usize) -> Result<Vec<Order>>;
     /// Final orders whose release (if they release stock) or notification is still owed.
     async fn unfinished_followups(&self, limit: usize) -> Result<Vec<Order>>;
+    /// Orders owed a document ([`Order::document_owed`]): `paid` without a receipt key,
+    /// refunded without a refund note key; oldest accepted first, at most `limit` (the
+    /// receipts stage's work, durable across restarts and object-store outages).
+    async fn documents_owed(&self, limit: usize) -> Result<Vec<Order>>;
     /// Every order of a sale (for reconciliation and reports).
     async fn orders_of_sale(&self, sale: &SaleId) -> Result<Vec<Order>>;
     /// Orders and units of a sale by status. The backends keep these totals in every

@@ -65,6 +65,8 @@ pub enum Op {
     OrdersDue,
     /// `refunds_owed`
     RefundsOwed,
+    /// `documents_owed`
+    DocumentsOwed,
     /// `unfinished_followups`
     UnfinishedFollowups,
     /// `orders_of_sale`
@@ -83,7 +85,7 @@ pub enum Op {
 
 impl Op {
     /// Every operation, in the order of [`Op::index`].
-    pub const ALL: [Op; 21] = [
+    pub const ALL: [Op; 22] = [
         Op::CreateSale,
         Op::GetSale,
         Op::ListSales,
@@ -98,6 +100,7 @@ impl Op {
         Op::OrdersInStatus,
         Op::OrdersDue,
         Op::RefundsOwed,
+        Op::DocumentsOwed,
         Op::UnfinishedFollowups,
         Op::OrdersOfSale,
         Op::SaleTotals,
@@ -124,6 +127,7 @@ impl Op {
             Op::OrdersInStatus => "orders_in_status",
             Op::OrdersDue => "orders_due",
             Op::RefundsOwed => "refunds_owed",
+            Op::DocumentsOwed => "documents_owed",
             Op::UnfinishedFollowups => "unfinished_followups",
             Op::OrdersOfSale => "orders_of_sale",
             Op::SaleTotals => "sale_totals",
@@ -424,6 +428,11 @@ impl<S: OrderStore> OrderStore for Metered<S> {
 
     async fn refunds_owed(&self, limit: usize) -> Result<Vec<Order>> {
         self.call(Op::RefundsOwed, self.inner.refunds_owed(limit))
+            .await
+    }
+
+    async fn documents_owed(&self, limit: usize) -> Result<Vec<Order>> {
+        self.call(Op::DocumentsOwed, self.inner.documents_owed(limit))
             .await
     }
 

@@ -564,6 +564,47 @@ pub struct Order {
     /// After a failed attempt: the sweep does not try the order's charge before this.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry_after: Option<Timestamp>,
+    /// The object key of the order's receipt, once stored (a `paid` order).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub receipt_key: Option<String>,
+    /// The object key of the refund note, once stored (an order whose late charge was
+    /// refunded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refund_note_key: Option<String>,
+}
+
+impl Order {
+    /// The document this order is owed and does not have yet, if any: a receipt once
+    /// `paid`, a refund note once its late charge is refunded.
+    pub fn document_owed(&self) -> Option<DocumentKind> {
+        if self.status == OrderStatus::Paid && self.receipt_key.is_none() {
+            Some(DocumentKind::Receipt)
+        } else if self.refund == Some(RefundState::Refunded) && self.refund_note_key.is_none() {
+            Some(DocumentKind::RefundNote)
+        } else {
+            None
+        }
+    }
+}
+
+/// A document stored for an order in object storage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DocumentKind {
+    /// The receipt of a paid order.
+    Receipt,
+    /// The note of a refunded late charge.
+    RefundNote,
+}
+
+impl DocumentKind {
+    /// The stored name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DocumentKind::Receipt => "receipt",
+            DocumentKind::RefundNote => "refund_note",
+        }
+    }
 }
 
 fn is_zero(n: &u32) -> bool {

@@ -70,6 +70,7 @@ fn migrations() -> Migrations<'static> {
         M::up(include_str!("../migrations/0003_sweep_indexes.sql")),
         M::up(include_str!("../migrations/0004_sale_totals.sql")),
         M::up(include_str!("../migrations/0005_refunds_and_retries.sql")),
+        M::up(include_str!("../migrations/0006_documents.sql")),
     ])
 }
 
@@ -458,7 +459,7 @@ fn sale_from_row(body: String, stock: i64) -> Result<Sale> {
 
 const ORDER_COLUMNS: &str = "order_id, sale_id, user_id, quantity, amount_minor, currency, \
      sequence, idempotency_key, payment_token, status, accepted_at, charge_id, released_at, \
-     notified_at, refund_state, failed_attempts, retry_after";
+     notified_at, refund_state, failed_attempts, retry_after, receipt_key, refund_note_key";
 
 fn corrupt(e: impl std::fmt::Display) -> Error {
     Error::Corrupt(e.to_string())
@@ -504,6 +505,8 @@ fn order_from_row(row: &Row<'_>) -> Result<Order> {
             .get::<_, Option<i64>>(16)
             .map_err(corrupt)?
             .map(Timestamp),
+        receipt_key: row.get(17).map_err(corrupt)?,
+        refund_note_key: row.get(18).map_err(corrupt)?,
     })
 }
 
@@ -541,6 +544,16 @@ fn orders_in_status_sql(statuses: &[OrderStatus]) -> String {
 /// a deferral.
 fn orders_due_sql(statuses: &[OrderStatus]) -> String {
     orders_in_status_where(statuses, " AND (retry_after IS NULL OR retry_after <= ?2)")
+}
+
+/// `documents_owed` (`?1` = limit), through `orders_documents_owed`.
+fn documents_owed_sql() -> String {
+    format!(
+        "SELECT {ORDER_COLUMNS} FROM orders INDEXED BY orders_documents_owed \
+         WHERE (status = 'paid' AND receipt_key IS NULL) \
+            OR (refund_state = 'refunded' AND refund_note_key IS NULL) \
+         ORDER BY accepted_at LIMIT ?1"
+    )
 }
 
 /// `refunds_owed` (`?1` = limit), through `orders_refunds_owed`.
@@ -602,7 +615,8 @@ fn apply_changes(c: &Connection, changes: &[Change], now: i64) -> Result<Vec<boo
         let mut select = c
             .prepare_cached(
                 "SELECT status, released_at IS NOT NULL, notified_at IS NOT NULL, sale_id, \
-                 quantity, refund_state, failed_attempts FROM orders WHERE order_id = ?1",
+                 quantity, refund_state, failed_attempts, receipt_key IS NOT NULL, \
+                 refund_note_key IS NOT NULL FROM orders WHERE order_id = ?1",
             )
             .map_err(unavailable)?;
         for id in batch::touched(changes) {
@@ -616,11 +630,23 @@ fn apply_changes(c: &Connection, changes: &[Change], now: i64) -> Result<Vec<boo
                         r.get::<_, u32>(4)?,
                         r.get::<_, Option<String>>(5)?,
                         r.get::<_, u32>(6)?,
+                        r.get::<_, bool>(7)?,
+                        r.get::<_, bool>(8)?,
                     ))
                 })
                 .optional()
                 .map_err(unavailable)?;
-            if let Some((status, released, notified, sale, quantity, refund, failed_attempts)) = row
+            if let Some((
+                status,
+                released,
+                notified,
+                sale,
+                quantity,
+                refund,
+                failed_attempts,
+                receipt,
+                refund_note,
+            )) = row
             {
                 current.insert(
                     id,
@@ -630,6 +656,8 @@ fn apply_changes(c: &Connection, changes: &[Change], now: i64) -> Result<Vec<boo
                         notified,
                         refund: refund.map(|r| r.parse()).transpose().map_err(corrupt)?,
                         failed_attempts,
+                        receipt,
+                        refund_note,
                     },
                 );
                 orders.insert(id, (sale, quantity));
@@ -646,7 +674,9 @@ fn apply_changes(c: &Connection, changes: &[Change], now: i64) -> Result<Vec<boo
                  notified_at = coalesce(?6, notified_at), \
                  refund_state = coalesce(?7, refund_state), \
                  failed_attempts = coalesce(?8, failed_attempts), \
-                 retry_after = coalesce(?9, retry_after) WHERE order_id = ?1",
+                 retry_after = coalesce(?9, retry_after), \
+                 receipt_key = coalesce(?10, receipt_key), \
+                 refund_note_key = coalesce(?11, refund_note_key) WHERE order_id = ?1",
             )
             .map_err(unavailable)?;
         for u in &plan.updates {
@@ -661,6 +691,8 @@ fn apply_changes(c: &Connection, changes: &[Change], now: i64) -> Result<Vec<boo
                     u.refund_str(),
                     u.failed_attempts,
                     u.retry_after,
+                    u.receipt_key,
+                    u.refund_note_key,
                 ])
                 .map_err(write_error)?;
         }
@@ -911,6 +943,7 @@ impl OrderStore for SqliteStore {
         if changes.is_empty() {
             return Ok(Vec::new());
         }
+        batch::check_document_keys(changes)?;
         let changes = changes.to_vec();
         self.write(move |c| apply_changes(c, &changes, Timestamp::now().millis()))
             .await
@@ -983,6 +1016,11 @@ impl OrderStore for SqliteStore {
 
     async fn unfinished_followups(&self, limit: usize) -> Result<Vec<Order>> {
         self.read(move |c| query_orders(c, &followups_sql(), params![limit as i64]))
+            .await
+    }
+
+    async fn documents_owed(&self, limit: usize) -> Result<Vec<Order>> {
+        self.read(move |c| query_orders(c, &documents_owed_sql(), params![limit as i64]))
             .await
     }
 
@@ -1162,6 +1200,7 @@ mod tests {
             (orders_in_status_sql(&[Persisted]), "orders_open"),
             (orders_due_sql(&OPEN), "orders_open"),
             (refunds_owed_sql(), "orders_refunds_owed"),
+            (documents_owed_sql(), "orders_documents_owed"),
             (followups_sql(), "orders_followups"),
             (pending_sql(), "orders_pending"),
             (UNPUBLISHED_SQL.to_owned(), "order_history_unpublished"),

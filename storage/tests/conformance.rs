@@ -62,11 +62,13 @@ async fn check(store: &dyn OrderStore, shard_of: ShardOf<'_>) {
     totals_agree_with_the_orders(store).await;
     refunds_and_retries(store).await;
     totals_agree_with_the_orders(store).await;
+    documents(store).await;
+    totals_agree_with_the_orders(store).await;
 }
 
 /// Every sale id the sections write orders for (some have no catalog entry).
-const SALES: [&str; 7] = [
-    "s1", "many", "batch", "split", "outage", "totals", "refunds",
+const SALES: [&str; 8] = [
+    "s1", "many", "batch", "split", "outage", "totals", "refunds", "docs",
 ];
 
 /// What `sale_totals` must answer: a count of the sale's orders as they are stored.
@@ -349,6 +351,148 @@ async fn refunds_and_retries(store: &dyn OrderStore) {
         .find(|o| o.new.order_id == void)
         .expect("listed");
     assert_eq!(listed_void.refund, Some(RefundState::Refunded));
+}
+
+/// Documents (receipts, refund notes): owed by a paid or refunded order until a key is
+/// recorded, once per order and kind, listed by `documents_owed` oldest first.
+async fn documents(store: &dyn OrderStore) {
+    use OrderStatus::*;
+    // Earlier sections left paid and refunded orders without documents: record theirs, so
+    // this section sees only its own.
+    for o in store.documents_owed(100_000).await.expect("owed") {
+        let kind = o.document_owed().expect("owed a document");
+        let change = Change::Document {
+            id: o.new.order_id,
+            kind,
+            key: format!("k/{}", o.new.order_id),
+        };
+        assert_eq!(
+            store.apply_batch(&[change]).await.expect("record"),
+            vec![true]
+        );
+    }
+    assert!(store.documents_owed(10).await.expect("none").is_empty());
+
+    store.create_sale(&sale("docs")).await.expect("create");
+    let t0 = Timestamp::now().plus_millis(-60_000);
+    let orders: Vec<NewOrder> = (0..4)
+        .map(|i| order("docs", i, 1, t0.plus_millis(i as i64)))
+        .collect();
+    store.persist_batch(&orders, None).await.expect("persist");
+    let [paid, other, refunded, open] = [0, 1, 2, 3].map(|i| orders[i].order_id);
+    let setup = vec![
+        status(paid, Persisted, PaymentPending, None),
+        status(paid, PaymentPending, Paid, Some("ch_1")),
+        status(other, Persisted, PaymentPending, None),
+        status(other, PaymentPending, Paid, Some("ch_2")),
+        status(refunded, Persisted, Expired, None),
+        Change::Refund {
+            id: refunded,
+            state: RefundState::Owed,
+            charge_id: Some("ch_late".into()),
+        },
+    ];
+    assert!(store
+        .apply_batch(&setup)
+        .await
+        .expect("setup")
+        .iter()
+        .all(|a| *a));
+    // Owed: the paid ones; the refund is not settled yet.
+    assert_eq!(
+        ids(&store.documents_owed(10).await.expect("owed")),
+        vec![paid, other]
+    );
+    assert_eq!(
+        ids(&store.documents_owed(1).await.expect("one")),
+        vec![paid]
+    );
+    assert!(store.documents_owed(0).await.expect("zero").is_empty());
+    let refund_done = Change::Refund {
+        id: refunded,
+        state: RefundState::Refunded,
+        charge_id: None,
+    };
+    assert_eq!(
+        store.apply_batch(&[refund_done]).await.expect("refunded"),
+        vec![true]
+    );
+    assert_eq!(
+        ids(&store.documents_owed(10).await.expect("owed")),
+        vec![paid, other, refunded]
+    );
+
+    let doc = |id, kind, key: &str| Change::Document {
+        id,
+        kind,
+        key: key.to_owned(),
+    };
+    use DocumentKind::{Receipt, RefundNote};
+    // A key longer than the stores keep fails the batch and changes nothing.
+    let refused = store
+        .apply_batch(&[
+            doc(paid, Receipt, "r/paid"),
+            doc(other, Receipt, &"x".repeat(513)),
+        ])
+        .await;
+    assert!(
+        matches!(&refused, Err(Error::Invalid(v)) if v.field == "document_key"),
+        "{refused:?}"
+    );
+    assert_eq!(store.documents_owed(10).await.expect("owed").len(), 3);
+
+    let changes = vec![
+        doc(paid, Receipt, "r/paid"),              // yes
+        doc(paid, Receipt, "r/again"),             // no: recorded already
+        doc(paid, RefundNote, "n/paid"),           // no: nothing refunded
+        doc(refunded, Receipt, "r/refunded"),      // no: not paid
+        doc(refunded, RefundNote, "n/refunded"),   // yes
+        doc(open, Receipt, "r/open"),              // no: not paid
+        doc(OrderId::new(), Receipt, "r/unknown"), // no: unknown order
+    ];
+    assert_eq!(
+        store.apply_batch(&changes).await.expect("record"),
+        vec![true, false, false, false, true, false, false]
+    );
+    assert_eq!(
+        store.apply_batch(&changes).await.expect("replay"),
+        vec![false; changes.len()]
+    );
+    let p = store.get_order(paid).await.expect("get").expect("paid");
+    assert_eq!(
+        (p.receipt_key.as_deref(), p.refund_note_key.as_deref()),
+        (Some("r/paid"), None)
+    );
+    assert_eq!(p.document_owed(), None);
+    let r = store
+        .get_order(refunded)
+        .await
+        .expect("get")
+        .expect("refunded");
+    assert_eq!(
+        (r.receipt_key.as_deref(), r.refund_note_key.as_deref()),
+        (None, Some("n/refunded"))
+    );
+    assert_eq!(
+        ids(&store.documents_owed(10).await.expect("owed")),
+        vec![other]
+    );
+    let listed = store
+        .orders_of_sale(&SaleId::parse("docs").expect("id"))
+        .await
+        .expect("sale");
+    let listed_paid = listed
+        .iter()
+        .find(|o| o.new.order_id == paid)
+        .expect("listed");
+    assert_eq!(listed_paid.receipt_key.as_deref(), Some("r/paid"));
+    assert!(
+        store
+            .apply_batch(&[doc(other, Receipt, "r/other")])
+            .await
+            .expect("other")[0]
+    );
+    assert!(store.documents_owed(10).await.expect("none").is_empty());
 }
 
 /// The orders as stored (with their history), in the order of `ids`.

@@ -426,5 +426,7 @@ pub(crate) fn fresh_order(new: NewOrder) -> Order {
         refund: None,
         failed_attempts: 0,
         retry_after: None,
+        receipt_key: None,
+        refund_note_key: None,
     }
 }

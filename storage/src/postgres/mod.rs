@@ -178,6 +178,10 @@ impl OrderStore for PgStore {
         reads::orders_due(self, statuses, now, limit).await
     }
 
+    async fn documents_owed(&self, limit: usize) -> Result<Vec<Order>> {
+        reads::documents_owed(self, limit).await
+    }
+
     async fn refunds_owed(&self, limit: usize) -> Result<Vec<Order>> {
         reads::refunds_owed(self, limit).await
     }

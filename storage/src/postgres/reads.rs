@@ -11,9 +11,9 @@ use tokio_postgres::Row;
 
 const ORDER_COLUMNS: &str = "order_id, sale_id, user_id, quantity, amount_minor, currency, \
      sequence, idempotency_key, payment_token, status, accepted_at, charge_id, released_at, \
-     notified_at, refund_state, failed_attempts, retry_after";
+     notified_at, refund_state, failed_attempts, retry_after, receipt_key, refund_note_key";
 /// Column index of the sort key that every order listing selects after [`ORDER_COLUMNS`].
-const SORT_KEY: usize = 17;
+const SORT_KEY: usize = 19;
 
 fn order_from_row(row: &Row) -> Result<Order> {
     let s = |i: usize| row.try_get::<_, String>(i).map_err(corrupt);
@@ -50,6 +50,8 @@ fn order_from_row(row: &Row) -> Result<Order> {
         failed_attempts: u32::try_from(row.try_get::<_, i32>(15).map_err(corrupt)?)
             .map_err(corrupt)?,
         retry_after: opt_i64(16)?.map(Timestamp),
+        receipt_key: row.try_get(17).map_err(corrupt)?,
+        refund_note_key: row.try_get(18).map_err(corrupt)?,
     })
 }
 
@@ -71,6 +73,16 @@ fn orders_due_sql(statuses: &[OrderStatus]) -> String {
 fn refunds_owed_sql() -> String {
     format!(
         "SELECT {ORDER_COLUMNS}, accepted_at FROM orders WHERE refund_state = 'owed' \
+         ORDER BY accepted_at, order_id LIMIT $1"
+    )
+}
+
+/// `documents_owed` (`$1` = limit), through `orders_documents_owed`.
+fn documents_owed_sql() -> String {
+    format!(
+        "SELECT {ORDER_COLUMNS}, accepted_at FROM orders \
+         WHERE (status = 'paid' AND receipt_key IS NULL) \
+            OR (refund_state = 'refunded' AND refund_note_key IS NULL) \
          ORDER BY accepted_at, order_id LIMIT $1"
     )
 }
@@ -194,6 +206,10 @@ pub(super) async fn orders_due(
 
 pub(super) async fn refunds_owed(store: &PgStore, limit: usize) -> Result<Vec<Order>> {
     merged_orders(store, &refunds_owed_sql(), &[&sql_limit(limit)], limit).await
+}
+
+pub(super) async fn documents_owed(store: &PgStore, limit: usize) -> Result<Vec<Order>> {
+    merged_orders(store, &documents_owed_sql(), &[&sql_limit(limit)], limit).await
 }
 
 pub(super) async fn unfinished_followups(store: &PgStore, limit: usize) -> Result<Vec<Order>> {

@@ -204,6 +204,6 @@ mod tests {
     #[test]
     fn both_schemas_are_embedded() {
         assert_eq!(latest_version(&catalog_schema::migrations::runner()), 2);
-        assert_eq!(latest_version(&shard_schema::migrations::runner()), 4);
+        assert_eq!(latest_version(&shard_schema::migrations::runner()), 5);
     }
 }

@@ -98,6 +98,7 @@ pub(super) async fn transition(
 }
 
 pub(super) async fn apply_batch(store: &PgStore, changes: &[Change]) -> Result<Vec<bool>> {
+    batch::check_document_keys(changes)?;
     // Group by shard, keeping batch order within each shard.
     let mut by_shard: BTreeMap<usize, (Vec<usize>, Vec<&Change>)> = BTreeMap::new();
     for (i, change) in changes.iter().enumerate() {
@@ -279,7 +280,8 @@ async fn apply_on_shard(
     let select = tx
         .prepare_cached(
             "SELECT order_id, status, released_at IS NOT NULL, notified_at IS NOT NULL, \
-             sale_id, quantity, refund_state, failed_attempts FROM orders \
+             sale_id, quantity, refund_state, failed_attempts, receipt_key IS NOT NULL, \
+             refund_note_key IS NOT NULL FROM orders \
              WHERE order_id = ANY($1) ORDER BY order_id FOR UPDATE",
         )
         .await
@@ -303,6 +305,8 @@ async fn apply_on_shard(
                     .map_err(corrupt)?,
                 failed_attempts: u32::try_from(row.try_get::<_, i32>(7).map_err(corrupt)?)
                     .map_err(corrupt)?,
+                receipt: row.try_get(8).map_err(corrupt)?,
+                refund_note: row.try_get(9).map_err(corrupt)?,
             },
         );
         let quantity: i32 = row.try_get(5).map_err(corrupt)?;
@@ -327,7 +331,11 @@ async fn apply_on_shard(
         let mut u_refund = Vec::with_capacity(n);
         let mut u_failed = Vec::with_capacity(n);
         let mut u_retry = Vec::with_capacity(n);
+        let mut u_receipt = Vec::with_capacity(n);
+        let mut u_note = Vec::with_capacity(n);
         for u in &plan.updates {
+            u_receipt.push(u.receipt_key.as_deref());
+            u_note.push(u.refund_note_key.as_deref());
             u_refund.push(u.refund_str());
             u_failed.push(
                 u.failed_attempts
@@ -350,11 +358,13 @@ async fn apply_on_shard(
                  notified_at = coalesce(u.notified_at, o.notified_at), \
                  refund_state = coalesce(u.refund_state, o.refund_state), \
                  failed_attempts = coalesce(u.failed_attempts, o.failed_attempts), \
-                 retry_after = coalesce(u.retry_after, o.retry_after) \
+                 retry_after = coalesce(u.retry_after, o.retry_after), \
+                 receipt_key = coalesce(u.receipt_key, o.receipt_key), \
+                 refund_note_key = coalesce(u.refund_note_key, o.refund_note_key) \
                  FROM UNNEST($1::uuid[], $2::text[], $3::int8[], $4::text[], $5::int8[], \
-                 $6::int8[], $7::text[], $8::int4[], $9::int8[]) AS u(order_id, status, \
-                 updated_at, charge_id, released_at, notified_at, refund_state, \
-                 failed_attempts, retry_after) \
+                 $6::int8[], $7::text[], $8::int4[], $9::int8[], $10::text[], $11::text[]) \
+                 AS u(order_id, status, updated_at, charge_id, released_at, notified_at, \
+                 refund_state, failed_attempts, retry_after, receipt_key, refund_note_key) \
                  WHERE o.order_id = u.order_id",
             )
             .await
@@ -371,6 +381,8 @@ async fn apply_on_shard(
                 &u_refund,
                 &u_failed,
                 &u_retry,
+                &u_receipt,
+                &u_note,
             ],
         )
         .await

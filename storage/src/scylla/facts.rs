@@ -40,6 +40,9 @@ pub(crate) enum Kind {
     Refund = 4,
     /// A failed charge attempt (rank = attempts so far, `at` = retry after).
     Deferred = 5,
+    /// A document stored (rank 0 receipt, 1 refund note; its object key in `idem_key`,
+    /// the column of keys).
+    Document = 6,
 }
 
 impl Kind {
@@ -51,6 +54,7 @@ impl Kind {
             3 => Kind::Notified,
             4 => Kind::Refund,
             5 => Kind::Deferred,
+            6 => Kind::Document,
             _ => return None,
         })
     }
@@ -150,6 +154,8 @@ impl Folded {
             notified: self.order.notified_at.is_some(),
             refund: self.order.refund,
             failed_attempts: self.order.failed_attempts,
+            receipt: self.order.receipt_key.is_some(),
+            refund_note: self.order.refund_note_key.is_some(),
         }
     }
 
@@ -236,6 +242,7 @@ pub(crate) fn fold(
     let mut notified: Vec<(i32, Timestamp)> = Vec::new();
     let mut refund: Option<(i32, Option<String>)> = None;
     let mut deferred: Option<(i32, Timestamp)> = None;
+    let (mut receipt_key, mut refund_note_key) = (None, None);
     for r in mine() {
         let at = r.at.map(Timestamp);
         match Kind::from_i32(r.kind).ok_or(corrupt("kind"))? {
@@ -272,6 +279,14 @@ pub(crate) fn fold(
             Kind::Deferred => {
                 if deferred.is_none_or(|(n, _)| r.rank > n) {
                     deferred = Some((r.rank, at.ok_or(corrupt("retry after"))?));
+                }
+            }
+            Kind::Document => {
+                let key = r.idem_key.clone().ok_or(corrupt("document key"))?;
+                match r.rank {
+                    0 => receipt_key = Some(key),
+                    1 => refund_note_key = Some(key),
+                    _ => return Err(corrupt("document rank")),
                 }
             }
         }
@@ -338,6 +353,8 @@ pub(crate) fn fold(
             refund: refund_state,
             failed_attempts,
             retry_after,
+            receipt_key,
+            refund_note_key,
         },
         entered_at,
         unpublished,

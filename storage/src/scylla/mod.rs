@@ -494,6 +494,19 @@ fn fact_row(
     at: i64,
     charge_id: Option<String>,
 ) -> RowValues {
+    keyed_row(place, order, kind, rank, at, charge_id, None)
+}
+
+/// A fact with a key (a document's object key, in the column of keys).
+fn keyed_row(
+    place: &Place,
+    order: OrderId,
+    kind: Kind,
+    rank: i32,
+    at: i64,
+    charge_id: Option<String>,
+    key: Option<String>,
+) -> RowValues {
     use MaybeUnset::Unset;
     (
         place.sale.as_str().to_owned(),
@@ -506,7 +519,7 @@ fn fact_row(
         Unset,
         Unset,
         Unset,
-        Unset,
+        opt(key),
         Unset,
         at,
         opt(charge_id),
@@ -562,11 +575,11 @@ fn facts_of_plan(
     found: &HashMap<OrderId, (Place, Folded)>,
 ) -> BTreeMap<(String, i32), Vec<RowValues>> {
     let mut out: BTreeMap<(String, i32), Vec<RowValues>> = BTreeMap::new();
-    let mut push = |id: OrderId, kind: Kind, rank: i32, at: i64, charge: Option<String>| {
+    let mut push = |id: OrderId, kind: Kind, rank: i32, at: i64, charge: Option<String>, key| {
         if let Some((place, _)) = found.get(&id) {
             out.entry((place.sale.as_str().to_owned(), place.bucket))
                 .or_default()
-                .push(fact_row(place, id, kind, rank, at, charge));
+                .push(keyed_row(place, id, kind, rank, at, charge, key));
         }
     };
     let update_of: HashMap<OrderId, &batch::RowUpdate> =
@@ -577,25 +590,37 @@ fn facts_of_plan(
             .get(&h.id)
             .filter(|_| h.status == OrderStatus::Paid)
             .and_then(|u| u.charge_id.clone());
-        push(h.id, Kind::Status, status_rank(h.status), h.at, charge);
+        push(
+            h.id,
+            Kind::Status,
+            status_rank(h.status),
+            h.at,
+            charge,
+            None,
+        );
     }
     let now = Timestamp::now().millis();
     for u in &plan.updates {
         if let Some(at) = u.released_at {
-            push(u.id, Kind::Released, 0, at, None);
+            push(u.id, Kind::Released, 0, at, None, None);
         }
         if let Some(at) = u.notified_at {
-            push(u.id, Kind::Notified, status_rank(u.status), at, None);
+            push(u.id, Kind::Notified, status_rank(u.status), at, None, None);
         }
         if let Some(state) = u.refund {
             let charge = (state == RefundState::Owed)
                 .then(|| u.charge_id.clone())
                 .flatten();
-            push(u.id, Kind::Refund, refund_rank(state), now, charge);
+            push(u.id, Kind::Refund, refund_rank(state), now, charge, None);
         }
         if let (Some(n), Some(after)) = (u.failed_attempts, u.retry_after) {
             let rank = i32::try_from(n).unwrap_or(i32::MAX);
-            push(u.id, Kind::Deferred, rank, after, None);
+            push(u.id, Kind::Deferred, rank, after, None, None);
+        }
+        for (rank, key) in [(0, &u.receipt_key), (1, &u.refund_note_key)] {
+            if key.is_some() {
+                push(u.id, Kind::Document, rank, now, None, key.clone());
+            }
         }
     }
     out
@@ -807,6 +832,7 @@ impl OrderStore for ScyllaStore {
             return Ok(Vec::new());
         }
         check_charge_ids(changes)?;
+        batch::check_document_keys(changes)?;
         let _guard = self.write_lock.lock().await;
         let ids = batch::touched(changes);
         let found = self.folded_many(&ids).await?;
@@ -874,6 +900,15 @@ impl OrderStore for ScyllaStore {
                 (o.status.releases_stock() && o.released_at.is_none())
                     || (o.status.is_final() && o.notified_at.is_none())
             },
+            |f| (f.order.new.accepted_at, f.order.new.order_id),
+        )
+        .await
+    }
+
+    async fn documents_owed(&self, limit: usize) -> Result<Vec<Order>> {
+        self.listing(
+            limit,
+            |f| f.order.document_owed().is_some(),
             |f| (f.order.new.accepted_at, f.order.new.order_id),
         )
         .await
