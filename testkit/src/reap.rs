@@ -5,7 +5,9 @@
 //! (each with its start time, so a reused pid is never mistaken for either) and its
 //! directory; the file goes when the server is stopped. The first server a test process
 //! starts reaps first: every server whose owner is gone is killed (with the processes it
-//! forked, such as postgres backends), its directory removed, and its pid file deleted.
+//! forked, such as postgres backends), its directory removed, and its pid file deleted,
+//! with the files it made outside its directory that the pid file lists (SeaweedFS's gRPC
+//! sockets in /tmp).
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
@@ -36,14 +38,23 @@ pub(crate) struct PidFile(PathBuf);
 impl PidFile {
     /// Records `child`, a server running in `dir`, as owned by this test process.
     pub(crate) fn record(child: &Child, dir: &Path) -> PidFile {
+        Self::record_with_files(child, dir, &[])
+    }
+
+    /// Records `child` as [`PidFile::record`] does, and `files` it makes outside `dir`:
+    /// the reaper removes them too.
+    pub(crate) fn record_with_files(child: &Child, dir: &Path, files: &[PathBuf]) -> PidFile {
         let owner = std::process::id();
         let pid = child.id();
-        let text = format!(
+        let mut text = format!(
             "{owner} {}\n{pid} {}\n{}\n",
             start_time(owner).unwrap_or(0),
             start_time(pid).unwrap_or(0),
             dir.display()
         );
+        for file in files {
+            text.push_str(&format!("{}\n", file.display()));
+        }
         let path = pid_dir().join(format!("{pid}.pid"));
         std::fs::create_dir_all(pid_dir()).expect("the pid file directory");
         std::fs::write(&path, text).expect("a server's pid file");
@@ -62,6 +73,8 @@ struct Entry {
     owner: (u32, u64),
     server: (u32, u64),
     dir: PathBuf,
+    /// Files the server made outside its directory.
+    files: Vec<PathBuf>,
 }
 
 fn parse(text: &str) -> Option<Entry> {
@@ -73,7 +86,13 @@ fn parse(text: &str) -> Option<Entry> {
     let owner = pair()?;
     let server = pair()?;
     let dir = PathBuf::from(lines.next()?);
-    Some(Entry { owner, server, dir })
+    let files = lines.map(PathBuf::from).collect();
+    Some(Entry {
+        owner,
+        server,
+        dir,
+        files,
+    })
 }
 
 /// Whether `(pid, start time)` is still the same running process.
@@ -126,12 +145,20 @@ pub fn reap_orphans() -> Vec<u32> {
             kill(&pids);
             killed.push(pid);
         }
-        if entry.dir.starts_with(std::env::temp_dir()) || entry.dir.starts_with("/tmp") {
+        if is_temporary(&entry.dir) {
             let _ = std::fs::remove_dir_all(&entry.dir);
+        }
+        for file in entry.files.iter().filter(|f| is_temporary(f)) {
+            let _ = std::fs::remove_file(file);
         }
         let _ = std::fs::remove_file(&path);
     }
     killed
+}
+
+/// Whether `path` is in a temporary directory (the only places the reaper removes from).
+fn is_temporary(path: &Path) -> bool {
+    path.starts_with(std::env::temp_dir()) || path.starts_with("/tmp")
 }
 
 /// Reaps once per test process, before its first server starts.
@@ -157,7 +184,13 @@ mod tests {
         let e = parse("10 111\n20 222\n/tmp/x\n").expect("parse");
         assert_eq!((e.owner, e.server), ((10, 111), (20, 222)));
         assert_eq!(e.dir, PathBuf::from("/tmp/x"));
+        assert!(e.files.is_empty());
         assert!(parse("10 111\n").is_none());
+        let e = parse("10 111\n20 222\n/tmp/x\n/tmp/a.sock\n/tmp/b.sock\n").expect("parse");
+        assert_eq!(
+            e.files,
+            [PathBuf::from("/tmp/a.sock"), PathBuf::from("/tmp/b.sock")]
+        );
     }
 
     #[test]

@@ -101,3 +101,73 @@ async fn a_killed_test_runs_servers_are_reaped_at_the_next_start() {
         "a stopped server's pid file stays"
     );
 }
+
+/// Run only as the child of [`a_killed_test_runs_s3_server_is_reaped_with_its_sockets`].
+#[test]
+#[ignore = "the child half of a_killed_test_runs_s3_server_is_reaped_with_its_sockets"]
+fn child_holds_an_s3_server_until_killed() {
+    if std::env::var_os(CHILD).is_none() {
+        return;
+    }
+    let s3 = testkit::S3Server::start();
+    println!("s3 {}", s3.dir().display());
+    std::thread::sleep(Duration::from_secs(600));
+}
+
+/// The files outside its directory that the pid file of the server in `dir` lists.
+fn files_of_server_in(dir: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(testkit::pid_dir())
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+        .find(|t| t.lines().nth(2) == Some(&*dir.to_string_lossy()))
+        .map(|t| t.lines().skip(3).map(PathBuf::from).collect())
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn a_killed_test_runs_s3_server_is_reaped_with_its_sockets() {
+    let mut child = Command::new(std::env::current_exe().expect("test binary"))
+        .args([
+            "--ignored",
+            "--exact",
+            "child_holds_an_s3_server_until_killed",
+            "--nocapture",
+        ])
+        .env(CHILD, "1")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("the child test process");
+    let mut out = BufReader::new(child.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    while !line.starts_with("s3 ") {
+        line.clear();
+        assert!(
+            out.read_line(&mut line).expect("child output") > 0,
+            "the child exited before starting its S3 server"
+        );
+    }
+    let dir = PathBuf::from(line["s3 ".len()..].trim());
+    let pid = server_in(&dir).expect("a pid file for the child's S3 server");
+    let sockets = files_of_server_in(&dir);
+    assert_eq!(sockets.len(), 5, "{sockets:?}");
+    assert!(sockets.iter().any(|s| s.exists()), "{sockets:?}");
+
+    child.kill().expect("kill -9 the child test");
+    child.wait().expect("reap the child");
+    assert!(running(pid), "weed died with its test");
+
+    // Another test's reaper (this binary's redis test, any other test process starting
+    // its first server) may have come first: what counts is that it is gone.
+    testkit::reap_orphans();
+    assert!(
+        testkit::wait_until(Duration::from_secs(10), || async { !running(pid) }).await,
+        "weed {pid} still runs after the reap"
+    );
+    assert!(!dir.exists(), "{} was not removed", dir.display());
+    for socket in &sockets {
+        assert!(!socket.exists(), "{} was not removed", socket.display());
+    }
+}
