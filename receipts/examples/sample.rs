@@ -81,6 +81,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         refund: refund.then_some(RefundState::Refunded),
         failed_attempts: 0,
         retry_after: None,
+        receipt_key: None,
+        refund_note_key: None,
     };
 
     let doc = Document::for_order(&order, &sale, "Acme Flash GmbH")?;

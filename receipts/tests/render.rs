@@ -66,6 +66,8 @@ fn paid_order(id: &str, buyer: &str, sale: &Sale, quantity: u32) -> Order {
         refund: None,
         failed_attempts: 0,
         retry_after: None,
+        receipt_key: None,
+        refund_note_key: None,
     }
 }
 
