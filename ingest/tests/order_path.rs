@@ -209,6 +209,9 @@ impl OrderStore for GatedStore {
     async fn refunds_owed(&self, limit: usize) -> storage::Result<Vec<Order>> {
         self.inner.refunds_owed(limit).await
     }
+    async fn documents_owed(&self, limit: usize) -> storage::Result<Vec<Order>> {
+        self.inner.documents_owed(limit).await
+    }
     async fn unfinished_followups(&self, limit: usize) -> storage::Result<Vec<Order>> {
         self.inner.unfinished_followups(limit).await
     }

@@ -172,6 +172,9 @@ impl OrderStore for ExpiresBeforePaid {
     async fn refunds_owed(&self, limit: usize) -> storage::Result<Vec<Order>> {
         self.0.refunds_owed(limit).await
     }
+    async fn documents_owed(&self, limit: usize) -> storage::Result<Vec<Order>> {
+        self.0.documents_owed(limit).await
+    }
     async fn unfinished_followups(&self, limit: usize) -> storage::Result<Vec<Order>> {
         self.0.unfinished_followups(limit).await
     }
