@@ -17,6 +17,9 @@ mod money;
 mod render;
 
 pub use money::{format_money, minor_unit_exponent};
+pub mod archive;
+
+pub use archive::{Archive, ArchiveConfig, ArchiveError, Stored};
 pub use render::render;
 
 use storage::{

@@ -27,8 +27,8 @@ pub use provider::{
     ChargeOutcome, NotificationClient, NotificationKind, PaymentClient, ProviderError,
 };
 pub use settle::{
-    ConsumerSource, Settler, SettlerConfig, SettlerHealth, SettlerStats, Stage, StatsSnapshot,
-    StockRelease,
+    ConsumerSource, Documents, Settler, SettlerConfig, SettlerHealth, SettlerStats, Stage,
+    StatsSnapshot, StockRelease,
 };
 
 /// Errors of the settler.

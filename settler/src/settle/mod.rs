@@ -197,6 +197,17 @@ pub struct Settler {
     sink: Arc<dyn EventSink>,
     health: SettlerHealth,
     config: SettlerConfig,
+    documents: Option<Documents>,
+}
+
+/// The receipts stage's settings: where documents go and what they say (see
+/// [`Settler::with_documents`]).
+#[derive(Debug, Clone)]
+pub struct Documents {
+    /// The object store documents are written to.
+    pub archive: Arc<receipts::Archive>,
+    /// The seller's name on every document.
+    pub seller: String,
 }
 
 impl std::fmt::Debug for Settler {
@@ -245,7 +256,16 @@ impl Settler {
             sink: Arc::new(TracingEventSink::default()),
             health: SettlerHealth::default(),
             config,
+            documents: None,
         })
+    }
+
+    /// Writes a receipt for every paid order (a refund note for every refunded late charge)
+    /// to `documents.archive`, off the order path (the receipts stage). Without it, no
+    /// documents are written.
+    pub fn with_documents(mut self, documents: Documents) -> Self {
+        self.documents = Some(documents);
+        self
     }
 
     /// Publishes status changes to `sink` instead of only logging them.
@@ -298,6 +318,7 @@ impl Settler {
             sink,
             health,
             config,
+            documents: _documents,
         } = self;
         let notify_breaker = CircuitBreaker::for_provider(
             crate::metrics::NOTIFICATION,
