@@ -85,6 +85,54 @@ impl settler::StockRelease for AdmissionRelease {
     }
 }
 
+/// The API's read access to the receipts archive.
+struct ArchiveReader(Arc<receipts::archive::Archive>);
+
+#[async_trait]
+impl ingest::api::DocumentReader for ArchiveReader {
+    async fn get(&self, key: &str) -> Result<Option<bytes::Bytes>, ingest::api::DocumentError> {
+        self.0
+            .get(key)
+            .await
+            .map_err(|e| ingest::api::DocumentError(storage::ErrorChain(&e).to_string()))
+    }
+}
+
+/// Opens the receipts archive `[receipts]` names, or `None` when receipts are off, and
+/// probes it once: refused credentials or a wrong setting fail (naming the settings); an
+/// unreachable store is only a warning (documents queue in the store until it is back).
+pub async fn open_archive(
+    config: &Config,
+) -> anyhow::Result<Option<Arc<receipts::archive::Archive>>> {
+    use receipts::archive::{Archive, ArchiveError};
+    if !config.receipts.enabled {
+        return Ok(None);
+    }
+    let settings = config.receipts.archive_config(&config.data_dir)?;
+    let archive = Archive::open(&settings).map_err(|e| match e {
+        ArchiveError::Config { .. } => anyhow::anyhow!("{e}"),
+        other => anyhow::Error::new(other).context("receipts.url: cannot open the archive"),
+    })?;
+    match archive.probe().await {
+        Ok(()) => {}
+        Err(e @ ArchiveError::Credentials(_)) => {
+            bail!(
+                "{} (set them, or AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)",
+                storage::ErrorChain(&e)
+            );
+        }
+        Err(e @ ArchiveError::Config { .. }) => bail!("{e}"),
+        Err(e @ ArchiveError::Unavailable(_)) => {
+            tracing::warn!(
+                error = %storage::ErrorChain(&e),
+                url = %settings.url,
+                "the receipts archive is unreachable; receipts wait in the store until it is back"
+            );
+        }
+    }
+    Ok(Some(Arc::new(archive)))
+}
+
 /// A running system.
 pub struct Running {
     /// Where the API listens.
@@ -745,6 +793,7 @@ async fn build_settler(
     log: &LogParts,
     admission: Arc<dyn Admission>,
     providers: &Providers,
+    archive: Option<Arc<receipts::archive::Archive>>,
 ) -> anyhow::Result<settler::Settler> {
     let settler_config = settler::SettlerConfig {
         payment_url: providers.payment_url.clone(),
@@ -756,7 +805,7 @@ async fn build_settler(
     // order appends.
     let producer = log.settler_producer()?;
     let source = log.consumer_source(store, &config.settler.consumer, &config.data_dir);
-    Ok(settler::Settler::new(
+    let settler = settler::Settler::new(
         Arc::clone(store),
         source.consumer().await?,
         Arc::new(AdmissionRelease(admission)),
@@ -764,7 +813,14 @@ async fn build_settler(
         settler_config,
     )?
     .with_event_sink(producer.event_sink())
-    .with_consumer_source(Arc::new(source)))
+    .with_consumer_source(Arc::new(source));
+    Ok(match archive {
+        Some(archive) => settler.with_documents(settler::Documents {
+            archive,
+            seller: config.receipts.seller.clone(),
+        }),
+        None => settler,
+    })
 }
 
 /// The admission backend the settler uses: its own Redis connection (claims and releases
@@ -903,10 +959,11 @@ impl App {
                 .context("starting the providers")??
         };
 
+        let archive = open_archive(config).await?;
         // Built here (spawned below) so that `/readyz` can report its stages.
         let settler = if with_settler {
             let release = settler_admission(config, &admission).await?;
-            Some(build_settler(config, &store, &log, release, &providers).await?)
+            Some(build_settler(config, &store, &log, release, &providers, archive.clone()).await?)
         } else {
             None
         };
@@ -929,6 +986,10 @@ impl App {
         let http_rt = RuntimeWatch::new("http", tokio::runtime::Handle::current());
         let settler_watch = RuntimeWatch::new("settler", settler_rt.handle());
         let mut registry = process_registry("serve", vec![http_rt.clone(), settler_watch.clone()]);
+        let ingest = match archive {
+            Some(archive) => ingest.with_documents(Arc::new(ArchiveReader(archive))),
+            None => ingest,
+        };
         let ingest = match settler_health.clone() {
             Some(health) => {
                 ingest.with_readiness(Arc::new(move || health.down().map(settler::Stage::as_str)))
@@ -1037,7 +1098,8 @@ impl App {
         // A Kafka log: embedded admission (and so its maintenance) is refused above.
         let (admission, _) = open_admission(config, &store, &log).await?;
         let providers = providers(config).await?;
-        let s = build_settler(config, &store, &log, admission, &providers).await?;
+        let archive = open_archive(config).await?;
+        let s = build_settler(config, &store, &log, admission, &providers, archive).await?;
         runtime
             .spawn(s.run(shutdown))
             .await

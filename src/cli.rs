@@ -1,5 +1,5 @@
 //! The command line: `serve`, `demo`, `token`, `sale`, `mock-provider`, `migrate`,
-//! `settle`. Flags override the configuration file and the environment.
+//! `settle`, `reconcile`, `receipt`. Flags override the configuration file and the environment.
 
 use crate::app::{self, App};
 use crate::config::{self, Config};
@@ -197,6 +197,21 @@ pub enum Command {
         /// successful charge per paid order and none kept for a released one.
         #[arg(long)]
         payment_url: Option<String>,
+    },
+    /// Write an order's PDF receipt (or refund note) from the receipts archive to a file.
+    /// Exits 1 when the order is unknown or has no receipt yet.
+    Receipt {
+        /// The order id.
+        order_id: String,
+        /// Where to write the PDF.
+        #[arg(short, long)]
+        output: PathBuf,
+        /// Data directory of the embedded store (data_dir).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Order store (store.url).
+        #[arg(long)]
+        store: Option<String>,
     },
     /// Apply the store's schema migrations (every Postgres shard and the catalog, or the
     /// Scylla keyspace, created if missing) and create the Kafka topics.
@@ -561,6 +576,22 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             print!("{}", crate::reconcile::render(&findings));
             let broken = findings.iter().any(crate::reconcile::Finding::is_broken);
             Ok(if broken { 1 } else { 0 })
+        }
+        Command::Receipt {
+            order_id,
+            output,
+            data_dir,
+            store,
+        } => {
+            let mut o = Vec::new();
+            if let Some(d) = data_dir {
+                o.push(("data_dir", Value::from(d.display().to_string())));
+            }
+            if let Some(s) = store {
+                o.push(("store.url", Value::from(s)));
+            }
+            let cfg = load(&cli.config, &o)?;
+            crate::receipt::run(&cfg, &order_id, &output).await
         }
         Command::Migrate {
             data_dir,

@@ -40,6 +40,8 @@ pub struct Config {
     pub providers: ProvidersSection,
     /// Metrics listeners.
     pub metrics: MetricsSection,
+    /// Receipts and refund notes (PDF) in object storage.
+    pub receipts: ReceiptsSection,
 }
 
 impl Default for Config {
@@ -54,6 +56,7 @@ impl Default for Config {
             settler: SettlerSection::default(),
             providers: ProvidersSection::default(),
             metrics: MetricsSection::default(),
+            receipts: ReceiptsSection::default(),
         }
     }
 }
@@ -472,6 +475,74 @@ impl Default for MetricsSection {
     }
 }
 
+/// `[receipts]`: where the settler keeps the PDF receipts of paid orders and the refund
+/// notes of refunded late charges (any object store: the local disk or an S3 API).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReceiptsSection {
+    /// Whether the settler writes receipts (and the API serves them).
+    pub enabled: bool,
+    /// `file:///abs/dir`, `s3://bucket[/prefix]`; empty means `file://{data_dir}/receipts`.
+    pub url: String,
+    /// S3: the endpoint (e.g. `http://127.0.0.1:8333`); empty for AWS.
+    pub endpoint: String,
+    /// S3: the region.
+    pub region: String,
+    /// S3: the access key id; empty means `AWS_ACCESS_KEY_ID`.
+    pub access_key_id: String,
+    /// S3: the secret access key; empty means `AWS_SECRET_ACCESS_KEY`.
+    pub secret_access_key: SecretString,
+    /// S3: allow a plain-HTTP endpoint.
+    pub allow_http: bool,
+    /// The seller named on every document.
+    pub seller: String,
+}
+
+impl Default for ReceiptsSection {
+    fn default() -> Self {
+        ReceiptsSection {
+            enabled: true,
+            url: String::new(),
+            endpoint: String::new(),
+            region: "us-east-1".into(),
+            access_key_id: String::new(),
+            secret_access_key: SecretString::from(""),
+            allow_http: false,
+            seller: "flashsale".into(),
+        }
+    }
+}
+
+impl ReceiptsSection {
+    /// The archive's settings: an empty `url` becomes `file://{data_dir}/receipts`, with
+    /// `data_dir` made absolute. Errors name the key.
+    pub fn archive_config(
+        &self,
+        data_dir: &Path,
+    ) -> anyhow::Result<receipts::archive::ArchiveConfig> {
+        use secrecy::ExposeSecret;
+        let url = if self.url.trim().is_empty() {
+            let dir = std::path::absolute(data_dir.join("receipts")).with_context(|| {
+                format!(
+                    "receipts.url: cannot make {}/receipts absolute",
+                    data_dir.display()
+                )
+            })?;
+            format!("file://{}", dir.display())
+        } else {
+            self.url.trim().to_owned()
+        };
+        Ok(receipts::archive::ArchiveConfig {
+            url,
+            endpoint: self.endpoint.clone(),
+            region: self.region.clone(),
+            access_key_id: self.access_key_id.clone(),
+            secret_access_key: self.secret_access_key.expose_secret().to_owned(),
+            allow_http: self.allow_http,
+        })
+    }
+}
+
 /// Top-level keys the environment may set; other `FLASHSALE_*` variables (such as
 /// `FLASHSALE_CONFIG` or test switches) are not configuration keys.
 const SECTIONS: &[&str] = &[
@@ -484,6 +555,7 @@ const SECTIONS: &[&str] = &[
     "settler",
     "providers",
     "metrics",
+    "receipts",
 ];
 
 /// Loads the configuration: defaults, then `file` (or `flashsale.toml` if it exists), then
@@ -711,6 +783,83 @@ mod tests {
                 err.to_lowercase().contains("store.request_timeout"),
                 "{err}"
             );
+            Ok(())
+        });
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::result_large_err)] // figment's Jail closures return figment::Error
+mod receipts_tests {
+    use super::*;
+    use secrecy::ExposeSecret;
+
+    #[test]
+    fn the_defaults_keep_receipts_on_the_local_disk_under_data_dir() {
+        let section = ReceiptsSection::default();
+        assert!(section.enabled);
+        assert_eq!(section.region, "us-east-1");
+        assert_eq!(section.seller, "flashsale");
+        assert!(!section.allow_http);
+        let archive = section
+            .archive_config(Path::new("some/data"))
+            .expect("valid");
+        let path = archive.url.strip_prefix("file://").expect("a file:// url");
+        assert!(Path::new(path).is_absolute(), "{path}");
+        assert!(path.ends_with("some/data/receipts"), "{path}");
+        assert!(archive.access_key_id.is_empty() && archive.secret_access_key.is_empty());
+    }
+
+    #[test]
+    fn the_keys_come_from_the_file_and_the_environment_and_the_secret_never_prints() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "f.toml",
+                r#"
+                [receipts]
+                url = "s3://my-bucket/receipts"
+                endpoint = "http://127.0.0.1:8333"
+                region = "eu-west-1"
+                access_key_id = "AKIAFILE"
+                allow_http = true
+                seller = "Shop Ltd"
+                "#,
+            )?;
+            jail.set_env(
+                "FLASHSALE_RECEIPTS__SECRET_ACCESS_KEY",
+                "very-secret-key-42",
+            );
+            jail.set_env("FLASHSALE_RECEIPTS__REGION", "us-west-2");
+            let cfg = load(Some(Path::new("f.toml")), &[]).map_err(|e| e.to_string())?;
+            let r = &cfg.receipts;
+            assert!(r.enabled);
+            assert_eq!(r.url, "s3://my-bucket/receipts");
+            assert_eq!(r.endpoint, "http://127.0.0.1:8333");
+            assert_eq!(r.region, "us-west-2");
+            assert_eq!(r.access_key_id, "AKIAFILE");
+            assert_eq!(r.secret_access_key.expose_secret(), "very-secret-key-42");
+            assert!(r.allow_http);
+            assert_eq!(r.seller, "Shop Ltd");
+            assert!(
+                !format!("{cfg:?}").contains("very-secret-key-42"),
+                "secrets never print"
+            );
+            let archive = r.archive_config(&cfg.data_dir).map_err(|e| e.to_string())?;
+            assert_eq!(archive.url, "s3://my-bucket/receipts");
+            assert_eq!(archive.secret_access_key, "very-secret-key-42");
+            jail.set_env("FLASHSALE_RECEIPTS__ENABLED", "false");
+            let cfg = load(Some(Path::new("f.toml")), &[]).map_err(|e| e.to_string())?;
+            assert!(!cfg.receipts.enabled);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn an_unknown_receipts_key_is_named() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("f.toml", "[receipts]\nbucket = \"x\"\n")?;
+            let err = load(Some(Path::new("f.toml")), &[]).expect_err("must fail");
+            assert!(format!("{err:#}").contains("bucket"), "{err:#}");
             Ok(())
         });
     }

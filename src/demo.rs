@@ -103,6 +103,8 @@ pub struct Report {
     pub payment_failed: u64,
     /// Orders whose stock went back.
     pub released: u64,
+    /// Receipts written (orders that recorded their receipt's key).
+    pub receipts: u64,
     /// Units not sold at the end.
     pub stock_left: i64,
     /// Latency of every request as the buyer saw it.
@@ -547,6 +549,17 @@ async fn drive(config: &Config, running: &Running, opts: &DemoOptions) -> anyhow
         }
     })
     .await;
+    // Receipts are written after the payment: wait (within the same deadline) until no
+    // order is owed its document.
+    let documents_done = !config.receipts.enabled
+        || wait_until(
+            opts.settle_timeout.saturating_sub(settle_started.elapsed()),
+            || {
+                let store = Arc::clone(&running.store);
+                async move { store.documents_owed(1).await.is_ok_and(|o| o.is_empty()) }
+            },
+        )
+        .await;
     let settle = settle_started.elapsed();
     let stats: SaleStats = running
         .ingest
@@ -686,6 +699,25 @@ async fn drive(config: &Config, running: &Running, opts: &DemoOptions) -> anyhow
         ));
     }
     inv.insert("all_settled".into(), all_settled);
+    // One receipt per paid order, none for another.
+    let receipts = orders.iter().filter(|o| o.receipt_key.is_some()).count() as u64;
+    if config.receipts.enabled {
+        let paid = orders.iter().filter(|o| o.status == OrderStatus::Paid);
+        let paid_count = paid.clone().count() as u64;
+        let unreceipted = paid.filter(|o| o.receipt_key.is_none()).count();
+        let stray = orders
+            .iter()
+            .filter(|o| o.status != OrderStatus::Paid && o.receipt_key.is_some())
+            .count();
+        let ok = documents_done && unreceipted == 0 && stray == 0 && receipts == paid_count;
+        if !ok {
+            failures.push(format!(
+                "receipts: {receipts} written for {paid_count} paid orders ({unreceipted} paid \
+                 without one, {stray} of orders not paid; documents done: {documents_done})"
+            ));
+        }
+        inv.insert("receipts".into(), ok);
+    }
 
     let ms = |v: u64| v as f64 / 1000.0;
     Ok(Report {
@@ -700,6 +732,7 @@ async fn drive(config: &Config, running: &Running, opts: &DemoOptions) -> anyhow
         paid: stats.paid,
         payment_failed: stats.payment_failed,
         released: stats.released,
+        receipts,
         stock_left: stats.stock_left,
         latency_ms: Latency {
             p50: ms(hist.value_at_quantile(0.5)),
@@ -736,6 +769,7 @@ pub fn render(r: &Report) -> String {
     let _ = writeln!(s, "  paid              {:>10}", r.paid);
     let _ = writeln!(s, "  payment failed    {:>10}", r.payment_failed);
     let _ = writeln!(s, "  released          {:>10}", r.released);
+    let _ = writeln!(s, "  receipts          {:>10}", r.receipts);
     let _ = writeln!(s, "  stock left        {:>10}", r.stock_left);
     let _ = writeln!(s);
     let _ = writeln!(

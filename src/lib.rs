@@ -8,4 +8,5 @@ pub mod config;
 pub mod demo;
 pub mod maintain;
 pub mod metrics;
+pub mod receipt;
 pub mod reconcile;

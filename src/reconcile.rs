@@ -10,7 +10,9 @@
 //! audit, like `flashsale mock-provider`: at most one successful charge per order, exactly
 //! one per paid order, none kept for a released one); and, with a Kafka log, that the
 //! settler has persisted everything the log holds (otherwise the counters cannot be
-//! compared yet, and nothing is repaired).
+//! compared yet, and nothing is repaired). With `[receipts]` enabled: one receipt per paid
+//! order (every paid order records a receipt key and its object exists under `receipts/`,
+//! listed once) and none for an order that is not paid.
 //!
 //! The store is the record of every settled order, so reconcile is exact once the settler
 //! has caught up with the log (after a Redis restart ingest answers 503 for the sale, so
@@ -103,6 +105,16 @@ pub async fn run(
         ),
         None => None,
     };
+    // Listed once, compared per sale.
+    let receipt_objects = match crate::app::open_archive(config).await? {
+        Some(archive) => Some(receipt_ids(
+            &archive
+                .keys(receipts::Kind::Receipt.key_prefix())
+                .await
+                .context("listing the receipts in the archive")?,
+        )),
+        None => None,
+    };
     let sales = match sale {
         Some(id) => {
             let id = SaleId::parse(id).map_err(|e| anyhow::anyhow!("--sale: {e}"))?;
@@ -172,6 +184,9 @@ pub async fn run(
         }
         check_charges(&orders, audit.as_ref(), &mut broken);
         check_refunds(&orders, &mut broken);
+        if let Some(objects) = &receipt_objects {
+            compare_receipts(&orders, objects).report(&mut broken);
+        }
         let missing = differences.iter().any(|d| d.contains("missing"));
         // Behind the log, the store does not hold every accepted order yet: rewriting the
         // counters from it would hand out stock that is sold.
@@ -250,6 +265,77 @@ fn check_refunds(orders: &[Order], broken: &mut Vec<String>) {
             Some(RefundState::Refunded) | None => {}
         }
     }
+}
+
+/// The order ids of the receipt objects `keys` name (`receipts/{xx}/{order_id}.pdf`);
+/// keys of another shape are ignored.
+pub fn receipt_ids(keys: &[String]) -> HashSet<OrderId> {
+    keys.iter()
+        .filter_map(|k| {
+            let name = k.rsplit('/').next()?.strip_suffix(".pdf")?;
+            name.parse().ok()
+        })
+        .collect()
+}
+
+/// How a sale's receipts compare with its paid orders.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReceiptCheck {
+    /// Paid orders without a recorded receipt key or without the object.
+    pub missing: Vec<OrderId>,
+    /// Orders that are not paid but have a receipt object.
+    pub extra: Vec<OrderId>,
+}
+
+/// How many ids a finding names before "and N more".
+const FIRST_FEW: usize = 5;
+
+impl ReceiptCheck {
+    /// The broken invariants, in words (counts and the first few ids).
+    pub fn report(&self, broken: &mut Vec<String>) {
+        let first = |ids: &[OrderId]| {
+            let mut s: Vec<String> = ids
+                .iter()
+                .take(FIRST_FEW)
+                .map(ToString::to_string)
+                .collect();
+            if ids.len() > FIRST_FEW {
+                s.push(format!("and {} more", ids.len() - FIRST_FEW));
+            }
+            s.join(", ")
+        };
+        if !self.missing.is_empty() {
+            broken.push(format!(
+                "receipts: {} paid order(s) without a stored receipt: {}",
+                self.missing.len(),
+                first(&self.missing)
+            ));
+        }
+        if !self.extra.is_empty() {
+            broken.push(format!(
+                "receipts: {} receipt(s) of orders that are not paid: {}",
+                self.extra.len(),
+                first(&self.extra)
+            ));
+        }
+    }
+}
+
+/// One receipt per paid order: every paid order records its receipt key and the object
+/// exists; no receipt object for an order that is not paid.
+pub fn compare_receipts(orders: &[Order], objects: &HashSet<OrderId>) -> ReceiptCheck {
+    let mut check = ReceiptCheck::default();
+    for o in orders {
+        let id = o.new.order_id;
+        if o.status == OrderStatus::Paid {
+            if o.receipt_key.is_none() || !objects.contains(&id) {
+                check.missing.push(id);
+            }
+        } else if objects.contains(&id) {
+            check.extra.push(id);
+        }
+    }
+    check
 }
 
 /// One charge per order, from the store and, when given, the provider's audit.
@@ -380,6 +466,66 @@ mod tests {
             receipt_key: None,
             refund_note_key: None,
         }
+    }
+
+    #[test]
+    fn one_receipt_per_paid_order() {
+        let with_key = |status| {
+            let mut o = order(status, None);
+            o.receipt_key = Some(receipts::object_key(
+                o.new.order_id,
+                receipts::Kind::Receipt,
+            ));
+            o
+        };
+        let orders = [
+            with_key(OrderStatus::Paid),             // fine
+            order(OrderStatus::Paid, None),          // no key recorded, object there: missing
+            with_key(OrderStatus::Paid),             // key recorded, no object: missing
+            order(OrderStatus::Expired, None),       // object of an order not paid: extra
+            order(OrderStatus::PaymentFailed, None), // nothing: fine
+        ];
+        let keys: Vec<String> = [0, 1, 3]
+            .iter()
+            .map(|&i| receipts::object_key(orders[i].new.order_id, receipts::Kind::Receipt))
+            .chain([
+                "receipts/zz/not-an-order.pdf".to_owned(),
+                "other".to_owned(),
+            ])
+            .collect();
+        let objects = receipt_ids(&keys);
+        assert_eq!(objects.len(), 3);
+        let check = compare_receipts(&orders, &objects);
+        assert_eq!(
+            check.missing,
+            vec![orders[1].new.order_id, orders[2].new.order_id]
+        );
+        assert_eq!(check.extra, vec![orders[3].new.order_id]);
+        let mut broken = Vec::new();
+        check.report(&mut broken);
+        assert_eq!(broken.len(), 2, "{broken:?}");
+        assert!(
+            broken[0].starts_with("receipts: 2 paid order(s) without"),
+            "{}",
+            broken[0]
+        );
+        assert!(broken[1].contains(&orders[3].new.order_id.to_string()));
+
+        // All well: nothing reported.
+        let fine = [with_key(OrderStatus::Paid)];
+        let objects = receipt_ids(&[receipts::object_key(
+            fine[0].new.order_id,
+            receipts::Kind::Receipt,
+        )]);
+        let mut broken = Vec::new();
+        compare_receipts(&fine, &objects).report(&mut broken);
+        assert!(broken.is_empty(), "{broken:?}");
+
+        // Many: the first few ids, then a count.
+        let many: Vec<Order> = (0..8).map(|_| order(OrderStatus::Paid, None)).collect();
+        let mut broken = Vec::new();
+        compare_receipts(&many, &HashSet::new()).report(&mut broken);
+        assert!(broken[0].ends_with("and 3 more"), "{}", broken[0]);
     }
 
     #[test]

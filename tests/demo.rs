@@ -135,6 +135,7 @@ fn demo_passes_with(extra: &[&str], env: &[(&str, String)]) -> Value {
         "paid",
         "payment_failed",
         "released",
+        "receipts",
         "stock_left",
         "latency_ms",
         "throughput_per_s",
@@ -153,6 +154,7 @@ fn demo_passes_with(extra: &[&str], env: &[(&str, String)]) -> Value {
         "conservation",
         "one_charge_per_order",
         "bad_input_rejected",
+        "receipts",
     ] {
         assert_eq!(
             inv.get(name),

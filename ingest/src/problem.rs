@@ -69,6 +69,7 @@ codes! {
     sale_not_active => FORBIDDEN, "sale_not_active", "The sale is not open";
     unknown_sale => NOT_FOUND, "unknown_sale", "No such sale";
     unknown_order => NOT_FOUND, "unknown_order", "No such order";
+    receipt_not_ready => NOT_FOUND, "receipt_not_ready", "The order has no receipt yet";
     not_found => NOT_FOUND, "not_found", "No such resource";
     method_not_allowed => METHOD_NOT_ALLOWED, "method_not_allowed", "Method not allowed on this resource";
     sold_out => CONFLICT, "sold_out", "The sale is sold out";

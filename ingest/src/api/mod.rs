@@ -23,11 +23,13 @@ mod answer;
 mod body;
 mod health;
 mod orders;
+mod receipts;
 mod sales;
 
 pub use answer::{OrderView, SaleStats, SaleView};
 pub use body::{fingerprint, parse_order_body, CreateSale, OrderBody};
 pub use health::{SALE_GAUGES_EVERY, SALE_GAUGES_MAX};
+pub use receipts::{DocumentError, DocumentReader};
 
 use crate::admission::Admission;
 use crate::auth::Auth;
@@ -115,6 +117,8 @@ pub struct Ingest {
     /// Parts of the process besides the backends that `/readyz` reports (the in-process
     /// settler); see [`Ingest::with_readiness`].
     readiness: Option<ReadinessCheck>,
+    /// Where `GET /v1/orders/{id}/receipt` reads documents; see [`Ingest::with_documents`].
+    documents: Option<Arc<dyn DocumentReader>>,
 }
 
 /// A part of the process `/readyz` reports besides the backends: the name of what is down
@@ -138,6 +142,7 @@ fn route_name(method: &Method, segments: &[&str]) -> &'static str {
         (_, ["v1", "sales", _, "stats"]) => "stats",
         (_, ["v1", "sales", _, "stock"]) => "stock",
         (_, ["v1", "orders", _]) => "order_status",
+        (_, ["v1", "orders", _, "receipt"]) => "receipt",
         (_, ["healthz"]) => "healthz",
         (_, ["readyz"]) => "readyz",
         (_, ["metrics"]) => "metrics",
@@ -196,6 +201,7 @@ impl Ingest {
             registry: Arc::new(registry),
             sale_gauges,
             readiness: None,
+            documents: None,
             config,
         }
     }
@@ -204,6 +210,13 @@ impl Ingest {
     /// `check` names a settler stage that is down.
     pub fn with_readiness(mut self, check: ReadinessCheck) -> Self {
         self.readiness = Some(check);
+        self
+    }
+
+    /// Serves the orders' documents (`GET /v1/orders/{id}/receipt`) from `reader`; without
+    /// it, an order with a document gets 503 `unavailable`.
+    pub fn with_documents(mut self, reader: Arc<dyn DocumentReader>) -> Self {
+        self.documents = Some(reader);
         self
     }
 
@@ -267,6 +280,9 @@ impl Ingest {
             }
             (&Method::POST, ["v1", "sales", id, "stock"]) => self.add_stock(id, req).await,
             (&Method::GET, ["v1", "orders", id]) => self.get_order(id, req.headers()).await,
+            (&Method::GET, ["v1", "orders", id, "receipt"]) => {
+                self.get_receipt(id, req.headers()).await
+            }
             (&Method::GET, ["healthz"]) => Ok(health::healthz()),
             (&Method::GET, ["readyz"]) => self.ready().await,
             (&Method::GET, ["metrics"]) => Ok(self.metrics_response(req.headers())),
@@ -278,6 +294,7 @@ impl Ingest {
                 ["v1", "sales", _]
                 | ["v1", "sales", _, "stats"]
                 | ["v1", "orders", _]
+                | ["v1", "orders", _, "receipt"]
                 | ["healthz" | "readyz" | "metrics"],
             ) => Err(
                 ApiError::method_not_allowed(format!("{method} is not allowed here")).allow("GET"),

@@ -30,7 +30,7 @@ use storage::{OrderId, OrderStatus, Sale, SaleId, Timestamp, UserId};
 /// be read right after the 202.
 #[derive(Debug, Clone)]
 pub(super) struct RecentOrder {
-    user: UserId,
+    pub(super) user: UserId,
     sale_id: SaleId,
     sequence: u64,
     quantity: u32,
