@@ -153,8 +153,7 @@ impl ReceiptStage {
             self.skipped.insert(id);
             return Ok(None);
         };
-        let document = match receipts::Document::for_order(&order, &sale, &self.documents.seller)
-        {
+        let document = match receipts::Document::for_order(&order, &sale, &self.documents.seller) {
             Ok(d) => d,
             Err(e) => {
                 tracing::error!(order_id = %id, error = %e, "receipts: the order cannot be documented; skipped");
@@ -279,8 +278,10 @@ pub(crate) async fn receipts(
             }
             Err(e) => {
                 if !failing {
-                    let credentials =
-                        matches!(e, PassError::Archive(receipts::ArchiveError::Credentials(_)));
+                    let credentials = matches!(
+                        e,
+                        PassError::Archive(receipts::ArchiveError::Credentials(_))
+                    );
                     tracing::warn!(error = %e, credentials, "receipts: documents not written; retrying with backoff (settlement goes on)");
                 }
                 if failing {
