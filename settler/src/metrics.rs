@@ -45,6 +45,8 @@ pub enum Event {
     Refunded,
     /// Persisted but not handed to the charge stage (circuit open): left for the sweep.
     Deferred,
+    /// Its document (receipt or refund note) was written to the archive and recorded.
+    Documented,
 }
 
 impl Event {
@@ -60,6 +62,7 @@ impl Event {
             Event::Notified => "notified",
             Event::Refunded => "refunded",
             Event::Deferred => "deferred",
+            Event::Documented => "documented",
         }
     }
 }

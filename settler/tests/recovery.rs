@@ -372,3 +372,63 @@ async fn a_refund_owed_survives_a_settler_restart() {
     assert_eq!((a.successful_charges, a.refunds), (1, 1));
     assert_eq!(a.notifications, vec![NotificationKind::OrderExpired]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refunded_late_charge_gets_one_refund_note_and_no_receipt() {
+    let h = Harness::new(MockConfig::default()).await;
+    h.store.create_sale(&common::sale_1()).await.expect("sale");
+    let records = h
+        .append(vec![record(1, "tok_visa"), record(2, "tok_visa")])
+        .await;
+    let archive = Arc::new(
+        receipts::Archive::open(&receipts::ArchiveConfig {
+            url: "memory://".into(),
+            ..receipts::ArchiveConfig::default()
+        })
+        .expect("archive"),
+    );
+    let settler = Settler::new(
+        Arc::new(ExpiresBeforePaid::new(Arc::clone(&h.store))),
+        Box::new(h.log.consumer(0)),
+        Arc::clone(&h.release) as Arc<dyn StockRelease>,
+        Arc::new(FileDeadLetter::open(h.dir.path().join("dl")).expect("dead letter")),
+        settler::SettlerConfig {
+            receipts_interval: Duration::from_millis(50),
+            ..h.config()
+        },
+    )
+    .expect("settler")
+    .with_documents(settler::Documents {
+        archive: Arc::clone(&archive),
+        seller: "Flashsale Test Shop".into(),
+    });
+    let stats = settler.stats();
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(settler.run(shutdown.clone()));
+    h.wait_settled(records.len()).await;
+    eventually("every refund documented", DEADLINE, || async {
+        h.store.documents_owed(100).await.expect("owed").is_empty()
+    })
+    .await;
+    shutdown.cancel();
+    task.await.expect("join").expect("run");
+
+    assert_eq!(stats.snapshot().refunded, 2);
+    assert_eq!(stats.snapshot().documents, 2);
+    assert!(archive.keys("receipts").await.expect("keys").is_empty());
+    assert_eq!(archive.keys("refund-notes").await.expect("keys").len(), 2);
+    for r in &records {
+        let order = h
+            .store
+            .get_order(r.order_id)
+            .await
+            .expect("get")
+            .expect("order");
+        assert_eq!(order.refund, Some(RefundState::Refunded));
+        assert_eq!(order.receipt_key, None);
+        let key = receipts::object_key(r.order_id, receipts::Kind::RefundNote);
+        assert_eq!(order.refund_note_key.as_deref(), Some(key.as_str()));
+        let pdf = archive.get(&key).await.expect("get").expect("object");
+        assert!(pdf.starts_with(b"%PDF-"));
+    }
+}

@@ -83,6 +83,14 @@ pub struct SettlerConfig {
     pub publish_interval: Duration,
     /// Most events handed to the event sink at once (default 1000).
     pub publish_batch: usize,
+    /// How often orders owed a document (receipt, refund note) are looked for when no
+    /// status change wakes the receipts stage (default 200 ms). While the archive fails,
+    /// the wait doubles up to 5 s. Only with a `[receipts]` archive.
+    #[serde(with = "humantime_serde")]
+    pub receipts_interval: Duration,
+    /// Most orders documented in one pass, their keys recorded in one store write
+    /// (default 256).
+    pub receipts_batch: usize,
     /// How long orders under way may take to finish after shutdown is asked for; then they
     /// are abandoned (the next start's sweep finishes them). Default 5 s.
     #[serde(with = "humantime_serde")]
@@ -116,6 +124,8 @@ impl Default for SettlerConfig {
             sweep_limit: 1000,
             publish_interval: Duration::from_secs(1),
             publish_batch: 1000,
+            receipts_interval: Duration::from_millis(200),
+            receipts_batch: 256,
             shutdown_grace: Duration::from_secs(5),
         }
     }
@@ -156,5 +166,12 @@ mod tests {
         assert_eq!(c.payment_ttl, Duration::from_secs(600));
         assert_eq!(c.circuit_cool_down, Duration::from_secs(2));
         assert_eq!(c.circuit_failure_threshold, 3);
+        assert_eq!(c.receipts_interval, Duration::from_millis(200));
+        assert_eq!(c.receipts_batch, 256);
+        let c: SettlerConfig =
+            serde_json::from_str(r#"{"receipts_interval":"1s","receipts_batch":8}"#)
+                .expect("config");
+        assert_eq!(c.receipts_interval, Duration::from_secs(1));
+        assert_eq!(c.receipts_batch, 8);
     }
 }

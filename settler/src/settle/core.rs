@@ -46,6 +46,8 @@ pub(crate) struct Core {
     backoff: Mutex<HashMap<OrderId, Backoff>>,
     /// Woken on every status change, so the publisher runs soon after.
     pub(crate) events_ready: Notify,
+    /// Woken on every status change, so the receipts stage looks for owed documents soon.
+    pub(crate) documents_ready: Notify,
     pub(crate) stats: SettlerStats,
     pub(crate) payment_ttl: Duration,
     backoff_min: Duration,
@@ -135,6 +137,7 @@ impl Core {
             in_flight: Mutex::new(HashSet::new()),
             backoff: Mutex::new(HashMap::new()),
             events_ready: Notify::new(),
+            documents_ready: Notify::new(),
             stats: parts.stats,
             payment_ttl: parts.payment_ttl,
             backoff_min: parts.sweep_interval.max(Duration::from_millis(1)),
@@ -146,9 +149,10 @@ impl Core {
         &self.stats.counters
     }
 
-    /// Tells the publisher a status changed.
+    /// Tells the publisher (and the receipts stage) a status changed.
     pub(crate) fn changed(&self) {
         self.events_ready.notify_one();
+        self.documents_ready.notify_one();
     }
 
     /// Whether the sweep may try the order's charge again.

@@ -19,6 +19,10 @@
 //!   store error left behind.
 //! - [`publisher`]: drains the store's outbox of status changes into the [`EventSink`]
 //!   (`flashsale.order-events.v1`), soon after each change and every `publish_interval`.
+//! - [`receipts`] (only with [`Settler::with_documents`]): writes the receipt of each paid
+//!   order and the refund note of each refunded late charge to the archive, soon after
+//!   each change and every `receipts_interval`; an archive outage delays documents, never
+//!   settlement.
 //!
 //! **Batches.** Every store write and every admission call of the charge stage goes
 //! through a group-commit [`batcher`]: the changes of all orders under way are written in
@@ -85,6 +89,7 @@ mod config;
 mod core;
 mod intake;
 mod publisher;
+mod receipts;
 mod stats;
 mod supervisor;
 mod sweep;
@@ -205,7 +210,7 @@ pub struct Settler {
 #[derive(Debug, Clone)]
 pub struct Documents {
     /// The object store documents are written to.
-    pub archive: Arc<receipts::Archive>,
+    pub archive: Arc<::receipts::Archive>,
     /// The seller's name on every document.
     pub seller: String,
 }
@@ -318,7 +323,7 @@ impl Settler {
             sink,
             health,
             config,
-            documents: _documents,
+            documents,
         } = self;
         let notify_breaker = CircuitBreaker::for_provider(
             crate::metrics::NOTIFICATION,
@@ -344,6 +349,7 @@ impl Settler {
             sink,
             health: health.clone(),
             config: &config,
+            documents,
         };
         let mut consumer = Some(consumer);
         let mut deaths = 0u32;
@@ -411,6 +417,7 @@ struct Stages<'a> {
     sink: Arc<dyn EventSink>,
     health: SettlerHealth,
     config: &'a SettlerConfig,
+    documents: Option<Documents>,
 }
 
 impl Stages<'_> {
@@ -470,6 +477,20 @@ impl Stages<'_> {
                 stop.clone(),
             )),
         );
+        if let Some(documents) = &self.documents {
+            spawn(
+                Stage::Receipts,
+                Box::pin(receipts::receipts(
+                    Arc::clone(&core),
+                    documents.clone(),
+                    receipts::ReceiptSettings {
+                        interval: config.receipts_interval,
+                        batch: config.receipts_batch.max(1),
+                    },
+                    stop.clone(),
+                )),
+            );
+        }
         let intake = intake::Intake {
             core: Arc::clone(&core),
             consumer,

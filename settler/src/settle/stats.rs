@@ -47,6 +47,9 @@ pub struct StatsSnapshot {
     pub write_batches: u64,
     /// Changes written in those batches.
     pub writes: u64,
+    /// Documents (receipts, refund notes) written to the archive and recorded on their
+    /// order by the receipts stage.
+    pub documents: u64,
 }
 
 #[derive(Debug, Default)]
@@ -67,6 +70,7 @@ pub(crate) struct Counters {
     pub(crate) sweeps: AtomicU64,
     pub(crate) write_batches: AtomicU64,
     pub(crate) writes: AtomicU64,
+    pub(crate) documents: AtomicU64,
 }
 
 /// The progress counters of a settler: a shared handle, cheap to clone, that stays valid
@@ -104,6 +108,7 @@ impl SettlerStats {
             sweeps: get(&c.sweeps),
             write_batches: get(&c.write_batches),
             writes: get(&c.writes),
+            documents: get(&c.documents),
         }
     }
 

@@ -38,6 +38,9 @@ pub(crate) fn backoff(attempt: u32) -> Duration {
         .min(RESTART_BACKOFF_MAX)
 }
 
+/// How many stages there are.
+const STAGES: usize = 5;
+
 /// A stage of the settle loop, as `flashsale_settler_stage_up{stage}`, the restarts
 /// counter and readiness name it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -50,11 +53,20 @@ pub enum Stage {
     Sweep,
     /// Drains the outbox of status changes.
     Publisher,
+    /// Writes the documents (receipts, refund notes) settled orders are owed (only with
+    /// [`Settler::with_documents`](super::Settler::with_documents)).
+    Receipts,
 }
 
 impl Stage {
     /// Every stage.
-    pub const ALL: [Stage; 4] = [Stage::Intake, Stage::Charge, Stage::Sweep, Stage::Publisher];
+    pub const ALL: [Stage; STAGES] = [
+        Stage::Intake,
+        Stage::Charge,
+        Stage::Sweep,
+        Stage::Publisher,
+        Stage::Receipts,
+    ];
 
     /// The label value.
     pub fn as_str(self) -> &'static str {
@@ -63,6 +75,7 @@ impl Stage {
             Stage::Charge => "charge",
             Stage::Sweep => "sweep",
             Stage::Publisher => "publisher",
+            Stage::Receipts => "receipts",
         }
     }
 
@@ -86,10 +99,10 @@ pub trait ConsumerSource: Send + Sync + 'static {
 }
 
 struct HealthState {
-    up: [AtomicBool; 4],
+    up: [AtomicBool; STAGES],
     failed: AtomicBool,
     restarts: AtomicU64,
-    faults: watch::Sender<[bool; 4]>,
+    faults: watch::Sender<[bool; STAGES]>,
 }
 
 /// What the process sees of the settle loop: which stage is down, whether it gave up, how
@@ -114,7 +127,7 @@ impl Default for SettlerHealth {
             up: std::array::from_fn(|_| AtomicBool::new(true)),
             failed: AtomicBool::new(false),
             restarts: AtomicU64::new(0),
-            faults: watch::Sender::new([false; 4]),
+            faults: watch::Sender::new([false; STAGES]),
         }))
     }
 }
@@ -162,7 +175,7 @@ impl SettlerHealth {
     /// Ends what [`inject_fault`](Self::inject_fault) started.
     #[doc(hidden)]
     pub fn clear_faults(&self) {
-        self.0.faults.send_modify(|f| *f = [false; 4]);
+        self.0.faults.send_modify(|f| *f = [false; STAGES]);
     }
 
     /// Runs `stage`'s future, panicking as soon as a fault is injected into it.

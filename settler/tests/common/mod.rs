@@ -279,3 +279,23 @@ impl Harness {
         );
     }
 }
+
+/// The sale every [`record`] belongs to, as the catalog holds it.
+pub fn sale_1() -> storage::Sale {
+    let now = Timestamp::now();
+    storage::Sale {
+        id: SaleId::parse("sale-1").expect("sale id"),
+        sku: "sku-1".into(),
+        stock: 1000,
+        price: storage::Money {
+            minor: 1999,
+            currency: Currency::parse("EUR").expect("currency"),
+        },
+        starts_at: now,
+        ends_at: now.plus_millis(3_600_000),
+        per_user_limit: 2,
+        max_quantity_per_order: 2,
+        user_rate: storage::UserRate::default(),
+        created_at: now,
+    }
+}
