@@ -305,6 +305,8 @@ impl Pipeline {
                 &self.mock.url(),
             ])
             .env_remove("FLASHSALE_CONFIG")
+            // Receipts are checked where they are written (tests/receipts.rs, the demo).
+            .env("FLASHSALE_RECEIPTS__ENABLED", "false")
             .envs(self.env())
             .output()
             .expect("reconcile");
