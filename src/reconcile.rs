@@ -11,8 +11,11 @@
 //! one per paid order, none kept for a released one); and, with a Kafka log, that the
 //! settler has persisted everything the log holds (otherwise the counters cannot be
 //! compared yet, and nothing is repaired). With `[receipts]` enabled: one receipt per paid
-//! order (every paid order records a receipt key and its object exists under `receipts/`,
-//! listed once) and none for an order that is not paid.
+//! order (every receipt key an order records names an object under `receipts/`, listed
+//! once) and none for an order that is not paid. A paid order that records no key yet is
+//! *pending* (the settler's receipts stage writes it off the order path): reported, not
+//! broken. When none of a sale's recorded receipts is in the archive, the finding names
+//! the archive reconcile opened (most likely not the one the settler writes to).
 //!
 //! The store is the record of every settled order, so reconcile is exact once the settler
 //! has caught up with the log (after a Redis restart ingest answers 503 for the sale, so
@@ -40,6 +43,9 @@ pub struct Finding {
     /// Broken invariants no counter rewrite fixes (a paid order whose stock went back, a
     /// second charge, a release still owed, a settler behind the log), in words.
     pub broken: Vec<String>,
+    /// Work the settler still has to do that breaks nothing (receipts not written yet),
+    /// in words.
+    pub pending: Vec<String>,
     /// Whether the backend's keys were rewritten.
     pub repaired: bool,
 }
@@ -107,11 +113,14 @@ pub async fn run(
     };
     // Listed once, compared per sale.
     let receipt_objects = match crate::app::open_archive(config).await? {
-        Some(archive) => Some(receipt_ids(
-            &archive
-                .keys(receipts::Kind::Receipt.key_prefix())
-                .await
-                .context("listing the receipts in the archive")?,
+        Some(archive) => Some((
+            receipt_ids(
+                &archive
+                    .keys(receipts::Kind::Receipt.key_prefix())
+                    .await
+                    .context("listing the receipts in the archive")?,
+            ),
+            config.receipts.archive_config(&config.data_dir)?.url,
         )),
         None => None,
     };
@@ -184,8 +193,9 @@ pub async fn run(
         }
         check_charges(&orders, audit.as_ref(), &mut broken);
         check_refunds(&orders, &mut broken);
-        if let Some(objects) = &receipt_objects {
-            compare_receipts(&orders, objects).report(&mut broken);
+        let mut pending = Vec::new();
+        if let Some((objects, url)) = &receipt_objects {
+            compare_receipts(&orders, objects).report(url, &mut broken, &mut pending);
         }
         let missing = differences.iter().any(|d| d.contains("missing"));
         // Behind the log, the store does not hold every accepted order yet: rewriting the
@@ -198,6 +208,7 @@ pub async fn run(
             sale: sale.id.clone(),
             differences,
             broken,
+            pending,
             repaired,
         });
     }
@@ -281,8 +292,12 @@ pub fn receipt_ids(keys: &[String]) -> HashSet<OrderId> {
 /// How a sale's receipts compare with its paid orders.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ReceiptCheck {
-    /// Paid orders without a recorded receipt key or without the object.
-    pub missing: Vec<OrderId>,
+    /// Paid orders that record a receipt key whose object the archive does not hold.
+    pub lost: Vec<OrderId>,
+    /// Receipt keys the sale's orders record (paid or not).
+    pub recorded: usize,
+    /// Paid orders that record no receipt key yet (the receipts stage has not got to them).
+    pub owed: Vec<OrderId>,
     /// Orders that are not paid but have a receipt object.
     pub extra: Vec<OrderId>,
 }
@@ -290,46 +305,67 @@ pub struct ReceiptCheck {
 /// How many ids a finding names before "and N more".
 const FIRST_FEW: usize = 5;
 
+/// The first few of `ids`, then "and N more".
+fn first_few(ids: &[OrderId]) -> String {
+    let mut s: Vec<String> = ids
+        .iter()
+        .take(FIRST_FEW)
+        .map(ToString::to_string)
+        .collect();
+    if ids.len() > FIRST_FEW {
+        s.push(format!("and {} more", ids.len() - FIRST_FEW));
+    }
+    s.join(", ")
+}
+
 impl ReceiptCheck {
-    /// The broken invariants, in words (counts and the first few ids).
-    pub fn report(&self, broken: &mut Vec<String>) {
-        let first = |ids: &[OrderId]| {
-            let mut s: Vec<String> = ids
-                .iter()
-                .take(FIRST_FEW)
-                .map(ToString::to_string)
-                .collect();
-            if ids.len() > FIRST_FEW {
-                s.push(format!("and {} more", ids.len() - FIRST_FEW));
-            }
-            s.join(", ")
-        };
-        if !self.missing.is_empty() {
+    /// The broken invariants and the pending work, in words (counts and the first few
+    /// ids); `archive` names the archive that was listed.
+    pub fn report(&self, archive: &str, broken: &mut Vec<String>, pending: &mut Vec<String>) {
+        if !self.lost.is_empty() && self.lost.len() == self.recorded {
             broken.push(format!(
-                "receipts: {} paid order(s) without a stored receipt: {}",
-                self.missing.len(),
-                first(&self.missing)
+                "receipts: none of the {} receipt(s) this sale's orders record is in the \
+                 archive {archive}; is receipts.url the archive the settler writes to?",
+                self.recorded
+            ));
+        } else if !self.lost.is_empty() {
+            broken.push(format!(
+                "receipts: {} paid order(s) record a receipt the archive does not hold: {}",
+                self.lost.len(),
+                first_few(&self.lost)
             ));
         }
         if !self.extra.is_empty() {
             broken.push(format!(
                 "receipts: {} receipt(s) of orders that are not paid: {}",
                 self.extra.len(),
-                first(&self.extra)
+                first_few(&self.extra)
+            ));
+        }
+        if !self.owed.is_empty() {
+            pending.push(format!(
+                "receipts: {} paid order(s) wait for their receipt (the settler's receipts \
+                 stage writes them): {}",
+                self.owed.len(),
+                first_few(&self.owed)
             ));
         }
     }
 }
 
-/// One receipt per paid order: every paid order records its receipt key and the object
-/// exists; no receipt object for an order that is not paid.
+/// One receipt per paid order: every recorded receipt key names an object the archive
+/// holds; a paid order without a key yet is owed; no receipt object for an order that is
+/// not paid.
 pub fn compare_receipts(orders: &[Order], objects: &HashSet<OrderId>) -> ReceiptCheck {
     let mut check = ReceiptCheck::default();
     for o in orders {
         let id = o.new.order_id;
+        check.recorded += usize::from(o.receipt_key.is_some());
         if o.status == OrderStatus::Paid {
-            if o.receipt_key.is_none() || !objects.contains(&id) {
-                check.missing.push(id);
+            if o.receipt_key.is_none() {
+                check.owed.push(id);
+            } else if !objects.contains(&id) {
+                check.lost.push(id);
             }
         } else if objects.contains(&id) {
             check.extra.push(id);
@@ -400,6 +436,9 @@ pub fn render(findings: &[Finding]) -> String {
     for f in findings {
         if f.differences.is_empty() && f.broken.is_empty() {
             let _ = writeln!(s, "sale {}: consistent", f.sale);
+            for p in &f.pending {
+                let _ = writeln!(s, "  ~ pending: {p}");
+            }
             continue;
         }
         let _ = writeln!(
@@ -417,6 +456,9 @@ pub fn render(findings: &[Finding]) -> String {
         }
         for d in &f.differences {
             let _ = writeln!(s, "  - {d}");
+        }
+        for p in &f.pending {
+            let _ = writeln!(s, "  ~ pending: {p}");
         }
         if f.differences.is_empty() {
             continue;
@@ -480,8 +522,8 @@ mod tests {
         };
         let orders = [
             with_key(OrderStatus::Paid),             // fine
-            order(OrderStatus::Paid, None),          // no key recorded, object there: missing
-            with_key(OrderStatus::Paid),             // key recorded, no object: missing
+            order(OrderStatus::Paid, None),          // no key recorded, object there: owed
+            with_key(OrderStatus::Paid),             // key recorded, no object: lost
             order(OrderStatus::Expired, None),       // object of an order not paid: extra
             order(OrderStatus::PaymentFailed, None), // nothing: fine
         ];
@@ -496,20 +538,21 @@ mod tests {
         let objects = receipt_ids(&keys);
         assert_eq!(objects.len(), 3);
         let check = compare_receipts(&orders, &objects);
-        assert_eq!(
-            check.missing,
-            vec![orders[1].new.order_id, orders[2].new.order_id]
-        );
+        assert_eq!(check.owed, vec![orders[1].new.order_id]);
+        assert_eq!(check.lost, vec![orders[2].new.order_id]);
         assert_eq!(check.extra, vec![orders[3].new.order_id]);
-        let mut broken = Vec::new();
-        check.report(&mut broken);
+        let (mut broken, mut pending) = (Vec::new(), Vec::new());
+        check.report("file:///r", &mut broken, &mut pending);
         assert_eq!(broken.len(), 2, "{broken:?}");
         assert!(
-            broken[0].starts_with("receipts: 2 paid order(s) without"),
+            broken[0].starts_with("receipts: 1 paid order(s) record a receipt the archive"),
             "{}",
             broken[0]
         );
+        assert!(broken[0].contains(&orders[2].new.order_id.to_string()));
         assert!(broken[1].contains(&orders[3].new.order_id.to_string()));
+        assert_eq!(pending.len(), 1, "{pending:?}");
+        assert!(pending[0].contains(&orders[1].new.order_id.to_string()));
 
         // All well: nothing reported.
         let fine = [with_key(OrderStatus::Paid)];
@@ -517,15 +560,27 @@ mod tests {
             fine[0].new.order_id,
             receipts::Kind::Receipt,
         )]);
-        let mut broken = Vec::new();
-        compare_receipts(&fine, &objects).report(&mut broken);
-        assert!(broken.is_empty(), "{broken:?}");
+        let (mut broken, mut pending) = (Vec::new(), Vec::new());
+        compare_receipts(&fine, &objects).report("file:///r", &mut broken, &mut pending);
+        assert!(broken.is_empty() && pending.is_empty(), "{broken:?}");
 
-        // Many: the first few ids, then a count.
+        // Owed only: pending, nothing broken; many: the first few ids, then a count.
         let many: Vec<Order> = (0..8).map(|_| order(OrderStatus::Paid, None)).collect();
-        let mut broken = Vec::new();
-        compare_receipts(&many, &HashSet::new()).report(&mut broken);
-        assert!(broken[0].ends_with("and 3 more"), "{}", broken[0]);
+        let (mut broken, mut pending) = (Vec::new(), Vec::new());
+        compare_receipts(&many, &HashSet::new()).report("file:///r", &mut broken, &mut pending);
+        assert!(broken.is_empty(), "{broken:?}");
+        assert!(pending[0].ends_with("and 3 more"), "{}", pending[0]);
+
+        // Every recorded receipt absent: another archive, named.
+        let elsewhere: Vec<Order> = (0..3).map(|_| with_key(OrderStatus::Paid)).collect();
+        let (mut broken, mut pending) = (Vec::new(), Vec::new());
+        compare_receipts(&elsewhere, &objects).report("s3://other", &mut broken, &mut pending);
+        assert_eq!(broken.len(), 1, "{broken:?}");
+        assert!(
+            broken[0].contains("none of the 3") && broken[0].contains("s3://other"),
+            "{}",
+            broken[0]
+        );
     }
 
     #[test]
