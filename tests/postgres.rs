@@ -2,13 +2,14 @@
 //! its own process, sharded Postgres (two servers, one shard each) and the mock provider.
 //! Each test drives a sale through the API, disturbs settlement (provider failures, settler
 //! killed, a shard stopped, the provider down) and then checks every invariant from the
-//! store, Redis, the provider's audit and `flashsale reconcile`.
+//! store, Redis, the provider's audit, the receipts archive and `flashsale reconcile`.
 #![cfg(feature = "kafka")]
 
 mod common;
 
 use flashsale::config::Config;
 use mock_provider::{Audit, MockConfig, MockProvider};
+use secrecy::ExposeSecret;
 use serde_json::{json, Value};
 use std::collections::HashSet;
 use std::process::{Child, Command, Stdio};
@@ -33,6 +34,8 @@ struct Pipeline {
     store: Arc<dyn OrderStore>,
     settler: Option<Child>,
     client: reqwest::Client,
+    /// The receipts archive when it is S3 (else the local default under `data_dir`).
+    _s3: Option<testkit::S3Server>,
     _dir: tempfile::TempDir,
 }
 
@@ -47,6 +50,11 @@ impl Drop for Pipeline {
 
 impl Pipeline {
     async fn start(mock: MockConfig) -> Pipeline {
+        Self::start_with(mock, None).await
+    }
+
+    /// With `s3`, receipts go to that server's bucket (else to the local default).
+    async fn start_with(mock: MockConfig, s3: Option<testkit::S3Server>) -> Pipeline {
         let pg = testkit::PostgresCluster::start(2);
         let redis = testkit::RedisServer::start();
         let broker = testkit::TansuBroker::start();
@@ -65,6 +73,14 @@ impl Pipeline {
         config.providers.payment_url = mock.url();
         config.providers.notification_url = mock.url();
         config.settler.enabled = false;
+        if let Some(s3) = &s3 {
+            config.receipts.url = format!("s3://{}/pg", s3.bucket());
+            config.receipts.endpoint = s3.endpoint();
+            config.receipts.region = s3.region().into();
+            config.receipts.access_key_id = s3.access_key().into();
+            config.receipts.secret_access_key = s3.secret_key().into();
+            config.receipts.allow_http = true;
+        }
         sequencer::kafka::create_topics(&config.log.kafka().expect("kafka"))
             .await
             .expect("topics");
@@ -95,6 +111,7 @@ impl Pipeline {
                 .pool_max_idle_per_host(128)
                 .build()
                 .expect("client"),
+            _s3: s3,
             _dir: dir,
         };
         p.start_settler();
@@ -112,6 +129,21 @@ impl Pipeline {
             ("FLASHSALE_PROVIDERS__PAYMENT_URL", self.mock.url()),
             ("FLASHSALE_PROVIDERS__NOTIFICATION_URL", self.mock.url()),
             ("FLASHSALE_DATA_DIR", c.data_dir.display().to_string()),
+            ("FLASHSALE_RECEIPTS__URL", c.receipts.url.clone()),
+            ("FLASHSALE_RECEIPTS__ENDPOINT", c.receipts.endpoint.clone()),
+            ("FLASHSALE_RECEIPTS__REGION", c.receipts.region.clone()),
+            (
+                "FLASHSALE_RECEIPTS__ACCESS_KEY_ID",
+                c.receipts.access_key_id.clone(),
+            ),
+            (
+                "FLASHSALE_RECEIPTS__SECRET_ACCESS_KEY",
+                c.receipts.secret_access_key.expose_secret().to_owned(),
+            ),
+            (
+                "FLASHSALE_RECEIPTS__ALLOW_HTTP",
+                c.receipts.allow_http.to_string(),
+            ),
         ]
     }
 
@@ -296,6 +328,7 @@ impl Pipeline {
             Some(stock - paid),
             "conservation: left = stock - paid once everything settled"
         );
+        self.check_receipts().await;
         let out = Command::new(env!("CARGO_BIN_EXE_flashsale"))
             .args([
                 "reconcile",
@@ -305,8 +338,6 @@ impl Pipeline {
                 &self.mock.url(),
             ])
             .env_remove("FLASHSALE_CONFIG")
-            // Receipts are checked where they are written (tests/receipts.rs, the demo).
-            .env("FLASHSALE_RECEIPTS__ENABLED", "false")
             .envs(self.env())
             .output()
             .expect("reconcile");
@@ -317,6 +348,72 @@ impl Pipeline {
             String::from_utf8_lossy(&out.stderr)
         );
         assert!(text.contains("consistent"), "{text}");
+        assert!(!text.contains("pending"), "{text}");
+    }
+
+    /// One receipt per paid order and one refund note per refunded late charge, each
+    /// recorded on its order, its bytes those the order renders to (so no write left a
+    /// torn or different object); no object of any other order.
+    async fn check_receipts(&self) {
+        eventually(
+            "every document owed is written",
+            Duration::from_secs(120),
+            || async { matches!(self.store.documents_owed(1).await, Ok(v) if v.is_empty()) },
+        )
+        .await;
+        let archive = flashsale::app::open_archive(&self.config)
+            .await
+            .expect("archive")
+            .expect("receipts enabled");
+        let sale = self
+            .store
+            .get_sale(&SaleId::parse(SALE).expect("id"))
+            .await
+            .expect("sale")
+            .expect("the sale");
+        let mut objects = 0;
+        for kind in [receipts::Kind::Receipt, receipts::Kind::RefundNote] {
+            let keys: HashSet<String> = archive
+                .keys(kind.key_prefix())
+                .await
+                .expect("keys")
+                .into_iter()
+                .collect();
+            let mut want = HashSet::new();
+            for o in self.orders().await {
+                let key = receipts::object_key(o.new.order_id, kind);
+                let recorded = match kind {
+                    receipts::Kind::Receipt => &o.receipt_key,
+                    receipts::Kind::RefundNote => &o.refund_note_key,
+                };
+                if receipts::Kind::of(&o) != Some(kind) {
+                    assert_eq!(recorded, &None, "order {} ({})", o.new.order_id, o.status);
+                    continue;
+                }
+                assert_eq!(recorded.as_deref(), Some(key.as_str()));
+                let full = self
+                    .store
+                    .get_order(o.new.order_id)
+                    .await
+                    .expect("get")
+                    .expect("order");
+                let doc = receipts::Document::for_order(&full, &sale, &self.config.receipts.seller)
+                    .expect("document");
+                let bytes = archive.get(&key).await.expect("get").expect("object");
+                assert!(
+                    bytes.as_ref() == receipts::render(&doc).as_slice(),
+                    "the object of order {} is the document it renders to",
+                    o.new.order_id
+                );
+                want.insert(key);
+            }
+            objects += keys.len();
+            assert_eq!(
+                keys, want,
+                "one {kind:?} object per order owed one, no other"
+            );
+        }
+        assert!(objects > 0, "documents were written");
     }
 
     /// Every order's history reached `flashsale.order-events.v1` (at least once each).
@@ -413,10 +510,18 @@ async fn a_whole_sale_settles_exactly_once_through_provider_failures() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_settler_killed_three_times_mid_settlement_loses_and_repeats_nothing() {
-    let mut p = Pipeline::start(MockConfig {
-        latency: Duration::from_millis(5),
-        ..failing_provider()
-    })
+    // Receipts go to S3 here: each kill may cut a receipt write (or the recording of its
+    // key) in half, and the restart must still leave exactly one object per paid order.
+    let s3 = tokio::task::spawn_blocking(testkit::S3Server::start)
+        .await
+        .expect("s3");
+    let mut p = Pipeline::start_with(
+        MockConfig {
+            latency: Duration::from_millis(5),
+            ..failing_provider()
+        },
+        Some(s3),
+    )
     .await;
     p.create_sale(3_000, 2).await;
     let acked = p.buy(6_000, 2_000).await;

@@ -190,11 +190,30 @@ impl S3Server {
             binary,
             paused: false,
         };
-        server.spawn();
+        // The ports are free when chosen but not held until weed binds them: another
+        // test's server may take one meanwhile, and weed then exits or never gets ready.
+        // A second attempt on new ports; the first one's log stays in the file.
+        if let Err(first) = server.try_spawn() {
+            server.ports = Ports::free();
+            let data = server.dir.path().join("data");
+            let _ = std::fs::remove_dir_all(&data);
+            std::fs::create_dir(&data).unwrap();
+            if let Err(second) = server.try_spawn() {
+                panic!("{first}\n-- second attempt, on new ports --\n{second}");
+            }
+        }
         server
     }
 
     fn spawn(&mut self) {
+        if let Err(e) = self.try_spawn() {
+            panic!("{e}");
+        }
+    }
+
+    /// Starts weed on `self.ports` and waits until it is ready; on failure it is killed
+    /// and the error carries its log.
+    fn try_spawn(&mut self) -> Result<(), String> {
         let dir = self.dir.path();
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -250,37 +269,44 @@ impl S3Server {
             dir,
             &self.ports.grpc_sockets(),
         ));
-        self.wait_ready(&mut child);
+        if let Err(e) = self.wait_ready(&mut child) {
+            let _ = child.kill();
+            let _ = child.wait();
+            for socket in self.ports.grpc_sockets() {
+                let _ = std::fs::remove_file(socket);
+            }
+            self.pid_file = None;
+            return Err(e);
+        }
         self.child = Some(child);
+        Ok(())
     }
 
     /// Waits until the bucket exists (weed makes it once all its services run), the S3
     /// port answers, and the filer stores a file (the master gives out volumes).
-    fn wait_ready(&self, child: &mut Child) {
+    fn wait_ready(&self, child: &mut Child) -> Result<(), String> {
         let deadline = Instant::now() + START_DEADLINE;
         let bucket = format!("/buckets/{}/", Self::BUCKET);
         loop {
             if let Ok(Some(status)) = child.try_wait() {
-                panic!(
+                return Err(format!(
                     "weed mini exited during start-up ({status}); its log:\n{}",
                     self.log()
-                );
+                ));
             }
             let ready = http_status(self.ports.filer, "GET", &bucket, b"") == Some(200)
                 && http_status(self.ports.s3, "GET", "/", b"").is_some()
                 && http_status(self.ports.filer, "PUT", WRITE_PROBE, b"ready") == Some(201);
             if ready {
-                return;
+                return Ok(());
             }
             if Instant::now() >= deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!(
+                return Err(format!(
                     "weed mini was not ready (S3 on 127.0.0.1:{}) within {START_DEADLINE:?}; \
                      its log:\n{}",
                     self.ports.s3,
                     self.log()
-                );
+                ));
             }
             std::thread::sleep(Duration::from_millis(20));
         }
