@@ -256,7 +256,7 @@ async fn flush_producer(kafka: Arc<KafkaLog>) -> anyhow::Result<()> {
 
 fn unsupported(key: &str, url: &str) -> anyhow::Error {
     let available = if key == "admission.url" {
-        "\"embedded\" or redis://host:port/db"
+        "\"embedded\", redis://host:port/db or redis+cluster://host:port[,host:port...]"
     } else if key == "store.url" {
         "\"embedded\", postgres://...[,postgres://...] (one per shard) or \
          scylla://host:port[,host:port]/keyspace"
@@ -702,7 +702,7 @@ async fn open_admission(
     store: &Arc<dyn OrderStore>,
     log: &LogParts,
 ) -> anyhow::Result<(Arc<dyn Admission>, Option<Maintenance>)> {
-    if config.admission.url.starts_with("redis://") {
+    if ingest::redis_admission::is_redis_url(&config.admission.url) {
         // Redis keeps the counters across restarts of this process; a sale whose keys
         // Redis lost answers 503 until `flashsale reconcile` rebuilds them.
         let redis = RedisAdmission::connect(
@@ -829,7 +829,7 @@ async fn settler_admission(
     config: &Config,
     ingest_side: &Arc<dyn Admission>,
 ) -> anyhow::Result<Arc<dyn Admission>> {
-    if config.admission.url.starts_with("redis://") {
+    if ingest::redis_admission::is_redis_url(&config.admission.url) {
         let redis = RedisAdmission::connect(
             &config.admission.url,
             &config.admission.key_prefix,
@@ -941,7 +941,7 @@ impl App {
         with_settler: bool,
     ) -> anyhow::Result<Running> {
         let auth = Auth::new(&config.auth.to_auth_config()?).context("auth")?;
-        let redis_admission = config.admission.url.starts_with("redis://");
+        let redis_admission = ingest::redis_admission::is_redis_url(&config.admission.url);
         if !redis_admission && config.admission.url != EMBEDDED {
             return Err(unsupported("admission.url", &config.admission.url));
         }

@@ -27,7 +27,7 @@ pub struct Cli {
 /// Backend selection shared by `serve` and `demo`.
 #[derive(Debug, Args, Default)]
 pub struct Backends {
-    /// Admission backend: `embedded` or `redis://...` (admission.url).
+    /// Admission backend: `embedded`, `redis://...` or `redis+cluster://...` (admission.url).
     #[arg(long)]
     pub admission: Option<String>,
     /// Order log: `embedded` or `kafka://host:port` (log.url).
@@ -226,6 +226,10 @@ pub enum Command {
         /// Order log (log.url); with kafka://, its topics are created.
         #[arg(long)]
         log: Option<String>,
+        /// Admission backend (admission.url); with redis:// or redis+cluster://, the
+        /// scripts are loaded (on every primary of a cluster) and a cluster's slots checked.
+        #[arg(long)]
+        admission: Option<String>,
     },
 }
 
@@ -597,8 +601,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             data_dir,
             store,
             log,
+            admission,
         } => {
             let mut o = Vec::new();
+            if let Some(a) = admission {
+                o.push(("admission.url", Value::from(a)));
+            }
             if let Some(d) = data_dir {
                 o.push(("data_dir", Value::from(d.display().to_string())));
             }
@@ -626,6 +634,22 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
                     };
                     println!("topic {t}: {state}");
                 }
+            }
+            if ingest::redis_admission::is_redis_url(&cfg.admission.url) {
+                let redis = ingest::redis_admission::RedisAdmission::connect(
+                    &cfg.admission.url,
+                    &cfg.admission.key_prefix,
+                    cfg.admission
+                        .decision_timeout
+                        .max(std::time::Duration::from_secs(2)),
+                )
+                .await
+                .with_context(|| format!("admission.url: cannot use {}", cfg.admission.url))?;
+                let prepared = redis
+                    .prepare()
+                    .await
+                    .with_context(|| format!("admission.url = {:?}", cfg.admission.url))?;
+                println!("admission: {prepared}");
             }
             println!("{}", crate::app::migrate_store(&cfg).await?);
             Ok(0)

@@ -175,7 +175,8 @@ impl AuthSection {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AdmissionSection {
-    /// `embedded`, or a `redis://` URL (distributed backend).
+    /// `embedded`, a `redis://` URL, or a cluster's `redis+cluster://host:port[,host:port...]`
+    /// (distributed backend).
     pub url: String,
     /// Prefix of every Redis key (`{prefix}{sale_id}:...`), so several deployments can share
     /// one Redis.

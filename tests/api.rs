@@ -675,6 +675,10 @@ macro_rules! on_every_backend {
             async fn redis() {
                 super::$name(Backend::Redis).await
             }
+            #[tokio::test]
+            async fn redis_cluster() {
+                super::$name(Backend::RedisCluster).await
+            }
         }
     )*};
 }

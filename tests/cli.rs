@@ -144,6 +144,56 @@ fn migrate_creates_the_schema_and_bad_config_names_the_key() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("--decline-rate"));
 }
 
+#[test]
+fn migrate_readies_a_redis_cluster_and_refuses_one_missing_a_primary() {
+    let mut cluster = testkit::RedisCluster::start(3);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().display().to_string();
+    let url = cluster.url();
+    let out = flashsale(&["migrate", "--data-dir", &data, "--admission", &url], &[]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("admission: Redis Cluster of 3 primaries serving all 16384 slots"),
+        "{text}"
+    );
+    // The scripts are on every primary, not only on the one a first call reached.
+    let sha = redis::Script::new(include_str!("../ingest/src/lua/admit.lua"))
+        .get_hash()
+        .to_owned();
+    for i in 0..cluster.len() {
+        let mut conn = redis::Client::open(cluster.node_url(i))
+            .expect("client")
+            .get_connection()
+            .expect("connect");
+        let exists: Vec<bool> = redis::cmd("SCRIPT")
+            .arg("EXISTS")
+            .arg(&sha)
+            .query(&mut conn)
+            .expect("script exists");
+        assert_eq!(exists, vec![true], "node {i}");
+    }
+    // A primary down: once the others mark it failed, migrate refuses, naming the key.
+    cluster.kill(2);
+    let refused = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let out = flashsale(&["migrate", "--data-dir", &data, "--admission", &url], &[]);
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        if !out.status.success() {
+            assert!(err.contains("admission.url"), "{err}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < refused,
+            "migrate kept accepting a cluster missing a primary"
+        );
+    }
+}
+
 #[cfg(feature = "scylla")]
 #[test]
 fn migrate_creates_the_scylla_keyspace_once() {

@@ -176,7 +176,7 @@ async fn every_answer_is_counted_and_the_sale_gauges_agree(backend: Backend) {
     );
     let backend_label = match backend {
         Backend::Embedded => "embedded",
-        Backend::Redis => "redis",
+        Backend::Redis | Backend::RedisCluster => "redis",
     };
     let admits = sample(
         &text,

@@ -391,14 +391,23 @@ async fn evalsha_calls(url: &str) -> u64 {
 }
 
 /// Buyers who never bought before, one new user and key per order.
-#[derive(Default)]
-struct Strangers(AtomicUsize);
+struct Strangers {
+    next: AtomicUsize,
+    sale: String,
+}
 
 impl Strangers {
+    fn of(sale: &str) -> Strangers {
+        Strangers {
+            next: AtomicUsize::new(0),
+            sale: sale.to_owned(),
+        }
+    }
+
     async fn order(&self, app: &TestApp) -> common::Answer {
-        let i = self.0.fetch_add(1, Ordering::Relaxed);
+        let i = self.next.fetch_add(1, Ordering::Relaxed);
         let token = app.token(&format!("s{i}"));
-        app.order("flag", &token, &format!("s{i}"), 1).await
+        app.order(&self.sale, &token, &format!("s{i}"), 1).await
     }
 }
 
@@ -419,20 +428,46 @@ async fn wait_flagged(app: &TestApp, url: &str, strangers: &Strangers) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_sold_out_flag_answers_locally_but_never_hides_an_answer_or_returned_stock() {
+    sold_out_flag(Backend::Redis).await;
+}
+
+/// On a cluster the sale lives on a node other than the first seed, where each instance
+/// subscribes: the events reach it through the cluster bus.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sold_out_flag_works_on_a_redis_cluster() {
+    sold_out_flag(Backend::RedisCluster).await;
+}
+
+async fn sold_out_flag(backend: Backend) {
     // Flags live ten minutes here: only the events channel can clear them in this test.
     let ttl = Duration::from_secs(600);
-    let mut first =
-        TestApp::start_on_with(Backend::Redis, |c| c.admission.sold_out_ttl = ttl).await;
-    let url = first.redis.as_ref().expect("redis").url();
+    let mut first = TestApp::start_on_with(backend, |c| c.admission.sold_out_ttl = ttl).await;
+    let admission = first.config.admission.url.clone();
+    // The node that decides the sale's orders (whose EVALSHA calls are counted).
+    let (sale, url) = match &first.redis_cluster {
+        None => (
+            "flag".to_owned(),
+            first.redis.as_ref().expect("redis").url(),
+        ),
+        Some(cluster) => {
+            let sale = (0..)
+                .map(|i| format!("flag-{i}"))
+                .find(|s| cluster.node_of(&format!("fs:{{{s}}}:sale")) != 0)
+                .expect("a sale off the first node");
+            let node = cluster.node_of(&format!("fs:{{{sale}}}:sale"));
+            (sale, cluster.node_url(node))
+        }
+    };
+    let sale = sale.as_str();
     let second = TestApp::start_with(|c| {
-        c.admission.url = url.clone();
+        c.admission.url = admission.clone();
         c.admission.sold_out_ttl = ttl;
     })
     .await;
     for app in [&first, &second] {
         let a = app
             .create_sale(json!({
-                "id": "flag", "sku": "s", "stock": 3, "price_cents": 100, "currency": "EUR",
+                "id": sale, "sku": "s", "stock": 3, "price_cents": 100, "currency": "EUR",
                 "per_user_limit": 1, "max_quantity_per_order": 1,
                 "user_rate": {"per_second": 100000, "burst": 100000}
             }))
@@ -443,12 +478,12 @@ async fn the_sold_out_flag_answers_locally_but_never_hides_an_answer_or_returned
     let buyers: Vec<String> = (0..3).map(|u| first.token(&format!("b{u}"))).collect();
     let mut ids = Vec::new();
     for (u, token) in buyers.iter().enumerate() {
-        let a = first.order("flag", token, &format!("k{u}"), 1).await;
+        let a = first.order(sale, token, &format!("k{u}"), 1).await;
         assert_eq!(a.status, 202, "{}", a.body);
         ids.push(a.body["order_id"].as_str().expect("id").to_owned());
     }
     // The second instance learns it from Redis's answer, then answers by itself.
-    let strangers = Strangers::default();
+    let strangers = Strangers::of(sale);
     wait_flagged(&second, &url, &strangers).await;
     let before = evalsha_calls(&url).await;
     for _ in 0..50 {
@@ -463,18 +498,18 @@ async fn the_sold_out_flag_answers_locally_but_never_hides_an_answer_or_returned
     // Buyers who hold answers still reach Redis: a retry gets its first answer, a new key
     // gets the per-user limit (a local flag would have said sold_out).
     for (u, token) in buyers.iter().enumerate() {
-        let retry = second.order("flag", token, &format!("k{u}"), 1).await;
+        let retry = second.order(sale, token, &format!("k{u}"), 1).await;
         assert_eq!(retry.status, 202, "{}", retry.body);
         assert_eq!(retry.body["order_id"].as_str(), Some(ids[u].as_str()));
     }
-    let more = second.order("flag", &buyers[0], "k-more", 1).await;
+    let more = second.order(sale, &buyers[0], "k-more", 1).await;
     assert_eq!((more.status, more.code()), (403, "limit_exceeded"));
     // Local answers reach the shared counters.
     eventually(
         "local sold-out answers counted in Redis",
         Duration::from_secs(10),
         || async {
-            first.stats("flag").await["rejected"]["sold_out"]
+            first.stats(sale).await["rejected"]["sold_out"]
                 .as_u64()
                 .unwrap_or(0)
                 >= 51
@@ -484,7 +519,7 @@ async fn the_sold_out_flag_answers_locally_but_never_hides_an_answer_or_returned
     // Stock added on the first instance reaches the second at once, not after the TTL.
     let add = first
         .client
-        .post(format!("{}/v1/sales/flag/stock", first.url))
+        .post(format!("{}/v1/sales/{sale}/stock", first.url))
         .bearer_auth(first.operator())
         .json(&json!({"quantity": 1}))
         .send()
@@ -500,7 +535,14 @@ async fn the_sold_out_flag_answers_locally_but_never_hides_an_answer_or_returned
     // Sold out again, and flagged again.
     wait_flagged(&second, &url, &strangers).await;
     // Redis gone: the subscription is lost, the flag with it, and buyers get 503.
-    first.redis.as_mut().expect("redis").kill();
+    if let Some(redis) = first.redis.as_mut() {
+        redis.kill();
+    }
+    if let Some(cluster) = first.redis_cluster.as_mut() {
+        for i in 0..cluster.len() {
+            cluster.kill(i);
+        }
+    }
     eventually(
         "503 instead of a local sold_out once Redis is gone",
         Duration::from_secs(10),

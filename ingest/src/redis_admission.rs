@@ -3,12 +3,20 @@
 //! The Lua scripts in `src/lua/` implement the rules of [`crate::model`] (the model tests
 //! run both on the same inputs and compare). Every key of a sale carries the hash tag
 //! `{sale_id}`, so one sale lives on one Redis Cluster slot and its scripts stay atomic.
-//! Scripts are cached by SHA and reloaded on `NOSCRIPT` (the `redis` crate's `Script`).
+//! Scripts are cached by SHA and reloaded on `NOSCRIPT` (the `redis` crate's `Script`; on a
+//! cluster `SCRIPT LOAD` goes to every primary).
+//!
+//! Two kinds of Redis: one node (`redis://host:port/db`, a reconnecting
+//! `ConnectionManager`) or a Redis Cluster (`redis+cluster://host:port[,host:port...]`,
+//! the crate's async cluster client: it learns the slot map from any seed node, routes each
+//! `EVALSHA` to the primary of its keys' slot, follows `MOVED`/`ASK`, and refreshes the map
+//! after a failover or a resharding).
 //!
 //! Batches ([`Admission::confirm_batch`], [`Admission::claim_batch`],
 //! [`Admission::release_batch`]) send one `EVALSHA` per order in one pipeline: one round
-//! trip whatever the number of orders, and Cluster-safe since each call touches the keys of
-//! one sale only. A `NOSCRIPT` answer loads the script and sends the calls it refused again.
+//! trip whatever the number of orders on one node; on a cluster one pipeline per sale
+//! (a pipeline must stay in one slot), sent concurrently. A `NOSCRIPT` answer loads the
+//! script and sends the calls it refused again.
 //!
 //! A sale whose keys are missing (never written, or lost with a Redis restart) is never
 //! read as full stock: the scripts answer "missing", which ingest turns into 503 until the
@@ -22,6 +30,7 @@ use crate::model::{
 use crate::sold_out::{self, FlagKeys, SoldOutFlags};
 use async_trait::async_trait;
 use redis::aio::ConnectionManager;
+use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, Script, ServerErrorKind, Value};
 use std::sync::Arc;
 use std::time::Duration;
@@ -39,11 +48,82 @@ struct Scripts {
     claim: Script,
 }
 
+/// The URL scheme of a Redis Cluster: `redis+cluster://host:port[,host:port...]`.
+pub const CLUSTER_SCHEME: &str = "redis+cluster://";
+
+/// Whether `url` names a Redis backend (one node or a cluster).
+pub fn is_redis_url(url: &str) -> bool {
+    url.starts_with("redis://") || url.starts_with("rediss://") || url.starts_with(CLUSTER_SCHEME)
+}
+
+/// The seed nodes of a `redis+cluster://[user:password@]host:port[,host:port...][/]` URL,
+/// each as a `redis://` URL with the same credentials.
+pub fn cluster_nodes(url: &str) -> std::result::Result<Vec<String>, String> {
+    let rest = url
+        .strip_prefix(CLUSTER_SCHEME)
+        .ok_or_else(|| format!("{url}: not a {CLUSTER_SCHEME} URL"))?;
+    let rest = rest.split(['/', '?']).next().unwrap_or_default();
+    let (auth, hosts) = match rest.rsplit_once('@') {
+        Some((auth, hosts)) => (format!("{auth}@"), hosts),
+        None => (String::new(), rest),
+    };
+    let nodes: Vec<String> = hosts
+        .split(',')
+        .map(str::trim)
+        .filter(|h| !h.is_empty())
+        .map(|h| format!("redis://{auth}{h}/"))
+        .collect();
+    if nodes.is_empty() {
+        return Err(format!(
+            "{CLUSTER_SCHEME}: no node named (expected {CLUSTER_SCHEME}host:port[,host:port...])"
+        ));
+    }
+    Ok(nodes)
+}
+
+/// A connection to one Redis node or to a Redis Cluster; cheap to clone (both multiplex
+/// one connection per node behind a handle).
+#[derive(Clone)]
+pub(crate) enum Conn {
+    Node(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl redis::aio::ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> redis::RedisFuture<'a, Value> {
+        match self {
+            Conn::Node(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<Value>> {
+        match self {
+            Conn::Node(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Node(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
 /// [`Admission`] on Redis.
 #[derive(Clone)]
 pub struct RedisAdmission {
-    client: redis::Client,
-    conn: ConnectionManager,
+    /// Clients of the nodes a subscription may use (one node: that one; a cluster: every
+    /// seed node, tried in turn).
+    pubsub: Vec<redis::Client>,
+    conn: Conn,
     scripts: std::sync::Arc<Scripts>,
     prefix: String,
     flags: Option<std::sync::Arc<SoldOutFlags>>,
@@ -123,7 +203,39 @@ impl RedisAdmission {
     /// reply per call, in order; a call's server error is its own result and does not fail
     /// the others. Calls refused with `NOSCRIPT` (after a Redis restart or `SCRIPT FLUSH`)
     /// are sent again once the script is loaded.
-    async fn eval_each(&self, script: &Script, calls: Vec<Cmd>) -> Vec<Result<Value>> {
+    async fn eval_each(&self, script: &Script, calls: Vec<(String, Cmd)>) -> Vec<Result<Value>> {
+        if matches!(self.conn, Conn::Node(_)) {
+            return self
+                .eval_pipeline(script, calls.into_iter().map(|(_, c)| c).collect())
+                .await;
+        }
+        // A cluster pipeline stays in one slot: one per group (the calls of one sale share
+        // its hash tag), all sent at once.
+        let n = calls.len();
+        let mut groups: std::collections::HashMap<String, (Vec<usize>, Vec<Cmd>)> =
+            std::collections::HashMap::new();
+        for (i, (group, cmd)) in calls.into_iter().enumerate() {
+            let g = groups.entry(group).or_default();
+            g.0.push(i);
+            g.1.push(cmd);
+        }
+        let sent = groups
+            .into_values()
+            .map(|(at, cmds)| async move { (at, self.eval_pipeline(script, cmds).await) });
+        let mut out: Vec<Option<Result<Value>>> = (0..n).map(|_| None).collect();
+        for (at, replies) in futures_util::future::join_all(sent).await {
+            for (i, r) in at.into_iter().zip(replies) {
+                out[i] = Some(r);
+            }
+        }
+        out.into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(Error::unavailable_msg("no reply"))))
+            .collect()
+    }
+
+    /// [`eval_each`](Self::eval_each) of calls that share one node (and on a cluster one
+    /// slot): one pipeline.
+    async fn eval_pipeline(&self, script: &Script, calls: Vec<Cmd>) -> Vec<Result<Value>> {
         let n = calls.len();
         if n == 0 {
             return Vec::new();
@@ -211,19 +323,41 @@ impl RedisAdmission {
         cmd
     }
 
-    /// Connects to `url` (`redis://host:port/db`); keys start with `prefix` (e.g. `fs:`).
-    /// Each command gets `response_timeout`; the connection reconnects by itself.
+    /// Connects to `url` (`redis://host:port/db`, or a cluster's
+    /// `redis+cluster://host:port[,host:port...]`); keys start with `prefix` (e.g. `fs:`).
+    /// Each command gets `response_timeout`; connections reconnect by themselves.
     pub async fn connect(url: &str, prefix: &str, response_timeout: Duration) -> Result<Self> {
-        let client = redis::Client::open(url).map_err(unavailable)?;
-        let config = redis::aio::ConnectionManagerConfig::new()
-            .set_response_timeout(Some(response_timeout))
-            .set_connection_timeout(Some(response_timeout.max(Duration::from_millis(500))))
-            .set_number_of_retries(1);
-        let conn = ConnectionManager::new_with_config(client.clone(), config)
-            .await
-            .map_err(unavailable)?;
+        let connect_timeout = response_timeout.max(Duration::from_millis(500));
+        let (pubsub, conn) = if url.starts_with(CLUSTER_SCHEME) {
+            let nodes = cluster_nodes(url).map_err(Error::unavailable_msg)?;
+            let pubsub = nodes
+                .iter()
+                .map(|n| redis::Client::open(n.as_str()))
+                .collect::<redis::RedisResult<Vec<_>>>()
+                .map_err(unavailable)?;
+            let client = redis::cluster::ClusterClientBuilder::new(nodes)
+                .response_timeout(response_timeout)
+                .connection_timeout(connect_timeout)
+                // MOVED/ASK and a failover's refused calls are retried this many times,
+                // with the crate's short exponential wait between them.
+                .retries(3)
+                .build()
+                .map_err(unavailable)?;
+            let conn = client.get_async_connection().await.map_err(unavailable)?;
+            (pubsub, Conn::Cluster(conn))
+        } else {
+            let client = redis::Client::open(url).map_err(unavailable)?;
+            let config = redis::aio::ConnectionManagerConfig::new()
+                .set_response_timeout(Some(response_timeout))
+                .set_connection_timeout(Some(connect_timeout))
+                .set_number_of_retries(1);
+            let conn = ConnectionManager::new_with_config(client.clone(), config)
+                .await
+                .map_err(unavailable)?;
+            (vec![client], Conn::Node(conn))
+        };
         Ok(RedisAdmission {
-            client,
+            pubsub,
             conn,
             scripts: std::sync::Arc::new(Scripts {
                 admit: Script::new(include_str!("lua/admit.lua")),
@@ -242,7 +376,7 @@ impl RedisAdmission {
     /// most `ttl`. Starts a task that keeps a subscription to the sales' events channels.
     pub fn with_sold_out_flags(mut self, ttl: Duration) -> Self {
         self.flags = Some(std::sync::Arc::new(SoldOutFlags::start(
-            self.client.clone(),
+            self.pubsub.clone(),
             self.conn.clone(),
             &self.prefix,
             ttl,
@@ -507,6 +641,53 @@ impl RedisAdmission {
         p.query_async::<()>(&mut conn).await.map_err(unavailable)
     }
 
+    /// Readies Redis for sales (`flashsale migrate`): loads every script (on a cluster, on
+    /// every primary) and, on a cluster, checks that it is healthy and serves every slot.
+    /// Returns what it found, in words.
+    pub async fn prepare(&self) -> Result<String> {
+        let mut conn = self.conn.clone();
+        let s = &self.scripts;
+        for script in [
+            &s.admit,
+            &s.create,
+            &s.release,
+            &s.confirm,
+            &s.add_stock,
+            &s.claim,
+        ] {
+            script.load_async(&mut conn).await.map_err(unavailable)?;
+        }
+        let Conn::Cluster(_) = &self.conn else {
+            return Ok("Redis (one node): scripts loaded".into());
+        };
+        let info: String = redis::cmd("CLUSTER")
+            .arg("INFO")
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        let field = |name: &str| {
+            info.lines()
+                .find_map(|l| l.trim().strip_prefix(name)?.strip_prefix(':'))
+                .unwrap_or("?")
+                .to_owned()
+        };
+        let (state, slots, size) = (
+            field("cluster_state"),
+            field("cluster_slots_ok"),
+            field("cluster_size"),
+        );
+        if state != "ok" || slots != "16384" {
+            return Err(Error::unavailable_msg(format!(
+                "the Redis Cluster is not ready: cluster_state {state}, {slots} of 16384 \
+                 slots served"
+            )));
+        }
+        Ok(format!(
+            "Redis Cluster of {size} primaries serving all 16384 slots: scripts loaded on \
+             every primary"
+        ))
+    }
+
     /// Test hook: moves the sale's clock forward by `us` microseconds (the scripts add this
     /// skew to Redis `TIME`). Production never sets it.
     pub async fn advance_clock(&self, sale: &SaleId, us: i64) -> Result<()> {
@@ -660,7 +841,7 @@ impl Admission for RedisAdmission {
                 cmd.arg(order.user.as_str())
                     .arg(&order.key)
                     .arg(order.order_id.to_string());
-                cmd
+                (sale.to_string(), cmd)
             })
             .collect();
         let results: Vec<Result<()>> = self
@@ -681,7 +862,7 @@ impl Admission for RedisAdmission {
                 let k = self.keys(sale);
                 let mut cmd = evalsha(&self.scripts.claim, &[&k.sale, &k.released, &k.claimed]);
                 cmd.arg(id.to_string());
-                cmd
+                (sale.to_string(), cmd)
             })
             .collect();
         let results: Vec<Result<bool>> = self
@@ -702,7 +883,7 @@ impl Admission for RedisAdmission {
         let timer = metrics::admission(Backend::Redis, AdmissionOp::Release);
         let calls = orders
             .iter()
-            .map(|(sale, order)| self.release_call(sale, order, "release"))
+            .map(|(sale, order)| (sale.to_string(), self.release_call(sale, order, "release")))
             .collect();
         let results: Vec<Result<bool>> = self
             .eval_each(&self.scripts.release, calls)

@@ -26,8 +26,8 @@
 //! once a second.
 
 use crate::model::AdmitRequest;
+use crate::redis_admission::Conn;
 use dashmap::{DashMap, DashSet};
-use redis::aio::ConnectionManager;
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -92,10 +92,11 @@ fn sale_of_channel(prefix: &str, channel: &str) -> Option<SaleId> {
 }
 
 impl SoldOutFlags {
-    /// Starts the subscriber of `client` for keys under `prefix`; flags live at most `ttl`.
+    /// Starts the subscriber (on the first of `clients` that answers) for keys under
+    /// `prefix`; flags live at most `ttl`.
     pub(crate) fn start(
-        client: redis::Client,
-        conn: ConnectionManager,
+        clients: Vec<redis::Client>,
+        conn: Conn,
         prefix: &str,
         ttl: Duration,
     ) -> Self {
@@ -111,7 +112,7 @@ impl SoldOutFlags {
             answered: AtomicU64::new(0),
             prefix: prefix.to_owned(),
         });
-        let task = tokio::spawn(run(Arc::clone(&shared), client, conn));
+        let task = tokio::spawn(run(Arc::clone(&shared), clients, conn));
         SoldOutFlags { shared, task }
     }
 
@@ -143,7 +144,7 @@ impl SoldOutFlags {
 
     /// Redis answered `sold_out` with no unit left for a decision sent at `epoch`: fetch the
     /// users holding answers and set the flag, in the background.
-    pub(crate) fn learn(&self, sale: &SaleId, epoch: u64, conn: ConnectionManager, keys: FlagKeys) {
+    pub(crate) fn learn(&self, sale: &SaleId, epoch: u64, conn: Conn, keys: FlagKeys) {
         let s = &self.shared;
         if !s.live.load(Ordering::Acquire)
             || s.epoch.load(Ordering::Acquire) != epoch
@@ -183,7 +184,7 @@ pub(crate) struct FlagKeys {
     pub units: String,
 }
 
-async fn fetch(mut conn: ConnectionManager, keys: &FlagKeys) -> redis::RedisResult<Option<Flag>> {
+async fn fetch(mut conn: Conn, keys: &FlagKeys) -> redis::RedisResult<Option<Flag>> {
     type Fields = (Option<i64>, Option<i64>, Option<i64>, Option<i64>);
     let ((left, limit, ends, skew), holders): (Fields, Vec<String>) = redis::pipe()
         .cmd("HMGET")
@@ -211,13 +212,18 @@ fn lose(shared: &Shared) {
 }
 
 /// Keeps the subscription (reconnecting with backoff) and flushes local counters.
-async fn run(shared: Arc<Shared>, client: redis::Client, conn: ConnectionManager) {
+///
+/// On a Redis Cluster a message published on any node reaches the subscribers of every
+/// node (the cluster bus forwards it), so one subscription on one node is enough; when that
+/// node is lost the next attempt goes to the next seed node.
+async fn run(shared: Arc<Shared>, clients: Vec<redis::Client>, conn: Conn) {
     use futures_util::StreamExt;
     let pattern = format!("{}{{*}}:events", shared.prefix);
     let mut backoff = Duration::from_millis(50);
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
+    for attempt in 0usize.. {
+        let client = &clients[attempt % clients.len().max(1)];
         let subscribed = async {
             let mut pubsub = client.get_async_pubsub().await?;
             pubsub.psubscribe(&pattern).await?;
@@ -265,7 +271,7 @@ async fn run(shared: Arc<Shared>, client: redis::Client, conn: ConnectionManager
 }
 
 /// Adds the locally given sold-out answers to the sales' counters in Redis.
-async fn flush(shared: &Shared, conn: &ConnectionManager) {
+async fn flush(shared: &Shared, conn: &Conn) {
     let due: Vec<(SaleId, u64)> = shared
         .unflushed
         .iter()

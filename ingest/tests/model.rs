@@ -67,16 +67,29 @@ fn sale(id: &SaleId, stock: u32, limit: u32, rate: u32, burst: u32) -> Sale {
 #[test]
 fn model_embedded_and_redis_agree() {
     let server = testkit::RedisServer::start();
+    model_agrees_on(&server.url());
+}
+
+/// The same on a 3-primary Redis Cluster: the sales of the run (one per case) hash to
+/// slots of every node, so the scripts run on all three.
+#[test]
+fn model_embedded_and_redis_cluster_agree() {
+    let cluster = testkit::RedisCluster::start(3);
+    let cases = model_agrees_on(&cluster.url());
+    let nodes: std::collections::HashSet<usize> = (0..cases)
+        .map(|n| cluster.node_of(&format!("fs:{{model-{n}}}:sale")))
+        .collect();
+    assert_eq!(nodes.len(), 3, "the sales were spread over every primary");
+}
+
+/// Runs the model test against the Redis at `url`; returns how many cases (sales) ran.
+fn model_agrees_on(url: &str) -> u32 {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("runtime");
     let redis = rt
-        .block_on(RedisAdmission::connect(
-            &server.url(),
-            "fs:",
-            Duration::from_secs(2),
-        ))
+        .block_on(RedisAdmission::connect(url, "fs:", Duration::from_secs(2)))
         .expect("connect");
     let case = std::sync::atomic::AtomicU32::new(0);
     let config = ProptestConfig {
@@ -188,6 +201,7 @@ fn model_embedded_and_redis_agree() {
             prop_assert_eq!(rt.block_on(redis.units_of(&sale_id, &user(u))).expect("units"), m);
         }
     });
+    case.into_inner()
 }
 
 #[tokio::test]

@@ -1,4 +1,4 @@
-//! Test harness: real servers for tests (redis-server, the tansu Kafka-protocol broker,
+//! Test harness: real servers for tests (redis-server and Redis Clusters, the tansu Kafka-protocol broker,
 //! Postgres, Prometheus, a SeaweedFS S3 server), started on free loopback ports in temporary
 //! directories and killed when dropped.
 //!
@@ -10,10 +10,12 @@
 
 mod cql;
 mod reap;
+mod redis_cluster;
 mod s3;
 mod wait;
 
 pub use cql::CqlServer;
+pub use redis_cluster::RedisCluster;
 pub use s3::S3Server;
 
 pub use reap::{pid_dir, reap_orphans};

@@ -15,11 +15,14 @@ pub enum Backend {
     Embedded,
     /// A real redis-server of the test's own.
     Redis,
+    /// A Redis Cluster of three primaries of the test's own.
+    RedisCluster,
 }
 
 pub struct TestApp {
     pub running: Option<Running>,
     pub redis: Option<testkit::RedisServer>,
+    pub redis_cluster: Option<testkit::RedisCluster>,
     pub url: String,
     pub config: Config,
     pub client: reqwest::Client,
@@ -61,6 +64,17 @@ impl TestApp {
                 app.redis = Some(redis);
                 app
             }
+            Backend::RedisCluster => {
+                let cluster = testkit::RedisCluster::start(3);
+                let url = cluster.url();
+                let mut app = Self::start_with(|c| {
+                    c.admission.url = url;
+                    tweak(c);
+                })
+                .await;
+                app.redis_cluster = Some(cluster);
+                app
+            }
         }
     }
 
@@ -82,6 +96,7 @@ impl TestApp {
         TestApp {
             running: Some(running),
             redis: None,
+            redis_cluster: None,
             url,
             config,
             client: reqwest::Client::builder()
