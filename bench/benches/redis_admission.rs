@@ -39,6 +39,7 @@ fn pipelining(c: &mut Criterion) {
     let sale_id = SaleId::parse("bench").expect("id");
     let now = Timestamp::now();
     rt.block_on(redis.create_sale(&Sale {
+        stock_buckets: 1,
         id: sale_id.clone(),
         sku: "s".into(),
         stock: storage::MAX_STOCK,

@@ -273,6 +273,7 @@ impl Target for RedisRaw {
 pub fn open_sale(id: &SaleId) -> Sale {
     let now = Timestamp::now();
     Sale {
+        stock_buckets: 1,
         id: id.clone(),
         sku: "bench".into(),
         stock: storage::MAX_STOCK,

@@ -24,3 +24,4 @@ pub mod redis_admission;
 mod sale_cache;
 pub mod server;
 pub mod sold_out;
+pub mod stock_buckets;

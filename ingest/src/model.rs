@@ -130,6 +130,29 @@ pub enum Decision {
     Rejected(Rejection),
 }
 
+/// How a bucket of a bucketed sale is asked for a decision (see
+/// [`SaleState::admit_in_bucket`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BucketAsk {
+    /// The attempt's first ask: a shortage of units is answered [`BucketAnswer::Short`].
+    First,
+    /// The ask after borrowing: the first ask took the attempt's token.
+    Retry,
+}
+
+/// A bucket's answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BucketAnswer {
+    /// Decided, as a whole sale decides.
+    Decided(Decision),
+    /// Every check passed but the bucket holds fewer units than asked: borrow, then ask
+    /// again with [`BucketAsk::Retry`]. Nothing was counted.
+    Short {
+        /// Units the bucket holds.
+        left: i64,
+    },
+}
+
 /// A user's token bucket.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Bucket {
@@ -403,30 +426,50 @@ impl SaleState {
 
     /// Decides one attempt at `now_us`.
     pub fn admit(&mut self, req: &AdmitRequest, now_us: i64) -> Decision {
-        let decision = self.decide(req, now_us);
-        if let Decision::Rejected(r) = decision {
-            *self.rejected.entry(r.code()).or_default() += 1;
+        match self.admit_in_bucket(req, now_us, None) {
+            BucketAnswer::Decided(d) => d,
+            // Only a bucket asked as such answers short.
+            BucketAnswer::Short { .. } => Decision::Rejected(Rejection::SoldOut),
         }
-        decision
     }
 
-    fn decide(&mut self, req: &AdmitRequest, now_us: i64) -> Decision {
+    /// Decides one attempt at `now_us` as one bucket of a bucketed sale
+    /// ([`crate::stock_buckets`]) when `ask` is set: [`BucketAsk::First`] answers
+    /// [`BucketAnswer::Short`] instead of `sold_out` when the bucket lacks the units (and
+    /// counts no rejection: the caller borrows and asks again); [`BucketAsk::Retry`] is
+    /// that second ask, which takes no token (the first one took it). `None`: as
+    /// [`admit`](Self::admit).
+    pub fn admit_in_bucket(
+        &mut self,
+        req: &AdmitRequest,
+        now_us: i64,
+        ask: Option<BucketAsk>,
+    ) -> BucketAnswer {
+        let answer = self.decide(req, now_us, ask);
+        if let BucketAnswer::Decided(Decision::Rejected(r)) = answer {
+            *self.rejected.entry(r.code()).or_default() += 1;
+        }
+        answer
+    }
+
+    fn decide(&mut self, req: &AdmitRequest, now_us: i64, ask: Option<BucketAsk>) -> BucketAnswer {
+        use BucketAnswer::Decided;
         if self.retired {
             // Ended and settled; its answers are past their retention.
-            return Decision::Rejected(Rejection::NotActive);
+            return Decided(Decision::Rejected(Rejection::NotActive));
         }
         let idem_key = (req.user.clone(), req.key.clone());
         if let Some(entry) = self.idem.get(&idem_key) {
             if entry.fingerprint != req.fingerprint {
-                return Decision::Rejected(Rejection::IdempotencyConflict);
+                return Decided(Decision::Rejected(Rejection::IdempotencyConflict));
             }
             if !entry.confirmed {
-                return Decision::InProgress;
+                return Decided(Decision::InProgress);
             }
-            return Decision::Replayed(entry.answer);
+            return Decided(Decision::Replayed(entry.answer));
         }
         if now_us < self.rules.starts_at_us || now_us >= self.rules.ends_at_us {
-            return Decision::Rejected(Rejection::NotActive);
+            return Decided(Decision::Rejected(Rejection::NotActive));
         }
         let existing = self.buckets.get(&req.user).copied();
         if existing.is_none() && self.buckets.len() >= self.limits.max_buckets {
@@ -436,30 +479,37 @@ impl SaleState {
             if self.buckets.len() >= self.limits.max_buckets {
                 let wait_us = self.prune_at_us.saturating_sub(now_us).max(0);
                 let secs = ((wait_us + 999_999) / 1_000_000).clamp(1, i64::from(u32::MAX));
-                return Decision::Rejected(Rejection::Capacity {
+                return Decided(Decision::Rejected(Rejection::Capacity {
                     retry_after_s: secs as u32,
-                });
+                }));
             }
         }
-        let (bucket, took) = take_token(
-            existing,
-            self.rules.rate_per_second,
-            self.rules.burst,
-            now_us,
-        );
-        self.buckets.insert(req.user.clone(), bucket);
-        if let Err(retry_after_s) = took {
-            return Decision::Rejected(Rejection::RateLimited { retry_after_s });
+        if ask != Some(BucketAsk::Retry) {
+            let (bucket, took) = take_token(
+                existing,
+                self.rules.rate_per_second,
+                self.rules.burst,
+                now_us,
+            );
+            self.buckets.insert(req.user.clone(), bucket);
+            if let Err(retry_after_s) = took {
+                return Decided(Decision::Rejected(Rejection::RateLimited { retry_after_s }));
+            }
         }
         let held = self.units.get(&req.user).copied().unwrap_or(0);
         if u64::from(held) + u64::from(req.quantity) > u64::from(self.rules.per_user_limit) {
-            return Decision::Rejected(Rejection::LimitExceeded);
+            return Decided(Decision::Rejected(Rejection::LimitExceeded));
         }
         if self.stock_left < i64::from(req.quantity) {
-            return Decision::Rejected(Rejection::SoldOut);
+            if ask == Some(BucketAsk::First) {
+                return BucketAnswer::Short {
+                    left: self.stock_left,
+                };
+            }
+            return Decided(Decision::Rejected(Rejection::SoldOut));
         }
         if self.next_sequence > self.limits.max_orders {
-            return Decision::Rejected(Rejection::Capacity { retry_after_s: 0 });
+            return Decided(Decision::Rejected(Rejection::Capacity { retry_after_s: 0 }));
         }
         let answer = Answer {
             order_id: req.order_id,
@@ -476,7 +526,7 @@ impl SaleState {
                 confirmed: false,
             },
         );
-        Decision::Accepted(answer)
+        Decided(Decision::Accepted(answer))
     }
 
     /// A user holding no unit needs no entry (absent means 0).

@@ -153,6 +153,7 @@ mod tests {
     fn sale(id: &SaleId, sku: &str) -> Sale {
         let now = Timestamp::now();
         Sale {
+            stock_buckets: 1,
             id: id.clone(),
             sku: sku.into(),
             stock: 10,

@@ -11,6 +11,7 @@ const SEC: i64 = 1_000_000;
 
 fn sale(id: &str, stock: u32, starts: Timestamp, ends: Timestamp) -> Sale {
     Sale {
+        stock_buckets: 1,
         id: SaleId::parse(id).expect("sale id"),
         sku: "sku".into(),
         stock,

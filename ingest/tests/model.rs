@@ -45,6 +45,7 @@ fn user(u: u8) -> UserId {
 fn sale(id: &SaleId, stock: u32, limit: u32, rate: u32, burst: u32) -> Sale {
     let now = Timestamp::now();
     Sale {
+        stock_buckets: 1,
         id: id.clone(),
         sku: "sku".into(),
         stock,

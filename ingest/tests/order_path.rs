@@ -283,6 +283,7 @@ impl Harness {
         });
         let now = Timestamp::now();
         let sale = Sale {
+            stock_buckets: 1,
             id: SaleId::parse("sale-1").expect("id"),
             sku: "sku".into(),
             stock: 1000,

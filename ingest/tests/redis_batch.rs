@@ -12,6 +12,7 @@ use storage::{Currency, Money, OrderId, Sale, SaleId, Timestamp, UserId, UserRat
 fn sale(id: &str) -> Sale {
     let now = Timestamp::now();
     Sale {
+        stock_buckets: 1,
         id: SaleId::parse(id).expect("id"),
         sku: "sku".into(),
         stock: 10,

@@ -21,6 +21,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let at = |text: &str| text.parse::<Timestamp>();
     let eur = Currency::parse("EUR")?;
     let sale = Sale {
+        stock_buckets: 1,
         id: SaleId::parse("spring-drop_1")?,
         sku: "SNEAKER-42-RED".to_owned(),
         stock: 100,

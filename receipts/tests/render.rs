@@ -22,6 +22,7 @@ fn money(minor: i64, code: &str) -> Money {
 
 fn sale(price: Money) -> Sale {
     Sale {
+        stock_buckets: 1,
         id: SaleId::parse("spring-drop_1").expect("sale id"),
         sku: "SNEAKER-42-RED".to_owned(),
         stock: 100,

@@ -352,8 +352,20 @@ pub struct Sale {
     pub max_quantity_per_order: u32,
     /// Per-user request rate.
     pub user_rate: UserRate,
+    /// Stock buckets of the distributed admission backend: the sale's stock and buyers are
+    /// split over this many independent counters (each its own Redis Cluster slot), so one
+    /// hot sale's decisions spread over the cluster's nodes. 1 (the default) is one counter.
+    #[serde(default = "one_bucket")]
+    pub stock_buckets: u32,
     /// When the sale was created.
     pub created_at: Timestamp,
+}
+
+/// Most stock buckets a sale may have.
+pub const MAX_STOCK_BUCKETS: u32 = 64;
+
+fn one_bucket() -> u32 {
+    1
 }
 
 impl Sale {
@@ -390,6 +402,15 @@ impl Sale {
         }
         if self.price.times(self.max_quantity_per_order).is_none() {
             return bad("price_cents", "too large");
+        }
+        if self.stock_buckets == 0
+            || self.stock_buckets > MAX_STOCK_BUCKETS
+            || self.stock_buckets > self.stock
+        {
+            return bad(
+                "stock_buckets",
+                "must be between 1 and 64, and at most the stock",
+            );
         }
         Ok(())
     }

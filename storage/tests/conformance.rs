@@ -11,6 +11,8 @@ use storage::*;
 fn sale(id: &str) -> Sale {
     let now = Timestamp::now();
     Sale {
+        // Not the default, so every store shows it keeps the field.
+        stock_buckets: 3,
         id: SaleId::parse(id).expect("id"),
         sku: "sku-1".into(),
         stock: 10,
@@ -1648,7 +1650,7 @@ mod scylla_store {
         let config = config(&node);
         assert_eq!(
             ScyllaStore::migrate(&config).await.expect("migrate"),
-            vec![1]
+            vec![1, 2]
         );
         assert!(
             ScyllaStore::migrate(&config)

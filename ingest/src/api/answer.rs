@@ -36,6 +36,8 @@ pub struct SaleView {
     pub max_quantity_per_order: u32,
     /// Per-user rate.
     pub user_rate: UserRate,
+    /// Stock buckets of the distributed admission backend.
+    pub stock_buckets: u32,
 }
 
 impl SaleView {
@@ -53,6 +55,7 @@ impl SaleView {
             per_user_limit: sale.per_user_limit,
             max_quantity_per_order: sale.max_quantity_per_order,
             user_rate: sale.user_rate,
+            stock_buckets: sale.stock_buckets,
         }
     }
 }

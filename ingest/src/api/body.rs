@@ -138,6 +138,8 @@ pub struct CreateSale {
     pub max_quantity_per_order: Option<u32>,
     /// Per-user rate (default 5/s, burst 10).
     pub user_rate: Option<UserRate>,
+    /// Stock buckets of the distributed admission backend (default 1).
+    pub stock_buckets: Option<u32>,
 }
 
 impl CreateSale {
@@ -151,6 +153,7 @@ impl CreateSale {
         let starts_at = self.starts_at.unwrap_or(now);
         let per_user_limit = self.per_user_limit.unwrap_or(1);
         let sale = Sale {
+            stock_buckets: self.stock_buckets.unwrap_or(1),
             id,
             sku: self.sku,
             stock: self.stock,

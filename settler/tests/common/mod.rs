@@ -284,6 +284,7 @@ impl Harness {
 pub fn sale_1() -> storage::Sale {
     let now = Timestamp::now();
     storage::Sale {
+        stock_buckets: 1,
         id: SaleId::parse("sale-1").expect("sale id"),
         sku: "sku-1".into(),
         stock: 1000,

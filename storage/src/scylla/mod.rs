@@ -100,6 +100,9 @@ struct Statements {
     insert_sale: PreparedStatement,
     select_sale: PreparedStatement,
     select_sales: PreparedStatement,
+    insert_sale_buckets: PreparedStatement,
+    select_sale_buckets: PreparedStatement,
+    select_all_sale_buckets: PreparedStatement,
     select_offset: PreparedStatement,
 }
 
@@ -181,6 +184,18 @@ impl Statements {
             ))
             .await?,
             select_sales: prepare(format!("SELECT {SALE_COLUMNS} FROM {ks}.sales")).await?,
+            insert_sale_buckets: prepare(format!(
+                "INSERT INTO {ks}.sale_stock_buckets (sale_id, stock_buckets) VALUES (?, ?)"
+            ))
+            .await?,
+            select_sale_buckets: prepare(format!(
+                "SELECT stock_buckets FROM {ks}.sale_stock_buckets WHERE sale_id = ?"
+            ))
+            .await?,
+            select_all_sale_buckets: prepare(format!(
+                "SELECT sale_id, stock_buckets FROM {ks}.sale_stock_buckets"
+            ))
+            .await?,
             select_offset: prepare(format!(
                 "SELECT next_offset FROM {ks}.consumer_offsets WHERE consumer = ? \
                  AND log_partition = ?"
@@ -430,10 +445,25 @@ impl ScyllaStore {
             .map_err(|e| unavailable("reading a sale", e))?
             .into_rows_result()
             .map_err(|e| unavailable("reading a sale", e))?;
-        rows.maybe_first_row::<SaleRow>()
+        let Some(mut sale) = rows
+            .maybe_first_row::<SaleRow>()
             .map_err(|e| unavailable("reading a sale", e))?
             .map(sale_of_row)
-            .transpose()
+            .transpose()?
+        else {
+            return Ok(None);
+        };
+        let buckets = self
+            .session
+            .execute_unpaged(&self.st.select_sale_buckets, (id.as_str(),))
+            .await
+            .map_err(|e| unavailable("reading a sale", e))?
+            .into_rows_result()
+            .map_err(|e| unavailable("reading a sale", e))?
+            .maybe_first_row::<(Option<i32>,)>()
+            .map_err(|e| unavailable("reading a sale", e))?;
+        sale.stock_buckets = buckets_of(buckets.and_then(|(n,)| n))?;
+        Ok(Some(sale))
     }
 
     async fn write_sale(&self, s: &Sale) -> Result<()> {
@@ -547,6 +577,14 @@ fn order_row(place: &Place, o: &NewOrder) -> RowValues {
     )
 }
 
+/// A sale's stock buckets as stored (absent: a sale from before V2, one bucket).
+fn buckets_of(n: Option<i32>) -> Result<u32> {
+    n.map_or(Ok(1), |v| {
+        u32::try_from(v).map_err(|_| Error::Corrupt(format!("sale_stock_buckets: {v}")))
+    })
+}
+
+/// The sale of a `sales` row; its stock buckets are read beside ([`buckets_of`]).
 fn sale_of_row(r: SaleRow) -> Result<Sale> {
     let n = |v: i32| u32::try_from(v).map_err(|_| Error::Corrupt(format!("sales: {v}")));
     Ok(Sale {
@@ -566,6 +604,7 @@ fn sale_of_row(r: SaleRow) -> Result<Sale> {
             burst: n(r.10)?,
         },
         created_at: Timestamp(r.11),
+        stock_buckets: 1,
     })
 }
 
@@ -650,6 +689,14 @@ impl OrderStore for ScyllaStore {
         if self.read_sale(&sale.id).await?.is_some() {
             return Err(Error::SaleExists(sale.id.clone()));
         }
+        // The buckets first: a sale row is only ever read with its buckets known.
+        self.session
+            .execute_unpaged(
+                &self.st.insert_sale_buckets,
+                (sale.id.as_str(), sale.stock_buckets as i32),
+            )
+            .await
+            .map_err(|e| unavailable("writing a sale", e))?;
         self.write_sale(sale).await
     }
 
@@ -669,9 +716,25 @@ impl OrderStore for ScyllaStore {
             .try_collect()
             .await
             .map_err(|e| unavailable("listing sales", e))?;
+        let buckets: HashMap<String, Option<i32>> = self
+            .session
+            .execute_iter(self.st.select_all_sale_buckets.clone(), ())
+            .await
+            .map_err(|e| unavailable("listing sales", e))?
+            .rows_stream::<(String, Option<i32>)>()
+            .map_err(|e| unavailable("listing sales", e))?
+            .try_collect::<Vec<_>>()
+            .await
+            .map_err(|e| unavailable("listing sales", e))?
+            .into_iter()
+            .collect();
         let mut sales = rows
             .into_iter()
-            .map(sale_of_row)
+            .map(|r| {
+                let mut sale = sale_of_row(r)?;
+                sale.stock_buckets = buckets_of(buckets.get(sale.id.as_str()).copied().flatten())?;
+                Ok(sale)
+            })
             .collect::<Result<Vec<_>>>()?;
         sales.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
         Ok(sales)

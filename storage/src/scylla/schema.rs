@@ -6,11 +6,18 @@ use super::{unavailable, Session};
 use crate::{Error, Result, Timestamp};
 
 /// The migrations, in version order: (version, name, CQL).
-pub(crate) const MIGRATIONS: &[(i32, &str, &str)] = &[(
-    1,
-    "orders",
-    include_str!("../../migrations/scylla/V1__orders.cql"),
-)];
+pub(crate) const MIGRATIONS: &[(i32, &str, &str)] = &[
+    (
+        1,
+        "orders",
+        include_str!("../../migrations/scylla/V1__orders.cql"),
+    ),
+    (
+        2,
+        "stock_buckets",
+        include_str!("../../migrations/scylla/V2__stock_buckets.cql"),
+    ),
+];
 
 /// The version this build reads and writes.
 pub(crate) fn latest() -> i32 {
@@ -108,11 +115,14 @@ pub(crate) async fn migrate(
     Ok(now_applied)
 }
 
-/// `CREATE TABLE IF NOT EXISTS t` → `... keyspace.t`.
+const CREATE: &str = "CREATE TABLE IF NOT EXISTS ";
+
+/// `CREATE TABLE IF NOT EXISTS t` → `... keyspace.t`. Migrations only create tables (a
+/// column is added as a table beside, keyed like its row: every statement stays
+/// idempotent, and the harness's CQL server has no `ALTER TABLE`).
 fn qualify(stmt: &str, keyspace: &str) -> String {
-    const HEAD: &str = "CREATE TABLE IF NOT EXISTS ";
-    match stmt.strip_prefix(HEAD) {
-        Some(rest) => format!("{HEAD}{keyspace}.{rest}"),
+    match stmt.strip_prefix(CREATE) {
+        Some(rest) => format!("{CREATE}{keyspace}.{rest}"),
         None => stmt.to_owned(),
     }
 }
@@ -144,16 +154,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn every_migration_splits_into_create_statements_the_keyspace_qualifies() {
+    fn every_migration_splits_into_statements_the_keyspace_qualifies() {
         for (_, _, cql) in MIGRATIONS {
             let stmts = statements(cql);
             assert!(!stmts.is_empty());
             for s in &stmts {
-                assert!(s.starts_with("CREATE TABLE IF NOT EXISTS "), "{s}");
+                assert!(s.starts_with(CREATE), "{s}");
                 assert!(!s.contains("--"), "{s}");
-                assert!(qualify(s, "ks").starts_with("CREATE TABLE IF NOT EXISTS ks."));
+                assert!(qualify(s, "ks").starts_with(&format!("{CREATE}ks.")));
             }
         }
-        assert_eq!(latest(), 1);
+        assert_eq!(latest(), 2);
     }
 }
