@@ -53,7 +53,7 @@ impl settler::StockRelease for AdmissionRelease {
 
     async fn claim(&self, order: &Order) -> Result<bool, settler::Error> {
         self.0
-            .claim(&order.new.sale_id, order.new.order_id)
+            .claim(&order.new.sale_id, &OrderRef::from(order))
             .await
             .map_err(|e| settler::Error::Release(storage::ErrorChain(&e).to_string()))
     }
@@ -72,12 +72,12 @@ impl settler::StockRelease for AdmissionRelease {
     }
 
     async fn claim_batch(&self, orders: &[Order]) -> Vec<Result<bool, settler::Error>> {
-        let ids: Vec<_> = orders
+        let refs: Vec<_> = orders
             .iter()
-            .map(|o| (o.new.sale_id.clone(), o.new.order_id))
+            .map(|o| (o.new.sale_id.clone(), OrderRef::from(o)))
             .collect();
         self.0
-            .claim_batch(&ids)
+            .claim_batch(&refs)
             .await
             .into_iter()
             .map(|r| r.map_err(|e| settler::Error::Release(storage::ErrorChain(&e).to_string())))

@@ -20,7 +20,7 @@ use dashmap::DashMap;
 use parking_lot::Mutex;
 use std::borrow::Cow;
 use std::sync::Arc;
-use storage::{BoxError, OrderId, Sale, SaleId, Timestamp};
+use storage::{BoxError, Sale, SaleId, Timestamp};
 
 /// Errors of an admission backend.
 #[derive(Debug, thiserror::Error)]
@@ -79,8 +79,9 @@ pub trait Admission: Send + Sync + 'static {
     /// [`SaleState::abort`](crate::model::SaleState::abort)).
     async fn abort(&self, sale: &SaleId, order: &OrderRef) -> Result<AbortOutcome>;
     /// The settler takes an order it read from the log; `Ok(false)` if it was aborted
-    /// first and must be cancelled, not charged.
-    async fn claim(&self, sale: &SaleId, order_id: OrderId) -> Result<bool>;
+    /// first and must be cancelled, not charged. (The whole order, not only its id: a sale
+    /// of several stock buckets keeps the claim in its buyer's bucket.)
+    async fn claim(&self, sale: &SaleId, order: &OrderRef) -> Result<bool>;
     /// Gives an order's units back, exactly once per order id. `Ok(true)` if this call did.
     async fn release(&self, sale: &SaleId, order: &OrderRef) -> Result<bool>;
     /// [`confirm`](Self::confirm) for many orders in one call (one round trip where the
@@ -96,10 +97,10 @@ pub trait Admission: Send + Sync + 'static {
     /// [`claim`](Self::claim) for many orders in one call (one round trip where the
     /// backend is remote); one result per order, in order. An error of one order (such as
     /// its sale's keys missing) does not fail the others.
-    async fn claim_batch(&self, orders: &[(SaleId, OrderId)]) -> Vec<Result<bool>> {
+    async fn claim_batch(&self, orders: &[(SaleId, OrderRef)]) -> Vec<Result<bool>> {
         let mut out = Vec::with_capacity(orders.len());
-        for (sale, id) in orders {
-            out.push(self.claim(sale, *id).await);
+        for (sale, order) in orders {
+            out.push(self.claim(sale, order).await);
         }
         out
     }
@@ -313,9 +314,9 @@ impl Admission for EmbeddedAdmission {
         timer.result(self.sale(sale).map(|s| s.lock().abort(order)))
     }
 
-    async fn claim(&self, sale: &SaleId, order_id: OrderId) -> Result<bool> {
+    async fn claim(&self, sale: &SaleId, order: &OrderRef) -> Result<bool> {
         let timer = metrics::admission(Backend::Embedded, AdmissionOp::Claim);
-        timer.result(self.sale(sale).map(|s| s.lock().claim(order_id)))
+        timer.result(self.sale(sale).map(|s| s.lock().claim(order.order_id)))
     }
 
     async fn release(&self, sale: &SaleId, order: &OrderRef) -> Result<bool> {

@@ -25,9 +25,11 @@
 use crate::admission::{Admission, Error, Result};
 use crate::metrics::{self, AdmissionOp, Backend};
 use crate::model::{
-    AbortOutcome, AdmitRequest, Answer, Counters, Decision, OrderRef, Rejection, Snapshot,
+    AbortOutcome, AdmitRequest, Answer, BucketAnswer, Counters, Decision, OrderRef, Rejection,
+    Snapshot,
 };
 use crate::sold_out::{self, FlagKeys, SoldOutFlags};
+use crate::stock_buckets::{self, home_bucket};
 use async_trait::async_trait;
 use redis::aio::ConnectionManager;
 use redis::cluster_async::ClusterConnection;
@@ -40,6 +42,8 @@ use storage::{BoxError, OrderId, Sale, SaleId, UserId};
 const KEEP_AFTER_END_MS: i64 = 7 * 24 * 3600 * 1000;
 
 struct Scripts {
+    lend: Script,
+    borrow: Script,
     admit: Script,
     create: Script,
     release: Script,
@@ -126,6 +130,9 @@ pub struct RedisAdmission {
     conn: Conn,
     scripts: std::sync::Arc<Scripts>,
     prefix: String,
+    /// Stock buckets per sale (fixed when a sale is created), read from the sale's first
+    /// bucket once and kept a while.
+    bucket_counts: moka::sync::Cache<SaleId, u32>,
     flags: Option<std::sync::Arc<SoldOutFlags>>,
 }
 
@@ -162,6 +169,10 @@ struct Keys {
     rejected: String,
     released: String,
     claimed: String,
+    /// Stock buckets: units lent and not yet received (`transfer id -> to:units`).
+    lent: String,
+    /// Stock buckets: transfers received (each applied once).
+    borrowed: String,
 }
 
 fn as_string(v: &Value) -> Option<String> {
@@ -308,8 +319,8 @@ impl RedisAdmission {
     }
 
     /// The `EVALSHA` of `release.lua` for one order in `mode` (`release` or `abort`).
-    fn release_call(&self, sale: &SaleId, order: &OrderRef, mode: &str) -> Cmd {
-        let k = self.keys(sale);
+    fn release_call(&self, sale: &SaleId, bucket: u32, order: &OrderRef, mode: &str) -> Cmd {
+        let k = self.keys_of(sale, bucket);
         let mut cmd = evalsha(
             &self.scripts.release,
             &[&k.sale, &k.units, &k.released, &k.idem, &k.claimed],
@@ -360,6 +371,8 @@ impl RedisAdmission {
             pubsub,
             conn,
             scripts: std::sync::Arc::new(Scripts {
+                lend: Script::new(include_str!("lua/lend.lua")),
+                borrow: Script::new(include_str!("lua/borrow.lua")),
                 admit: Script::new(include_str!("lua/admit.lua")),
                 create: Script::new(include_str!("lua/create.lua")),
                 release: Script::new(include_str!("lua/release.lua")),
@@ -368,6 +381,10 @@ impl RedisAdmission {
                 claim: Script::new(include_str!("lua/claim.lua")),
             }),
             prefix: prefix.to_owned(),
+            bucket_counts: moka::sync::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(Duration::from_secs(600))
+                .build(),
             flags: None,
         })
     }
@@ -390,8 +407,25 @@ impl RedisAdmission {
     }
 
     fn keys(&self, sale: &SaleId) -> Keys {
-        let base = format!("{}{{{}}}", self.prefix, sale.as_str());
+        self.keys_of(sale, 0)
+    }
+
+    /// The hash tag of a sale's bucket: `{sale}` for the first (a sale of one bucket has
+    /// only that one), `{sale#b}` for the others (`#` is never in a sale id).
+    fn base(&self, sale: &SaleId, bucket: u32) -> String {
+        if bucket == 0 {
+            format!("{}{{{}}}", self.prefix, sale.as_str())
+        } else {
+            format!("{}{{{}#{bucket}}}", self.prefix, sale.as_str())
+        }
+    }
+
+    /// The keys of one stock bucket of a sale.
+    fn keys_of(&self, sale: &SaleId, bucket: u32) -> Keys {
+        let base = self.base(sale, bucket);
         Keys {
+            lent: format!("{base}:lent"),
+            borrowed: format!("{base}:borrowed"),
             sale: format!("{base}:sale"),
             units: format!("{base}:units"),
             buckets: format!("{base}:buckets"),
@@ -404,18 +438,232 @@ impl RedisAdmission {
     }
 
     /// Decides one attempt and also returns the instant (Redis clock, microseconds) it was
-    /// decided at, so the model tests can replay the same decision.
+    /// decided at (the first ask's, for a sale of several buckets), so the model tests can
+    /// replay the same decision.
     pub async fn admit_at(&self, sale: &SaleId, req: &AdmitRequest) -> Result<(Decision, i64)> {
         self.decide(sale, req).await.map(|(d, now, _)| (d, now))
     }
 
-    /// One decision; also the units left when the answer is `sold_out`.
+    /// Stock buckets of `sale`: kept from its creation, else read from its first bucket
+    /// (a sale whose first bucket is missing is missing).
+    pub async fn bucket_count(&self, sale: &SaleId) -> Result<u32> {
+        self.stored_bucket_count(sale)
+            .await?
+            .ok_or_else(|| missing(sale))
+    }
+
+    /// [`bucket_count`](Self::bucket_count), `None` when the sale's first bucket is missing.
+    async fn stored_bucket_count(&self, sale: &SaleId) -> Result<Option<u32>> {
+        if let Some(n) = self.bucket_counts.get(sale) {
+            return Ok(Some(n));
+        }
+        let mut conn = self.conn.clone();
+        let (ready, nb): (Option<i64>, Option<i64>) = redis::cmd("HMGET")
+            .arg(self.keys(sale).sale)
+            .arg(&["ready", "nb"])
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        if ready != Some(1) {
+            return Ok(None);
+        }
+        // Sales created before stock buckets have no `nb`: one bucket.
+        let n = nb.and_then(|n| u32::try_from(n).ok()).unwrap_or(1).max(1);
+        self.bucket_counts.insert(sale.clone(), n);
+        Ok(Some(n))
+    }
+
+    /// The bucket keeping `user`'s state in `sale`, and the sale's bucket count. A sale
+    /// whose first bucket is missing is taken as one bucket: every script then finds its
+    /// keys missing and answers so (or, confirming, confirms nothing), as before buckets.
+    async fn bucket_of(&self, sale: &SaleId, user: &UserId) -> Result<(u32, u32)> {
+        let n = self.stored_bucket_count(sale).await?.unwrap_or(1);
+        Ok((home_bucket(user, n), n))
+    }
+
+    /// One decision; also the units left when the answer is `sold_out`. A sale of several
+    /// buckets asks the buyer's bucket, borrows when it is short, and asks again (see
+    /// [`crate::stock_buckets`]).
     async fn decide(
         &self,
         sale: &SaleId,
         req: &AdmitRequest,
     ) -> Result<(Decision, i64, Option<i64>)> {
-        let k = self.keys(sale);
+        let (b, n) = self.bucket_of(sale, &req.user).await?;
+        if n == 1 {
+            let (answer, now, left) = self.decide_in(sale, 0, req, "").await?;
+            return match answer {
+                BucketAnswer::Decided(d) => Ok((d, now, left)),
+                BucketAnswer::Short { .. } => Err(Error::unavailable_msg(
+                    "a sale of one bucket answered short",
+                )),
+            };
+        }
+        let (answer, now, _) = self.decide_in(sale, b, req, "first").await?;
+        let decided = match answer {
+            BucketAnswer::Decided(d) => d,
+            BucketAnswer::Short { left } => {
+                self.borrow(sale, n, b, left, i64::from(req.quantity))
+                    .await?;
+                match self.decide_in(sale, b, req, "retry").await?.0 {
+                    BucketAnswer::Decided(d) => d,
+                    BucketAnswer::Short { .. } => Decision::Rejected(Rejection::SoldOut),
+                }
+            }
+        };
+        let global = |a: Answer| Answer {
+            sequence: stock_buckets::global_sequence(a.sequence, b, n),
+            ..a
+        };
+        let decided = match decided {
+            Decision::Accepted(a) => Decision::Accepted(global(a)),
+            Decision::Replayed(a) => Decision::Replayed(global(a)),
+            other => other,
+        };
+        // No sold-out flag from one bucket's answer: the units left are only its own.
+        Ok((decided, now, None))
+    }
+
+    /// Moves units into bucket `home` (holding `left`) from the sale's other buckets,
+    /// richest first, until it holds `want` or none has any (the model's
+    /// `BucketedSale::borrow`). A bucket that cannot be read is skipped, but if the units
+    /// found are still short the error is returned: `sold_out` only when every bucket was
+    /// seen empty.
+    async fn borrow(&self, sale: &SaleId, n: u32, home: u32, left: i64, want: i64) -> Result<()> {
+        let reads = (0..n).map(|b| async move {
+            if b == home {
+                return Ok(left);
+            }
+            let mut conn = self.conn.clone();
+            let (ready, l): (Option<i64>, Option<i64>) = redis::cmd("HMGET")
+                .arg(self.keys_of(sale, b).sale)
+                .arg(&["ready", "left"])
+                .query_async(&mut conn)
+                .await
+                .map_err(unavailable)?;
+            match ready {
+                Some(1) => Ok(l.unwrap_or(0)),
+                _ => Err(missing(sale)),
+            }
+        });
+        let lefts = futures_util::future::join_all(reads).await;
+        let mut unread = None;
+        let known: Vec<i64> = lefts
+            .into_iter()
+            .map(|r| {
+                r.unwrap_or_else(|e| {
+                    unread = Some(e);
+                    0
+                })
+            })
+            .collect();
+        let mut have = left;
+        for d in stock_buckets::donors(&known, home) {
+            if have >= want {
+                break;
+            }
+            let id = OrderId::new().to_string();
+            let (from, to) = (self.keys_of(sale, d), self.keys_of(sale, home));
+            let mut conn = self.conn.clone();
+            let take: i64 = self
+                .scripts
+                .lend
+                .key(&from.sale)
+                .key(&from.lent)
+                .arg(&id)
+                .arg(want - have)
+                .arg(home)
+                .invoke_async(&mut conn)
+                .await
+                .map_err(unavailable)?;
+            if take <= 0 {
+                continue;
+            }
+            // Lent: from here the units are the home bucket's. A failure leaves the
+            // transfer in the lender's `lent` hash, which reconcile completes (never by
+            // giving the units back: the borrow may have landed).
+            let _: i64 = self
+                .scripts
+                .borrow
+                .key(&to.sale)
+                .key(&to.borrowed)
+                .arg(&id)
+                .arg(take)
+                .arg(sold_out::channel(&self.prefix, sale))
+                .invoke_async(&mut conn)
+                .await
+                .map_err(unavailable)?;
+            let _: redis::RedisResult<i64> = redis::cmd("HDEL")
+                .arg(&from.lent)
+                .arg(&id)
+                .query_async(&mut conn)
+                .await;
+            have += take;
+        }
+        match unread {
+            Some(e) if have < want => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    /// Completes the transfers between `sale`'s buckets that a caller left half-done (lent,
+    /// perhaps not received): each is received once (`borrow.lua` ignores a transfer it
+    /// has) and its entry dropped. Returns how many there were.
+    pub async fn complete_transfers(&self, sale: &SaleId) -> Result<usize> {
+        let n = self.bucket_count(sale).await?;
+        let mut done = 0;
+        let mut conn = self.conn.clone();
+        for b in 0..n {
+            let from = self.keys_of(sale, b);
+            let lent: std::collections::HashMap<String, String> = redis::cmd("HGETALL")
+                .arg(&from.lent)
+                .query_async(&mut conn)
+                .await
+                .map_err(unavailable)?;
+            for (id, what) in lent.into_iter().filter(|(id, _)| id != "\n") {
+                let Some((to, take)) = what
+                    .split_once(':')
+                    .and_then(|(t, n)| Some((t.parse::<u32>().ok()?, n.parse::<i64>().ok()?)))
+                else {
+                    continue;
+                };
+                let to = self.keys_of(sale, to);
+                let got: i64 = self
+                    .scripts
+                    .borrow
+                    .key(&to.sale)
+                    .key(&to.borrowed)
+                    .arg(&id)
+                    .arg(take)
+                    .arg(sold_out::channel(&self.prefix, sale))
+                    .invoke_async(&mut conn)
+                    .await
+                    .map_err(unavailable)?;
+                if got < 0 {
+                    return Err(missing(sale));
+                }
+                let _: i64 = redis::cmd("HDEL")
+                    .arg(&from.lent)
+                    .arg(&id)
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(unavailable)?;
+                done += 1;
+            }
+        }
+        Ok(done)
+    }
+
+    /// One ask of one bucket (`ask`: see `admit.lua`); also the Redis instant and, for
+    /// `sold_out`, the bucket's units left.
+    async fn decide_in(
+        &self,
+        sale: &SaleId,
+        bucket: u32,
+        req: &AdmitRequest,
+        ask: &str,
+    ) -> Result<(BucketAnswer, i64, Option<i64>)> {
+        let k = self.keys_of(sale, bucket);
         let mut conn = self.conn.clone();
         let reply: Vec<Value> = self
             .scripts
@@ -430,6 +678,7 @@ impl RedisAdmission {
             .arg(&req.key)
             .arg(&req.fingerprint)
             .arg(req.order_id.to_string())
+            .arg(ask)
             .invoke_async(&mut conn)
             .await
             .map_err(unavailable)?;
@@ -454,6 +703,10 @@ impl RedisAdmission {
             "replayed" => Decision::Replayed(answer(&reply)?),
             "in_progress" => Decision::InProgress,
             "missing" => return Err(missing(sale)),
+            "short" => {
+                let left = reply.get(1).and_then(as_i64).ok_or_else(bad)?;
+                return Ok((BucketAnswer::Short { left }, now, None));
+            }
             "rejected" => {
                 let code = reply.get(1).and_then(as_string).ok_or_else(bad)?;
                 Decision::Rejected(match code.as_str() {
@@ -472,11 +725,12 @@ impl RedisAdmission {
             }
             _ => return Err(bad()),
         };
-        Ok((decision, now, left))
+        Ok((BucketAnswer::Decided(decision), now, left))
     }
 
     async fn release_mode(&self, sale: &SaleId, order: &OrderRef, mode: &str) -> Result<i64> {
-        let k = self.keys(sale);
+        let (b, _) = self.bucket_of(sale, &order.user).await?;
+        let k = self.keys_of(sale, b);
         let mut conn = self.conn.clone();
         let n: i64 = self
             .scripts
@@ -503,9 +757,10 @@ impl RedisAdmission {
 
     /// Units a user holds in a sale.
     pub async fn units_of(&self, sale: &SaleId, user: &UserId) -> Result<u32> {
+        let (b, _) = self.bucket_of(sale, user).await?;
         let mut conn = self.conn.clone();
         let v: Option<i64> = redis::cmd("HGET")
-            .arg(self.keys(sale).units)
+            .arg(self.keys_of(sale, b).units)
             .arg(user.as_str())
             .query_async(&mut conn)
             .await
@@ -515,17 +770,21 @@ impl RedisAdmission {
 
     /// Units held by every user of a sale (users holding none left out), sorted.
     pub async fn all_units(&self, sale: &SaleId) -> Result<Vec<(UserId, u32)>> {
+        let n = self.bucket_count(sale).await?;
         let mut conn = self.conn.clone();
-        let map: std::collections::HashMap<String, i64> = redis::cmd("HGETALL")
-            .arg(self.keys(sale).units)
-            .query_async(&mut conn)
-            .await
-            .map_err(unavailable)?;
-        let mut out: Vec<(UserId, u32)> = map
-            .into_iter()
-            .filter(|(_, n)| *n > 0)
-            .filter_map(|(u, n)| UserId::parse(u).ok().map(|u| (u, n as u32)))
-            .collect();
+        let mut out: Vec<(UserId, u32)> = Vec::new();
+        for b in 0..n {
+            let map: std::collections::HashMap<String, i64> = redis::cmd("HGETALL")
+                .arg(self.keys_of(sale, b).units)
+                .query_async(&mut conn)
+                .await
+                .map_err(unavailable)?;
+            out.extend(
+                map.into_iter()
+                    .filter(|(_, n)| *n > 0)
+                    .filter_map(|(u, n)| UserId::parse(u).ok().map(|u| (u, n as u32))),
+            );
+        }
         out.sort();
         Ok(out)
     }
@@ -533,22 +792,50 @@ impl RedisAdmission {
     /// Ids of the orders whose units went back (released by the settler or aborted by
     /// ingest), sorted.
     pub async fn released(&self, sale: &SaleId) -> Result<Vec<OrderId>> {
+        let n = self.bucket_count(sale).await?;
         let mut conn = self.conn.clone();
-        let ids: Vec<String> = redis::cmd("SMEMBERS")
-            .arg(self.keys(sale).released)
-            .query_async(&mut conn)
-            .await
-            .map_err(unavailable)?;
-        let mut out: Vec<OrderId> = ids.iter().filter_map(|s| s.parse().ok()).collect();
+        let mut out: Vec<OrderId> = Vec::new();
+        for b in 0..n {
+            let ids: Vec<String> = redis::cmd("SMEMBERS")
+                .arg(self.keys_of(sale, b).released)
+                .query_async(&mut conn)
+                .await
+                .map_err(unavailable)?;
+            out.extend(ids.iter().filter_map(|s| s.parse::<OrderId>().ok()));
+        }
         out.sort();
         Ok(out)
     }
 
-    /// Replaces a sale's keys with `state` in one MULTI/EXEC (reconciliation: after Redis
-    /// lost its data, or when its counters drifted from the order store). Rejection
-    /// counters are kept when present; token buckets start full.
+    /// Replaces a sale's keys with `state` (reconciliation: after Redis lost its data, or
+    /// when its counters drifted from the order store), one MULTI/EXEC per stock bucket; a
+    /// sale of several buckets gets `state` split over them
+    /// ([`stock_buckets::split_snapshot`]: each buyer's state in their bucket, the units
+    /// left spread evenly) and its half-done transfers dropped. Rejection counters are
+    /// kept when present; token buckets start full.
     pub async fn restore(&self, sale: &Sale, state: &Snapshot) -> Result<()> {
-        let k = self.keys(&sale.id);
+        let n = sale.stock_buckets.max(1);
+        let parts = if n == 1 {
+            vec![state.clone()]
+        } else {
+            stock_buckets::split_snapshot(state, n)
+        };
+        for (b, part) in parts.iter().enumerate() {
+            self.restore_bucket(sale, b as u32, n, part).await?;
+        }
+        self.bucket_counts.insert(sale.id.clone(), n);
+        Ok(())
+    }
+
+    /// [`restore`](Self::restore) of one bucket.
+    async fn restore_bucket(
+        &self,
+        sale: &Sale,
+        bucket: u32,
+        n: u32,
+        state: &Snapshot,
+    ) -> Result<()> {
+        let k = self.keys_of(&sale.id, bucket);
         let mut conn = self.conn.clone();
         let rejected: std::collections::HashMap<String, i64> = redis::cmd("HGETALL")
             .arg(&k.rejected)
@@ -567,6 +854,8 @@ impl RedisAdmission {
             .arg(&k.rejected)
             .arg(&k.released)
             .arg(&k.claimed)
+            .arg(&k.lent)
+            .arg(&k.borrowed)
             .ignore();
         p.cmd("HSET")
             .arg(&k.sale)
@@ -583,6 +872,7 @@ impl RedisAdmission {
                 ("acc_u", c.accepted_units.to_string()),
                 ("rel_u", c.released_units.to_string()),
                 ("skew", "0".to_owned()),
+                ("nb", n.to_string()),
                 ("ready", "1".to_owned()),
             ])
             .ignore();
@@ -622,6 +912,8 @@ impl RedisAdmission {
         for id in &state.claimed {
             p.cmd("SADD").arg(&k.claimed).arg(id.to_string()).ignore();
         }
+        p.cmd("HSET").arg(&k.lent).arg("\n").arg("").ignore();
+        p.cmd("SADD").arg(&k.borrowed).arg("\n").ignore();
         for key in [
             &k.sale,
             &k.units,
@@ -630,6 +922,8 @@ impl RedisAdmission {
             &k.rejected,
             &k.released,
             &k.claimed,
+            &k.lent,
+            &k.borrowed,
         ] {
             p.cmd("PEXPIREAT").arg(key).arg(expire_at).ignore();
         }
@@ -639,6 +933,35 @@ impl RedisAdmission {
             .arg("stock")
             .ignore();
         p.query_async::<()>(&mut conn).await.map_err(unavailable)
+    }
+
+    /// One script call per order of `orders`, each built by `call` for the order's bucket,
+    /// sent as [`eval_each`](Self::eval_each) sends them (grouped by bucket on a cluster);
+    /// an order whose bucket cannot be found fails alone.
+    async fn batch(
+        &self,
+        script: &Script,
+        orders: &[(SaleId, OrderRef)],
+        call: impl Fn(&SaleId, u32, &OrderRef) -> Cmd,
+    ) -> Vec<Result<Value>> {
+        let mut out: Vec<Option<Result<Value>>> = (0..orders.len()).map(|_| None).collect();
+        let mut sent = Vec::new();
+        let mut calls = Vec::new();
+        for (i, (sale, order)) in orders.iter().enumerate() {
+            match self.route(sale, &order.user).await {
+                Ok((group, b)) => {
+                    sent.push(i);
+                    calls.push((group, call(sale, b, order)));
+                }
+                Err(e) => out[i] = Some(Err(e)),
+            }
+        }
+        for (i, r) in sent.into_iter().zip(self.eval_each(script, calls).await) {
+            out[i] = Some(r);
+        }
+        out.into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(Error::unavailable_msg("no reply"))))
+            .collect()
     }
 
     /// Readies Redis for sales (`flashsale migrate`): loads every script (on a cluster, on
@@ -691,66 +1014,94 @@ impl RedisAdmission {
     /// Test hook: moves the sale's clock forward by `us` microseconds (the scripts add this
     /// skew to Redis `TIME`). Production never sets it.
     pub async fn advance_clock(&self, sale: &SaleId, us: i64) -> Result<()> {
+        let n = self.bucket_count(sale).await?;
         let mut conn = self.conn.clone();
-        let _: i64 = redis::cmd("HINCRBY")
-            .arg(self.keys(sale).sale)
-            .arg("skew")
-            .arg(us)
-            .query_async(&mut conn)
-            .await
-            .map_err(unavailable)?;
+        for b in 0..n {
+            let _: i64 = redis::cmd("HINCRBY")
+                .arg(self.keys_of(sale, b).sale)
+                .arg("skew")
+                .arg(us)
+                .query_async(&mut conn)
+                .await
+                .map_err(unavailable)?;
+        }
         Ok(())
+    }
+
+    /// `(slot group, bucket)` of an order: the pipeline group of a batch call (one per
+    /// bucket's hash tag) and the bucket to call.
+    async fn route(&self, sale: &SaleId, user: &UserId) -> Result<(String, u32)> {
+        let (b, _) = self.bucket_of(sale, user).await?;
+        Ok((self.base(sale, b), b))
     }
 }
 
 #[async_trait]
 impl Admission for RedisAdmission {
     async fn create_sale(&self, sale: &Sale) -> Result<()> {
-        let k = self.keys(&sale.id);
+        let n = sale.stock_buckets.max(1);
         let mut conn = self.conn.clone();
-        let created: i64 = self
-            .scripts
-            .create
-            .key(&k.sale)
-            .key(&k.units)
-            .key(&k.buckets)
-            .key(&k.idem)
-            .key(&k.rejected)
-            .key(&k.released)
-            .key(&k.claimed)
-            .arg(sale.stock)
-            .arg(sale.per_user_limit)
-            .arg(sale.user_rate.per_second)
-            .arg(sale.user_rate.burst)
-            .arg(sale.starts_at.micros())
-            .arg(sale.ends_at.micros())
-            .arg(sale.ends_at.millis().saturating_add(KEEP_AFTER_END_MS))
-            .invoke_async(&mut conn)
-            .await
-            .map_err(unavailable)?;
-        if created == 1 {
-            Ok(())
-        } else {
-            Err(Error::SaleExists(sale.id.clone()))
+        // The first bucket decides whether the sale exists; the others follow.
+        for (b, stock) in stock_buckets::split(u64::from(sale.stock), n)
+            .into_iter()
+            .enumerate()
+        {
+            let k = self.keys_of(&sale.id, b as u32);
+            let created: i64 = self
+                .scripts
+                .create
+                .key(&k.sale)
+                .key(&k.units)
+                .key(&k.buckets)
+                .key(&k.idem)
+                .key(&k.rejected)
+                .key(&k.released)
+                .key(&k.claimed)
+                .key(&k.lent)
+                .key(&k.borrowed)
+                .arg(stock)
+                .arg(sale.per_user_limit)
+                .arg(sale.user_rate.per_second)
+                .arg(sale.user_rate.burst)
+                .arg(sale.starts_at.micros())
+                .arg(sale.ends_at.micros())
+                .arg(sale.ends_at.millis().saturating_add(KEEP_AFTER_END_MS))
+                .arg(n)
+                .invoke_async(&mut conn)
+                .await
+                .map_err(unavailable)?;
+            if created != 1 && b == 0 {
+                return Err(Error::SaleExists(sale.id.clone()));
+            }
         }
+        self.bucket_counts.insert(sale.id.clone(), n);
+        Ok(())
     }
 
     async fn add_stock(&self, sale: &SaleId, units: u32) -> Result<()> {
+        let n = self.bucket_count(sale).await?;
         let mut conn = self.conn.clone();
-        let n: i64 = self
-            .scripts
-            .add_stock
-            .key(self.keys(sale).sale)
-            .arg(units)
-            .arg(sold_out::channel(&self.prefix, sale))
-            .invoke_async(&mut conn)
-            .await
-            .map_err(unavailable)?;
-        if n == 1 {
-            Ok(())
-        } else {
-            Err(missing(sale))
+        for (b, add) in stock_buckets::split(u64::from(units), n)
+            .into_iter()
+            .enumerate()
+        {
+            if add == 0 {
+                continue;
+            }
+            let done: i64 = self
+                .scripts
+                .add_stock
+                .key(self.keys_of(sale, b as u32).sale)
+                .arg(add)
+                .arg(sold_out::channel(&self.prefix, sale))
+                .invoke_async(&mut conn)
+                .await
+                .map_err(unavailable)?;
+            if done != 1 {
+                return Err(missing(sale));
+            }
         }
+        Ok(())
     }
 
     async fn admit(&self, sale: &SaleId, req: &AdmitRequest) -> Result<Decision> {
@@ -779,18 +1130,20 @@ impl Admission for RedisAdmission {
 
     async fn confirm(&self, sale: &SaleId, order: &OrderRef) -> Result<()> {
         let timer = metrics::admission(Backend::Redis, AdmissionOp::Confirm);
-        let mut conn = self.conn.clone();
-        let confirmed: Result<i64> = self
-            .scripts
-            .confirm
-            .key(self.keys(sale).idem)
-            .arg(order.user.as_str())
-            .arg(&order.key)
-            .arg(order.order_id.to_string())
-            .invoke_async(&mut conn)
-            .await
-            .map_err(unavailable);
-        timer.result(confirmed).map(drop)
+        let confirmed = async {
+            let (b, _) = self.bucket_of(sale, &order.user).await?;
+            let mut conn = self.conn.clone();
+            self.scripts
+                .confirm
+                .key(self.keys_of(sale, b).idem)
+                .arg(order.user.as_str())
+                .arg(&order.key)
+                .arg(order.order_id.to_string())
+                .invoke_async::<i64>(&mut conn)
+                .await
+                .map_err(unavailable)
+        };
+        timer.result(confirmed.await).map(drop)
     }
 
     async fn abort(&self, sale: &SaleId, order: &OrderRef) -> Result<AbortOutcome> {
@@ -804,21 +1157,23 @@ impl Admission for RedisAdmission {
         )
     }
 
-    async fn claim(&self, sale: &SaleId, order_id: OrderId) -> Result<bool> {
+    async fn claim(&self, sale: &SaleId, order: &OrderRef) -> Result<bool> {
         let timer = metrics::admission(Backend::Redis, AdmissionOp::Claim);
-        let k = self.keys(sale);
-        let mut conn = self.conn.clone();
-        let claimed: Result<i64> = self
-            .scripts
-            .claim
-            .key(&k.sale)
-            .key(&k.released)
-            .key(&k.claimed)
-            .arg(order_id.to_string())
-            .invoke_async(&mut conn)
-            .await
-            .map_err(unavailable);
-        timer.result(claimed.and_then(|n| match n {
+        let claimed = async {
+            let (b, _) = self.bucket_of(sale, &order.user).await?;
+            let k = self.keys_of(sale, b);
+            let mut conn = self.conn.clone();
+            self.scripts
+                .claim
+                .key(&k.sale)
+                .key(&k.released)
+                .key(&k.claimed)
+                .arg(order.order_id.to_string())
+                .invoke_async::<i64>(&mut conn)
+                .await
+                .map_err(unavailable)
+        };
+        timer.result(claimed.await.and_then(|n| match n {
             -1 => Err(missing(sale)),
             n => Ok(n == 1),
         }))
@@ -833,19 +1188,14 @@ impl Admission for RedisAdmission {
 
     async fn confirm_batch(&self, orders: &[(SaleId, OrderRef)]) -> Vec<Result<()>> {
         let timer = metrics::admission(Backend::Redis, AdmissionOp::Confirm);
-        let calls = orders
-            .iter()
-            .map(|(sale, order)| {
-                let idem = self.keys(sale).idem;
-                let mut cmd = evalsha(&self.scripts.confirm, &[&idem]);
+        let results: Vec<Result<()>> = self
+            .batch(&self.scripts.confirm, orders, |sale, b, order| {
+                let mut cmd = evalsha(&self.scripts.confirm, &[&self.keys_of(sale, b).idem]);
                 cmd.arg(order.user.as_str())
                     .arg(&order.key)
                     .arg(order.order_id.to_string());
-                (sale.to_string(), cmd)
+                cmd
             })
-            .collect();
-        let results: Vec<Result<()>> = self
-            .eval_each(&self.scripts.confirm, calls)
             .await
             .into_iter()
             .map(|r| int_reply(r).map(|_| ()))
@@ -854,19 +1204,15 @@ impl Admission for RedisAdmission {
         results
     }
 
-    async fn claim_batch(&self, orders: &[(SaleId, OrderId)]) -> Vec<Result<bool>> {
+    async fn claim_batch(&self, orders: &[(SaleId, OrderRef)]) -> Vec<Result<bool>> {
         let timer = metrics::admission(Backend::Redis, AdmissionOp::Claim);
-        let calls = orders
-            .iter()
-            .map(|(sale, id)| {
-                let k = self.keys(sale);
-                let mut cmd = evalsha(&self.scripts.claim, &[&k.sale, &k.released, &k.claimed]);
-                cmd.arg(id.to_string());
-                (sale.to_string(), cmd)
-            })
-            .collect();
         let results: Vec<Result<bool>> = self
-            .eval_each(&self.scripts.claim, calls)
+            .batch(&self.scripts.claim, orders, |sale, b, order| {
+                let k = self.keys_of(sale, b);
+                let mut cmd = evalsha(&self.scripts.claim, &[&k.sale, &k.released, &k.claimed]);
+                cmd.arg(order.order_id.to_string());
+                cmd
+            })
             .await
             .into_iter()
             .zip(orders)
@@ -881,12 +1227,10 @@ impl Admission for RedisAdmission {
 
     async fn release_batch(&self, orders: &[(SaleId, OrderRef)]) -> Vec<Result<bool>> {
         let timer = metrics::admission(Backend::Redis, AdmissionOp::Release);
-        let calls = orders
-            .iter()
-            .map(|(sale, order)| (sale.to_string(), self.release_call(sale, order, "release")))
-            .collect();
         let results: Vec<Result<bool>> = self
-            .eval_each(&self.scripts.release, calls)
+            .batch(&self.scripts.release, orders, |sale, b, order| {
+                self.release_call(sale, b, order, "release")
+            })
             .await
             .into_iter()
             .zip(orders)
@@ -900,37 +1244,53 @@ impl Admission for RedisAdmission {
     }
 
     async fn counters(&self, sale: &SaleId) -> Result<Option<Counters>> {
-        let k = self.keys(sale);
-        let mut conn = self.conn.clone();
-        let (fields, rejected): (
-            std::collections::HashMap<String, i64>,
-            std::collections::HashMap<String, i64>,
-        ) = redis::pipe()
-            .cmd("HGETALL")
-            .arg(&k.sale)
-            .cmd("HGETALL")
-            .arg(&k.rejected)
-            .query_async(&mut conn)
-            .await
-            .map_err(unavailable)?;
-        if fields.get("ready") != Some(&1) {
+        let Some(n) = self.stored_bucket_count(sale).await? else {
             return Ok(None);
+        };
+        let mut parts = Vec::with_capacity(n as usize);
+        let mut in_flight = 0;
+        for b in 0..n {
+            let k = self.keys_of(sale, b);
+            let mut conn = self.conn.clone();
+            let (fields, rejected, lent): (
+                std::collections::HashMap<String, i64>,
+                std::collections::HashMap<String, i64>,
+                Vec<String>,
+            ) = redis::pipe()
+                .cmd("HGETALL")
+                .arg(&k.sale)
+                .cmd("HGETALL")
+                .arg(&k.rejected)
+                .cmd("HVALS")
+                .arg(&k.lent)
+                .query_async(&mut conn)
+                .await
+                .map_err(unavailable)?;
+            if fields.get("ready") != Some(&1) {
+                return Ok(None);
+            }
+            // Units lent and not yet received are still the sale's.
+            in_flight += lent
+                .iter()
+                .filter_map(|v| v.split_once(':')?.1.parse::<i64>().ok())
+                .sum::<i64>();
+            let get = |f: &str| fields.get(f).copied().unwrap_or(0);
+            parts.push(Counters {
+                stock: get("stock") as u64,
+                stock_left: get("left"),
+                accepted_orders: get("acc_o") as u64,
+                accepted_units: get("acc_u") as u64,
+                released_units: get("rel_u") as u64,
+                rejected: rejected
+                    .into_iter()
+                    .filter(|(code, n)| code != "\n" && *n > 0)
+                    .map(|(code, n)| (code, n as u64))
+                    .collect(),
+            });
         }
-        let get = |f: &str| fields.get(f).copied().unwrap_or(0);
-        let mut rejected: Vec<(String, u64)> = rejected
-            .into_iter()
-            .filter(|(code, n)| code != "\n" && *n > 0)
-            .map(|(code, n)| (code, n as u64))
-            .collect();
-        rejected.sort();
-        Ok(Some(Counters {
-            stock: get("stock") as u64,
-            stock_left: get("left"),
-            accepted_orders: get("acc_o") as u64,
-            accepted_units: get("acc_u") as u64,
-            released_units: get("rel_u") as u64,
-            rejected,
-        }))
+        let mut total = stock_buckets::sum_counters(parts);
+        total.stock_left += in_flight;
+        Ok(Some(total))
     }
 
     async fn ping(&self) -> Result<()> {

@@ -24,8 +24,9 @@
 
 use crate::model::{
     AbortOutcome, AdmitRequest, Answer, BucketAnswer, BucketAsk, Counters, Decision, OrderRef,
-    Rejection, SaleRules, SaleState,
+    Rejection, SaleRules, SaleState, Snapshot,
 };
+use std::collections::HashMap;
 use storage::{OrderId, UserId};
 
 /// The bucket of `user` in a sale of `buckets` buckets.
@@ -194,6 +195,66 @@ impl BucketedSale {
     }
 }
 
+/// A whole sale's state (as reconcile rebuilds it from the order store) split over `n`
+/// buckets: each buyer's units and answers (sequences made bucket-local) in their bucket,
+/// each released or claimed order in its buyer's bucket, the accepted and released counters
+/// of each bucket's orders, and the units left spread evenly ([`split`]); each bucket's
+/// stock is then what keeps it conserved (`stock = left + accepted - released`), so the
+/// buckets' stocks add up to the sale's.
+pub fn split_snapshot(whole: &Snapshot, n: u32) -> Vec<Snapshot> {
+    let n = n.max(1);
+    let owner: HashMap<OrderId, (&UserId, u32)> = whole
+        .answers
+        .iter()
+        .map(|(u, _, e)| (e.answer.order_id, (u, e.answer.quantity)))
+        .collect();
+    let bucket_of_order =
+        |id: &OrderId| owner.get(id).map_or(0, |(u, _)| home_bucket(u, n) as usize);
+    let mut parts: Vec<Snapshot> = (0..n)
+        .map(|_| Snapshot {
+            rules: whole.rules,
+            counters: Counters::default(),
+            next_sequence: 1,
+            units: Vec::new(),
+            answers: Vec::new(),
+            released: Vec::new(),
+            claimed: Vec::new(),
+            retired: whole.retired,
+        })
+        .collect();
+    for (user, units) in &whole.units {
+        parts[home_bucket(user, n) as usize]
+            .units
+            .push((user.clone(), *units));
+    }
+    for (user, key, entry) in &whole.answers {
+        let b = home_bucket(user, n);
+        let part = &mut parts[b as usize];
+        let mut entry = entry.clone();
+        entry.answer.sequence = local_sequence(entry.answer.sequence, b, n);
+        part.next_sequence = part.next_sequence.max(entry.answer.sequence + 1);
+        part.counters.accepted_orders += 1;
+        part.counters.accepted_units += u64::from(entry.answer.quantity);
+        part.answers.push((user.clone(), key.clone(), entry));
+    }
+    for id in &whole.released {
+        let part = &mut parts[bucket_of_order(id)];
+        part.released.push(*id);
+        part.counters.released_units += owner.get(id).map_or(0, |(_, q)| u64::from(*q));
+    }
+    for id in &whole.claimed {
+        parts[bucket_of_order(id)].claimed.push(*id);
+    }
+    let left = split(whole.counters.stock_left.max(0) as u64, n);
+    for (part, left) in parts.iter_mut().zip(left) {
+        let c = &mut part.counters;
+        c.stock_left = left as i64;
+        c.stock = (left + c.accepted_units).saturating_sub(c.released_units);
+        part.rules.stock = c.stock;
+    }
+    parts
+}
+
 /// Counters of buckets added up into the sale's.
 pub fn sum_counters(parts: impl IntoIterator<Item = Counters>) -> Counters {
     let mut total = Counters::default();
@@ -287,6 +348,59 @@ mod tests {
             fingerprint: "f".into(),
             order_id: OrderId::new(),
         }
+    }
+
+    #[test]
+    fn a_whole_state_splits_into_buckets_that_add_up_to_it() {
+        let mut whole = SaleState::new(rules(50, 3));
+        let mut accepted = Vec::new();
+        for u in 0..30 {
+            let r = req(u, "k", 1 + u % 3);
+            if let Decision::Accepted(a) = whole.admit(&r, 1) {
+                accepted.push((r, a));
+            }
+        }
+        for (r, _) in accepted.iter().take(5) {
+            let o = OrderRef::from(r);
+            assert!(whole.claim(o.order_id));
+            assert!(whole.release(&o));
+        }
+        let snap = whole.snapshot();
+        let parts = split_snapshot(&snap, 4);
+        assert_eq!(parts.len(), 4);
+        let total = sum_counters(parts.iter().map(|p| p.counters.clone()));
+        let w = &snap.counters;
+        assert_eq!(
+            (total.stock, total.stock_left, total.accepted_orders),
+            (w.stock, w.stock_left, w.accepted_orders)
+        );
+        assert_eq!(
+            (total.accepted_units, total.released_units),
+            (w.accepted_units, w.released_units)
+        );
+        for (b, p) in parts.iter().enumerate() {
+            let c = &p.counters;
+            assert_eq!(
+                c.stock as i64,
+                c.stock_left + c.accepted_units as i64 - c.released_units as i64,
+                "bucket {b} conserves its units"
+            );
+            for (u, _, e) in &p.answers {
+                assert_eq!(
+                    home_bucket(u, 4) as usize,
+                    b,
+                    "each answer in its buyer's bucket"
+                );
+                assert!(p.next_sequence > e.answer.sequence);
+            }
+            for (u, _) in &p.units {
+                assert_eq!(home_bucket(u, 4) as usize, b);
+            }
+        }
+        let answers: usize = parts.iter().map(|p| p.answers.len()).sum();
+        assert_eq!(answers, snap.answers.len());
+        let released: usize = parts.iter().map(|p| p.released.len()).sum();
+        assert_eq!(released, 5);
     }
 
     #[test]

@@ -168,7 +168,10 @@ async fn the_order_cap_refuses_without_taking_and_a_settled_sale_is_retired() {
             .confirm(&s.id, &OrderRef::from(r))
             .await
             .expect("confirm");
-        assert!(admission.claim(&s.id, r.order_id).await.expect("claim"));
+        assert!(admission
+            .claim(&s.id, &OrderRef::from(r))
+            .await
+            .expect("claim"));
     }
     assert_eq!(
         admission.admit_at(&s.id, &attempt(3), now),

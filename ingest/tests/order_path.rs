@@ -100,8 +100,8 @@ impl Admission for Counting {
     async fn abort(&self, sale: &SaleId, order: &OrderRef) -> admission::Result<AbortOutcome> {
         self.inner.abort(sale, order).await
     }
-    async fn claim(&self, sale: &SaleId, order_id: OrderId) -> admission::Result<bool> {
-        self.inner.claim(sale, order_id).await
+    async fn claim(&self, sale: &SaleId, order: &OrderRef) -> admission::Result<bool> {
+        self.inner.claim(sale, order).await
     }
     async fn release(&self, sale: &SaleId, order: &OrderRef) -> admission::Result<bool> {
         self.inner.release(sale, order).await

@@ -121,15 +121,17 @@ async fn batches_give_the_results_and_counters_of_single_calls() {
 
     // Claims: every order, one of them twice, plus an unknown sale.
     let claims = |s: &Sale, reqs: &[AdmitRequest]| {
-        let mut v: Vec<(SaleId, OrderId)> =
-            reqs.iter().map(|r| (s.id.clone(), r.order_id)).collect();
-        v.push((s.id.clone(), reqs[0].order_id));
-        v.insert(2, (missing.clone(), ghost.order_id));
+        let mut v: Vec<(SaleId, OrderRef)> = reqs
+            .iter()
+            .map(|r| (s.id.clone(), OrderRef::from(r)))
+            .collect();
+        v.push((s.id.clone(), OrderRef::from(&reqs[0])));
+        v.insert(2, (missing.clone(), OrderRef::from(&ghost)));
         v
     };
     let mut one_by_one = Vec::new();
-    for (s, id) in claims(&single, &a) {
-        one_by_one.push(redis.claim(&s, id).await);
+    for (s, order) in claims(&single, &a) {
+        one_by_one.push(redis.claim(&s, &order).await);
     }
     let in_batch = redis.claim_batch(&claims(&batched, &b)).await;
     assert_eq!(shape(&one_by_one), shape(&in_batch));
@@ -190,8 +192,8 @@ async fn an_aborted_order_is_not_claimed_in_a_batch() {
     );
     let results = redis
         .claim_batch(&[
-            (s.id.clone(), reqs[0].order_id),
-            (s.id.clone(), reqs[1].order_id),
+            (s.id.clone(), OrderRef::from(&reqs[0])),
+            (s.id.clone(), OrderRef::from(&reqs[1])),
         ])
         .await;
     assert_eq!(shape(&results), vec!["ok false", "ok true"]);
@@ -265,9 +267,9 @@ async fn one_order_error_does_not_fail_the_batch_and_flushed_scripts_reload() {
         .expect("flush");
     let results = redis
         .claim_batch(&[
-            (s.id.clone(), reqs[0].order_id),
-            (broken.clone(), reqs[1].order_id),
-            (s.id.clone(), reqs[1].order_id),
+            (s.id.clone(), OrderRef::from(&reqs[0])),
+            (broken.clone(), OrderRef::from(&reqs[1])),
+            (s.id.clone(), OrderRef::from(&reqs[1])),
         ])
         .await;
     assert_eq!(shape(&results), vec!["ok true", "err", "ok true"]);
@@ -310,7 +312,10 @@ async fn one_order_error_does_not_fail_the_batch_and_flushed_scripts_reload() {
         Decision::Replayed(_)
     ));
     // Single calls still work.
-    assert!(redis.claim(&s.id, reqs[4].order_id).await.expect("claim"));
+    assert!(redis
+        .claim(&s.id, &OrderRef::from(&reqs[4]))
+        .await
+        .expect("claim"));
     assert!(!redis
         .release(&s.id, &OrderRef::from(&reqs[2]))
         .await

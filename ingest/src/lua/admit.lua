@@ -7,7 +7,11 @@
 --         expires once the bucket has refilled (absent and full are the same bucket)
 -- KEYS[4] idem hash     user.."\n"..key -> "fingerprint|order_id|sequence|quantity|confirmed"
 -- KEYS[5] rejected hash code -> count
--- ARGV    user, quantity, key, fingerprint, order_id
+-- ARGV    user, quantity, key, fingerprint, order_id, ask
+--         ask: "" (a sale of one bucket), or for a stock bucket of a sale of several
+--         (ingest/src/stock_buckets.rs) "first" (too few units left answers
+--         {"short", left, now} and counts nothing: the caller borrows, then asks again) or
+--         "retry" (that second ask: the first one took the token).
 --
 -- Replies: {"accepted", order_id, sequence, quantity, now}
 --          {"replayed", order_id, sequence, quantity, now}
@@ -18,6 +22,7 @@
 -- with %.0f so they never turn into exponent notation.
 local sale, units, buckets, idem, rejected = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local user, qty, key, fp, order_id = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4], ARGV[5]
+local ask = ARGV[6] or ''
 
 local t = redis.call('TIME')
 local f = redis.call('HMGET', sale, 'ready', 'left', 'limit', 'rate', 'burst', 'starts', 'ends', 'seq', 'skew')
@@ -44,42 +49,45 @@ end
 -- 2. The sale is open.
 if now < tonumber(f[6]) or now >= tonumber(f[7]) then return reject('sale_not_active') end
 
--- 3. The user's token bucket (integer milli-tokens, as take_token in the model).
-local TOKEN = 1000
-local cap = tonumber(f[5]) * TOKEN
-local rate = math.max(tonumber(f[4]), 1)
-local tokens, at = cap, now
-local b = redis.call('GET', buckets)
-if b then
-  local bt, ba = string.match(b, '^([^:]*):([^:]*)$')
-  tokens, at = tonumber(bt), tonumber(ba)
-end
-local elapsed = math.max(now - at, 0)
-local fill = math.floor(cap * 1000 / rate) + 1
-if elapsed >= fill then
-  tokens, at = cap, now
-else
-  local added = math.floor(elapsed * rate / 1000)
-  tokens = math.min(tokens + added, cap)
-  at = at + math.floor(added * 1000 / rate)
-  if tokens == cap then at = now end
-end
-local allowed = tokens >= TOKEN
-if allowed then tokens = tokens - TOKEN end
--- Kept until it has refilled (bucket_full_at in the model), as a relative expiry: the test
--- clock's skew only grows, so by then the bucket is full on the skewed clock too.
-local full_at = at + math.min(math.floor(((cap - tokens) * 1000 + rate - 1) / rate), fill)
-if full_at > now then
-  redis.call('SET', buckets, string.format('%.0f:%.0f', tokens, at), 'PX',
-    string.format('%.0f', math.floor((full_at - now + 999) / 1000)))
-else
-  redis.call('DEL', buckets)
-end
-if not allowed then
-  local missing_us = math.floor(((TOKEN - tokens) * 1000 + rate - 1) / rate)
-  local secs = math.floor((missing_us + 999999) / 1000000)
-  if secs < 1 then secs = 1 end
-  return reject('rate_limited', secs)
+-- 3. The user's token bucket (integer milli-tokens, as take_token in the model); not on a
+-- bucket's retry (its first ask took the token).
+if ask ~= 'retry' then
+  local TOKEN = 1000
+  local cap = tonumber(f[5]) * TOKEN
+  local rate = math.max(tonumber(f[4]), 1)
+  local tokens, at = cap, now
+  local b = redis.call('GET', buckets)
+  if b then
+    local bt, ba = string.match(b, '^([^:]*):([^:]*)$')
+    tokens, at = tonumber(bt), tonumber(ba)
+  end
+  local elapsed = math.max(now - at, 0)
+  local fill = math.floor(cap * 1000 / rate) + 1
+  if elapsed >= fill then
+    tokens, at = cap, now
+  else
+    local added = math.floor(elapsed * rate / 1000)
+    tokens = math.min(tokens + added, cap)
+    at = at + math.floor(added * 1000 / rate)
+    if tokens == cap then at = now end
+  end
+  local allowed = tokens >= TOKEN
+  if allowed then tokens = tokens - TOKEN end
+  -- Kept until it has refilled (bucket_full_at in the model), as a relative expiry: the test
+  -- clock's skew only grows, so by then the bucket is full on the skewed clock too.
+  local full_at = at + math.min(math.floor(((cap - tokens) * 1000 + rate - 1) / rate), fill)
+  if full_at > now then
+    redis.call('SET', buckets, string.format('%.0f:%.0f', tokens, at), 'PX',
+      string.format('%.0f', math.floor((full_at - now + 999) / 1000)))
+  else
+    redis.call('DEL', buckets)
+  end
+  if not allowed then
+    local missing_us = math.floor(((TOKEN - tokens) * 1000 + rate - 1) / rate)
+    local secs = math.floor((missing_us + 999999) / 1000000)
+    if secs < 1 then secs = 1 end
+    return reject('rate_limited', secs)
+  end
 end
 
 -- 4. The per-user limit.
@@ -88,6 +96,7 @@ if held + qty > tonumber(f[3]) then return reject('limit_exceeded') end
 
 -- 5. Stock.
 if tonumber(f[2]) < qty then
+  if ask == 'first' then return {'short', tonumber(f[2]), now} end
   redis.call('HINCRBY', rejected, 'sold_out', 1)
   return {'rejected', 'sold_out', 0, tonumber(f[2]), now}
 end
