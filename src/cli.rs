@@ -103,6 +103,10 @@ pub enum Command {
         /// Most units per user.
         #[arg(long, default_value_t = 2)]
         per_user_limit: u32,
+        /// Stock buckets of the sale: its stock and buyers split over this many Redis
+        /// counters (each its own Cluster slot), lending each other units.
+        #[arg(long, default_value_t = 1)]
+        stock_buckets: u32,
         /// Seed of the request plan.
         #[arg(long, default_value_t = 7)]
         seed: u64,
@@ -407,6 +411,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             concurrency,
             decline_rate,
             per_user_limit,
+            stock_buckets,
             seed,
             json,
             backends,
@@ -427,6 +432,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
                 concurrency,
                 decline_rate,
                 per_user_limit,
+                stock_buckets,
                 seed,
                 progress: !json,
                 ..DemoOptions::default()

@@ -35,6 +35,8 @@ pub struct DemoOptions {
     pub decline_rate: f64,
     /// Most units per user.
     pub per_user_limit: u32,
+    /// Stock buckets of the sale (spread over a Redis Cluster's slots).
+    pub stock_buckets: u32,
     /// Share of requests that retry an earlier one with the same key and body.
     pub retry_share: f64,
     /// Share of requests that are malformed.
@@ -56,6 +58,7 @@ impl Default for DemoOptions {
             concurrency: 64,
             decline_rate: 0.1,
             per_user_limit: 2,
+            stock_buckets: 1,
             retry_share: 0.05,
             bad_share: 0.02,
             seed: 7,
@@ -360,6 +363,7 @@ async fn drive(config: &Config, running: &Running, opts: &DemoOptions) -> anyhow
             "per_user_limit": opts.per_user_limit,
             "max_quantity_per_order": opts.per_user_limit,
             "user_rate": {"per_second": 5, "burst": 10},
+            "stock_buckets": opts.stock_buckets,
         }))
         .send()
         .await?;

@@ -527,6 +527,9 @@ async fn operator_routes_are_guarded_and_validated(backend: Backend) {
         json!({"id": "has space", "sku": "s", "stock": 5, "price_cents": 100, "currency": "EUR"}),
         json!({"sku": "s", "stock": 5, "price_cents": 100, "currency": "EUR", "per_user_limit": 1, "max_quantity_per_order": 2}),
         json!({"sku": "s", "stock": 5, "price_cents": 100, "currency": "EUR", "starts_at": "2030-01-02T00:00:00Z", "ends_at": "2030-01-01T00:00:00Z"}),
+        json!({"sku": "s", "stock": 5, "price_cents": 100, "currency": "EUR", "stock_buckets": 0}),
+        json!({"sku": "s", "stock": 500, "price_cents": 100, "currency": "EUR", "stock_buckets": 65}),
+        json!({"sku": "s", "stock": 5, "price_cents": 100, "currency": "EUR", "stock_buckets": 6}),
     ] {
         let a = app.create_sale(bad.clone()).await;
         assert_eq!(
@@ -575,6 +578,59 @@ async fn operator_routes_are_guarded_and_validated(backend: Backend) {
     )
     .await;
     assert_eq!(stats_as_buyer.status, 401);
+    app.stop().await;
+}
+
+/// A sale of four stock buckets sells exactly its stock, whichever buckets its buyers live
+/// in, answers `sold_out` only then, keeps each buyer's limit and answers, and gives a
+/// released unit back to be sold again. (The embedded backend keeps one counter; the
+/// answers are the same.)
+async fn a_sale_of_stock_buckets_sells_exactly_its_stock(backend: Backend) {
+    let app = TestApp::start_on(backend).await;
+    let created = app
+        .create_sale(json!({
+            "id": "bk", "sku": "s", "stock": 9, "price_cents": 100, "currency": "EUR",
+            "per_user_limit": 2, "max_quantity_per_order": 2, "stock_buckets": 4,
+            "user_rate": {"per_second": 1000, "burst": 1000}
+        }))
+        .await;
+    assert_eq!(created.status, 201, "{}", created.body);
+    assert_eq!(created.body["stock_buckets"], 4);
+    let mut units = 0;
+    let mut first_sold_out = None;
+    let mut sequences = std::collections::HashSet::new();
+    for u in 0..40 {
+        let token = app.token(&format!("b{u}"));
+        let a = app.order("bk", &token, "k", 2).await;
+        match (a.status, a.code()) {
+            (202, _) => {
+                assert!(
+                    first_sold_out.is_none(),
+                    "accepted after a sold_out: {}",
+                    a.body
+                );
+                units += 2;
+                let seq = a.body["sequence"].as_u64();
+                assert!(sequences.insert(seq), "sequence {seq:?} twice");
+                // A retry gets the same answer from the buyer's bucket.
+                let again = app.order("bk", &token, "k", 2).await;
+                assert_eq!(again.body["order_id"], a.body["order_id"]);
+            }
+            (409, "sold_out") => {
+                first_sold_out.get_or_insert(u);
+            }
+            other => panic!("{other:?}: {}", a.body),
+        }
+    }
+    // 9 units, orders of 2: four orders, one unit left that no order of 2 can take.
+    assert_eq!(units, 8);
+    let stats = app.stats("bk").await;
+    assert_eq!(stats["stock_left"], 1, "{stats}");
+    assert_eq!(stats["accepted"], 4, "{stats}");
+    // One more unit for a buyer who wants one.
+    let one = app.order("bk", &app.token("single"), "k", 1).await;
+    assert_eq!(one.status, 202, "{}", one.body);
+    assert_eq!(app.stock_left("bk").await, 0);
     app.stop().await;
 }
 
@@ -684,6 +740,7 @@ macro_rules! on_every_backend {
 }
 
 on_every_backend!(
+    a_sale_of_stock_buckets_sells_exactly_its_stock,
     bad_input_gets_a_problem_with_a_stable_code_and_takes_no_stock,
     admission_outcomes_and_idempotency,
     rate_limit_and_sale_window,

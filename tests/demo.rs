@@ -15,6 +15,37 @@ fn demo_on_redis_admission_passes() {
     demo_passes(&["--admission", &redis.url()]);
 }
 
+/// A sale of six stock buckets on a 3-primary Redis Cluster: every invariant holds (no unit
+/// sold twice), every unit was sold before buyers heard `sold_out` (none stranded in a cold
+/// bucket; the model test checks the rule exactly), and the buckets live on every node.
+#[test]
+fn demo_with_stock_buckets_on_a_redis_cluster_passes() {
+    let cluster = testkit::RedisCluster::start(3);
+    let r = demo_passes(&["--admission", &cluster.url(), "--stock-buckets", "6"]);
+    let sold_out = r["rejected"]["sold_out"].as_u64().unwrap_or(0);
+    assert!(sold_out > 0, "the sale sold out: {r}");
+    assert!(
+        r["accepted_units"].as_u64() >= r["stock"].as_u64(),
+        "every unit sold at least once: {r}"
+    );
+    let mut nodes_with_buckets = 0;
+    for i in 0..cluster.len() {
+        let mut conn = redis::Client::open(cluster.node_url(i))
+            .expect("client")
+            .get_connection()
+            .expect("connect");
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg("fs:{*}:sale")
+            .query(&mut conn)
+            .expect("keys");
+        nodes_with_buckets += usize::from(!keys.is_empty());
+    }
+    assert_eq!(
+        nodes_with_buckets, 3,
+        "the sale's buckets spread over every primary"
+    );
+}
+
 #[cfg(feature = "kafka")]
 #[test]
 fn demo_on_redis_and_kafka_passes() {
