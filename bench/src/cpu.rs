@@ -81,6 +81,11 @@ fn read_stat(path: &str) -> Option<Stat> {
     parse_stat(&std::fs::read_to_string(path).ok()?)
 }
 
+/// CPU seconds process `pid` has used (utime + stime), `None` if it is gone.
+pub fn pid_cpu_s(pid: u32) -> Option<f64> {
+    read_stat(&format!("/proc/{pid}/stat")).map(|s| s.own as f64 / ticks_per_second())
+}
+
 /// CPU counters at one instant.
 #[derive(Debug, Clone, Default)]
 pub struct CpuSnapshot {

@@ -149,6 +149,11 @@ impl RedisServer {
         self.port
     }
 
+    /// Its process id, if it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Kills it with SIGKILL (its data is lost: persistence is off).
     pub fn kill(&mut self) {
         kill_launched(&mut self.child, &mut self.pid_file);

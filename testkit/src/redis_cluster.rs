@@ -164,6 +164,11 @@ impl RedisCluster {
         format!("redis://127.0.0.1:{}/", self.nodes[i].port)
     }
 
+    /// The process id of node `i`, if it runs.
+    pub fn pid(&self, i: usize) -> Option<u32> {
+        self.nodes[i].child.as_ref().map(Child::id)
+    }
+
     /// The port of node `i`.
     pub fn port(&self, i: usize) -> u16 {
         self.nodes[i].port
