@@ -90,14 +90,96 @@ pub fn cluster_nodes(url: &str) -> std::result::Result<Vec<String>, String> {
 #[derive(Clone)]
 pub(crate) enum Conn {
     Node(ConnectionManager),
-    Cluster(ClusterConnection),
+    Cluster(Arc<ClusterHandle>),
+}
+
+/// Calls in a row that failed on the connection (timeout, I/O, dropped) before the
+/// cluster connection is replaced.
+const CLUSTER_FAILURES_BEFORE_RESET: u32 = 8;
+/// The least time between two replacements.
+const CLUSTER_RESET_EVERY: Duration = Duration::from_secs(3);
+
+/// The cluster connection with a way out of a stuck one. The crate's async cluster client
+/// recovers from a lost node by itself, but after a primary came back on the same address
+/// it was seen (redis 1.8.1) to stay inside its slot refresh forever, every command timing
+/// out, in some processes and not others. So after
+/// [`CLUSTER_FAILURES_BEFORE_RESET`] calls in a row fail on the connection, a new
+/// connection is built from the seeds in the background and swapped in (at most every
+/// [`CLUSTER_RESET_EVERY`]); calls in flight finish on the old one.
+pub(crate) struct ClusterHandle {
+    client: redis::cluster::ClusterClient,
+    conn: std::sync::RwLock<ClusterConnection>,
+    failures: std::sync::atomic::AtomicU32,
+    resetting: std::sync::atomic::AtomicBool,
+    last_reset: std::sync::Mutex<std::time::Instant>,
+}
+
+impl ClusterHandle {
+    fn current(&self) -> ClusterConnection {
+        self.conn
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Counts a call's outcome; starts a replacement after too many connection failures.
+    fn observe<T>(self: &Arc<Self>, outcome: &redis::RedisResult<T>) {
+        use std::sync::atomic::Ordering::{AcqRel, Relaxed};
+        match outcome {
+            Ok(_) => self.failures.store(0, Relaxed),
+            Err(e) if e.is_timeout() || e.is_io_error() || e.is_connection_dropped() => {
+                let n = self.failures.fetch_add(1, AcqRel) + 1;
+                let due = self
+                    .last_reset
+                    .lock()
+                    .map(|t| t.elapsed() >= CLUSTER_RESET_EVERY)
+                    .unwrap_or(true);
+                if n >= CLUSTER_FAILURES_BEFORE_RESET && due && !self.resetting.swap(true, AcqRel) {
+                    let me = Arc::clone(self);
+                    tokio::spawn(async move { me.reset().await });
+                }
+            }
+            // A server's error answer: the connection works.
+            Err(_) => self.failures.store(0, Relaxed),
+        }
+    }
+
+    async fn reset(self: Arc<Self>) {
+        use std::sync::atomic::Ordering::{Relaxed, Release};
+        tracing::warn!("Redis Cluster: calls keep failing; replacing the cluster connection");
+        let fresh =
+            tokio::time::timeout(Duration::from_secs(5), self.client.get_async_connection()).await;
+        match fresh {
+            Ok(Ok(conn)) => {
+                *self
+                    .conn
+                    .write()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = conn;
+                self.failures.store(0, Relaxed);
+            }
+            Ok(Err(e)) => tracing::warn!(error = %e, "Redis Cluster: no new connection yet"),
+            Err(_) => tracing::warn!("Redis Cluster: no new connection within 5 s"),
+        }
+        if let Ok(mut t) = self.last_reset.lock() {
+            *t = std::time::Instant::now();
+        }
+        self.resetting.store(false, Release);
+    }
 }
 
 impl redis::aio::ConnectionLike for Conn {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> redis::RedisFuture<'a, Value> {
         match self {
             Conn::Node(c) => c.req_packed_command(cmd),
-            Conn::Cluster(c) => c.req_packed_command(cmd),
+            Conn::Cluster(h) => {
+                let h = Arc::clone(h);
+                Box::pin(async move {
+                    let mut c = h.current();
+                    let r = c.req_packed_command(cmd).await;
+                    h.observe(&r);
+                    r
+                })
+            }
         }
     }
 
@@ -109,14 +191,22 @@ impl redis::aio::ConnectionLike for Conn {
     ) -> redis::RedisFuture<'a, Vec<Value>> {
         match self {
             Conn::Node(c) => c.req_packed_commands(pipeline, offset, count),
-            Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Cluster(h) => {
+                let h = Arc::clone(h);
+                Box::pin(async move {
+                    let mut c = h.current();
+                    let r = c.req_packed_commands(pipeline, offset, count).await;
+                    h.observe(&r);
+                    r
+                })
+            }
         }
     }
 
     fn get_db(&self) -> i64 {
         match self {
             Conn::Node(c) => c.get_db(),
-            Conn::Cluster(c) => c.get_db(),
+            Conn::Cluster(h) => h.current().get_db(),
         }
     }
 }
@@ -355,7 +445,16 @@ impl RedisAdmission {
                 .build()
                 .map_err(unavailable)?;
             let conn = client.get_async_connection().await.map_err(unavailable)?;
-            (pubsub, Conn::Cluster(conn))
+            (
+                pubsub,
+                Conn::Cluster(Arc::new(ClusterHandle {
+                    client,
+                    conn: std::sync::RwLock::new(conn),
+                    failures: std::sync::atomic::AtomicU32::new(0),
+                    resetting: std::sync::atomic::AtomicBool::new(false),
+                    last_reset: std::sync::Mutex::new(std::time::Instant::now()),
+                })),
+            )
         } else {
             let client = redis::Client::open(url).map_err(unavailable)?;
             let config = redis::aio::ConnectionManagerConfig::new()
