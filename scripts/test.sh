@@ -18,9 +18,30 @@ cd "$(dirname "$0")/.."
 
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/flashsale/target}"
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+# Incremental state is large and useless to a run that builds each crate once.
+export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
 mkdir -p "$CARGO_TARGET_DIR"
 
 step() { printf '\n== %s ==\n' "$*"; }
+
+step "build cache"
+# Cargo never deletes old artifacts: every clone at a new path and every dependency bump
+# adds a full set. A full debug build of the workspace takes about NEED_GB; below that much
+# free space, drop incremental state, then the debug profile (rebuilt from scratch).
+NEED_GB=${FLASHSALE_BUILD_SPACE_GB:-20}
+free_gb() { df -Pk "$CARGO_TARGET_DIR" | awk 'NR == 2 { print int($4 / 1048576) }'; }
+echo "$CARGO_TARGET_DIR: $(du -sh "$CARGO_TARGET_DIR" 2>/dev/null | cut -f1) used, $(free_gb) GB free"
+if [ "$(free_gb)" -lt "$NEED_GB" ]; then
+  echo "under $NEED_GB GB free: removing incremental state"
+  rm -rf "$CARGO_TARGET_DIR"/*/incremental
+fi
+if [ "$(free_gb)" -lt "$NEED_GB" ]; then
+  echo "still under $NEED_GB GB free: removing the debug build ($CARGO_TARGET_DIR/debug)"
+  rm -rf "$CARGO_TARGET_DIR/debug"
+fi
+if [ "$(free_gb)" -lt "$NEED_GB" ]; then
+  echo "warning: only $(free_gb) GB free after pruning the build cache; the build may run out of space" >&2
+fi
 
 step "system packages"
 packages=(cmake pkg-config libcurl4-openssl-dev libssl-dev zlib1g-dev redis-server postgresql prometheus nodejs npm python3-venv curl)
