@@ -371,8 +371,16 @@ async fn redis_killed_mid_burst_gives_503_and_reconcile_restores_selling() {
     app.stop().await;
 }
 
-/// EVALSHA calls Redis has served so far.
-async fn evalsha_calls(url: &str) -> u64 {
+/// EVALSHA calls the Redis nodes at `urls` have served so far.
+async fn evalsha_calls(urls: &[String]) -> u64 {
+    let mut calls = 0;
+    for url in urls {
+        calls += node_evalsha_calls(url).await;
+    }
+    calls
+}
+
+async fn node_evalsha_calls(url: &str) -> u64 {
     let client = redis::Client::open(url).expect("client");
     let mut conn = client
         .get_multiplexed_async_connection()
@@ -412,7 +420,7 @@ impl Strangers {
 }
 
 /// Waits until `app` answers a stranger `sold_out` without an EVALSHA.
-async fn wait_flagged(app: &TestApp, url: &str, strangers: &Strangers) {
+async fn wait_flagged(app: &TestApp, url: &[String], strangers: &Strangers) {
     eventually(
         "the instance answers sold_out without Redis",
         Duration::from_secs(10),
@@ -428,26 +436,37 @@ async fn wait_flagged(app: &TestApp, url: &str, strangers: &Strangers) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_sold_out_flag_answers_locally_but_never_hides_an_answer_or_returned_stock() {
-    sold_out_flag(Backend::Redis).await;
+    sold_out_flag(Backend::Redis, 1).await;
 }
 
 /// On a cluster the sale lives on a node other than the first seed, where each instance
 /// subscribes: the events reach it through the cluster bus.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_sold_out_flag_works_on_a_redis_cluster() {
-    sold_out_flag(Backend::RedisCluster).await;
+    sold_out_flag(Backend::RedisCluster, 1).await;
 }
 
-async fn sold_out_flag(backend: Backend) {
+/// A sale in three stock buckets (over the cluster's nodes) is flagged once every bucket is
+/// empty; stock added to one bucket clears the flag.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sold_out_flag_works_for_a_sale_in_stock_buckets() {
+    sold_out_flag(Backend::RedisCluster, 3).await;
+}
+
+async fn sold_out_flag(backend: Backend, buckets: u32) {
     // Flags live ten minutes here: only the events channel can clear them in this test.
     let ttl = Duration::from_secs(600);
     let mut first = TestApp::start_on_with(backend, |c| c.admission.sold_out_ttl = ttl).await;
     let admission = first.config.admission.url.clone();
-    // The node that decides the sale's orders (whose EVALSHA calls are counted).
+    // The nodes that decide the sale's orders (whose EVALSHA calls are counted).
     let (sale, url) = match &first.redis_cluster {
         None => (
             "flag".to_owned(),
-            first.redis.as_ref().expect("redis").url(),
+            vec![first.redis.as_ref().expect("redis").url()],
+        ),
+        Some(cluster) if buckets > 1 => (
+            "flag".to_owned(),
+            (0..cluster.len()).map(|i| cluster.node_url(i)).collect(),
         ),
         Some(cluster) => {
             let sale = (0..)
@@ -455,10 +474,10 @@ async fn sold_out_flag(backend: Backend) {
                 .find(|s| cluster.node_of(&format!("fs:{{{s}}}:sale")) != 0)
                 .expect("a sale off the first node");
             let node = cluster.node_of(&format!("fs:{{{sale}}}:sale"));
-            (sale, cluster.node_url(node))
+            (sale, vec![cluster.node_url(node)])
         }
     };
-    let sale = sale.as_str();
+    let (sale, url) = (sale.as_str(), url.as_slice());
     let second = TestApp::start_with(|c| {
         c.admission.url = admission.clone();
         c.admission.sold_out_ttl = ttl;
@@ -468,7 +487,7 @@ async fn sold_out_flag(backend: Backend) {
         let a = app
             .create_sale(json!({
                 "id": sale, "sku": "s", "stock": 3, "price_cents": 100, "currency": "EUR",
-                "per_user_limit": 1, "max_quantity_per_order": 1,
+                "per_user_limit": 1, "max_quantity_per_order": 1, "stock_buckets": buckets,
                 "user_rate": {"per_second": 100000, "burst": 100000}
             }))
             .await;
@@ -484,13 +503,13 @@ async fn sold_out_flag(backend: Backend) {
     }
     // The second instance learns it from Redis's answer, then answers by itself.
     let strangers = Strangers::of(sale);
-    wait_flagged(&second, &url, &strangers).await;
-    let before = evalsha_calls(&url).await;
+    wait_flagged(&second, url, &strangers).await;
+    let before = evalsha_calls(url).await;
     for _ in 0..50 {
         let a = strangers.order(&second).await;
         assert_eq!((a.status, a.code()), (409, "sold_out"), "{}", a.body);
     }
-    let calls = evalsha_calls(&url).await - before;
+    let calls = evalsha_calls(url).await - before;
     assert!(
         calls < 10,
         "50 sold-out answers took {calls} Redis decisions"
@@ -533,7 +552,7 @@ async fn sold_out_flag(backend: Backend) {
     )
     .await;
     // Sold out again, and flagged again.
-    wait_flagged(&second, &url, &strangers).await;
+    wait_flagged(&second, url, &strangers).await;
     // Redis gone: the subscription is lost, the flag with it, and buyers get 503.
     if let Some(redis) = first.redis.as_mut() {
         redis.kill();

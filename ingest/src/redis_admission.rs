@@ -599,11 +599,15 @@ impl RedisAdmission {
             };
         }
         let (answer, now, _) = self.decide_in(sale, b, req, "first").await?;
+        // Units seen in the whole sale when this bucket was short (None: not asked).
+        let mut seen = None;
         let decided = match answer {
             BucketAnswer::Decided(d) => d,
             BucketAnswer::Short { left } => {
-                self.borrow(sale, n, b, left, i64::from(req.quantity))
-                    .await?;
+                seen = Some(
+                    self.borrow(sale, n, b, left, i64::from(req.quantity))
+                        .await?,
+                );
                 match self.decide_in(sale, b, req, "retry").await?.0 {
                     BucketAnswer::Decided(d) => d,
                     BucketAnswer::Short { .. } => Decision::Rejected(Rejection::SoldOut),
@@ -619,16 +623,22 @@ impl RedisAdmission {
             Decision::Replayed(a) => Decision::Replayed(global(a)),
             other => other,
         };
-        // No sold-out flag from one bucket's answer: the units left are only its own.
-        Ok((decided, now, None))
+        // The sold-out flag is worth learning only when every bucket was seen empty (the
+        // flag's own read checks every bucket again before it is set).
+        let left = match decided {
+            Decision::Rejected(Rejection::SoldOut) => seen.filter(|&units| units == 0),
+            _ => None,
+        };
+        Ok((decided, now, left))
     }
 
     /// Moves units into bucket `home` (holding `left`) from the sale's other buckets,
     /// richest first, until it holds `want` or none has any (the model's
     /// `BucketedSale::borrow`). A bucket that cannot be read is skipped, but if the units
     /// found are still short the error is returned: `sold_out` only when every bucket was
-    /// seen empty.
-    async fn borrow(&self, sale: &SaleId, n: u32, home: u32, left: i64, want: i64) -> Result<()> {
+    /// seen empty. Returns the units seen in the whole sale (the home bucket's and the
+    /// others' as read).
+    async fn borrow(&self, sale: &SaleId, n: u32, home: u32, left: i64, want: i64) -> Result<i64> {
         let reads = (0..n).map(|b| async move {
             if b == home {
                 return Ok(left);
@@ -656,6 +666,7 @@ impl RedisAdmission {
                 })
             })
             .collect();
+        let seen = known.iter().sum();
         let mut have = left;
         for d in stock_buckets::donors(&known, home) {
             if have >= want {
@@ -701,7 +712,7 @@ impl RedisAdmission {
         }
         match unread {
             Some(e) if have < want => Err(e),
-            _ => Ok(()),
+            _ => Ok(seen),
         }
     }
 
@@ -1217,10 +1228,14 @@ impl Admission for RedisAdmission {
         let timer = metrics::admission(Backend::Redis, AdmissionOp::Admit);
         let (decision, _, left) = timer.result(self.decide(sale, req).await)?;
         if left == Some(0) {
-            let k = self.keys(sale);
+            let n = self.stored_bucket_count(sale).await?.unwrap_or(1);
             let keys = FlagKeys {
-                sale: k.sale,
-                units: k.units,
+                buckets: (0..n)
+                    .map(|b| {
+                        let k = self.keys_of(sale, b);
+                        [k.sale, k.units, k.lent]
+                    })
+                    .collect(),
             };
             flags.learn(sale, epoch, self.conn.clone(), keys);
         }

@@ -5,7 +5,10 @@
 //! gets its first answer) nor hide stock that came back. So:
 //!
 //! - A flag is set only when Redis answered `sold_out` with **no** unit left. While no unit
-//!   is left no order can be accepted, so the flag stays true until units come back.
+//!   is left no order can be accepted, so the flag stays true until units come back. A
+//!   sale in stock buckets is flagged only when every bucket has no unit left and none is
+//!   lent in flight between buckets (a transfer's arrival publishes `stock` like a
+//!   release).
 //! - Units come back only through the release/abort script, `add-stock` and reconcile; each
 //!   publishes `stock` on the sale's channel `{prefix}{sale}:events`. Every instance keeps
 //!   one pattern subscription and drops the sale's flag on that message. Redis writes the
@@ -177,30 +180,55 @@ impl SoldOutFlags {
     }
 }
 
-/// Keys a flag is read from.
+/// Keys a flag is read from: per stock bucket of the sale (one for most sales), its sale
+/// hash, units hash and lent hash.
 #[derive(Debug)]
 pub(crate) struct FlagKeys {
-    pub sale: String,
-    pub units: String,
+    pub buckets: Vec<[String; 3]>,
 }
 
-async fn fetch(mut conn: Conn, keys: &FlagKeys) -> redis::RedisResult<Option<Flag>> {
+/// Reads every bucket of the sale (one pipeline each: a bucket is one hash slot) and makes
+/// a flag only if each has no unit left and none lent on the way to another bucket (a
+/// transfer in flight still carries units; its arrival publishes `stock`). The holders are
+/// the users holding units in any bucket; the limit and end come from the first bucket
+/// (every bucket has the same).
+async fn fetch(conn: Conn, keys: &FlagKeys) -> redis::RedisResult<Option<Flag>> {
     type Fields = (Option<i64>, Option<i64>, Option<i64>, Option<i64>);
-    let ((left, limit, ends, skew), holders): (Fields, Vec<String>) = redis::pipe()
-        .cmd("HMGET")
-        .arg(&keys.sale)
-        .arg(&["left", "limit", "ends", "skew"])
-        .cmd("HKEYS")
-        .arg(&keys.units)
-        .query_async(&mut conn)
-        .await?;
-    let (Some(0), Some(limit), Some(ends)) = (left, limit, ends) else {
+    let reads = keys.buckets.iter().map(|[sale, units, lent]| {
+        let mut conn = conn.clone();
+        async move {
+            let read: redis::RedisResult<(Fields, Vec<String>, Vec<String>)> = redis::pipe()
+                .cmd("HMGET")
+                .arg(sale)
+                .arg(&["left", "limit", "ends", "skew"])
+                .cmd("HKEYS")
+                .arg(units)
+                .cmd("HKEYS")
+                .arg(lent)
+                .query_async(&mut conn)
+                .await;
+            read
+        }
+    });
+    let mut holders = HashSet::new();
+    let mut first = None;
+    for read in futures_util::future::join_all(reads).await {
+        let ((left, limit, ends, skew), users, lent) = read?;
+        // Every key of a sale holds a placeholder field "\n" from its creation.
+        let in_flight = lent.iter().any(|id| id != "\n");
+        let (Some(0), Some(limit), Some(ends), false) = (left, limit, ends, in_flight) else {
+            return Ok(None);
+        };
+        first.get_or_insert((limit, ends - skew.unwrap_or(0)));
+        holders.extend(users.into_iter().map(String::into_boxed_str));
+    }
+    let Some((limit, ends_at_us)) = first else {
         return Ok(None);
     };
     Ok(Some(Flag {
-        holders: holders.into_iter().map(String::into_boxed_str).collect(),
+        holders,
         per_user_limit: u32::try_from(limit).unwrap_or(0),
-        ends_at_us: ends - skew.unwrap_or(0),
+        ends_at_us,
     }))
 }
 
