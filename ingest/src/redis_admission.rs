@@ -1227,8 +1227,12 @@ impl Admission for RedisAdmission {
         let epoch = flags.epoch();
         let timer = metrics::admission(Backend::Redis, AdmissionOp::Admit);
         let (decision, _, left) = timer.result(self.decide(sale, req).await)?;
-        if left == Some(0) {
-            let n = self.stored_bucket_count(sale).await?.unwrap_or(1);
+        // The decision stands whatever happens here: a failed read only skips learning.
+        let learn = match left {
+            Some(0) => self.stored_bucket_count(sale).await.ok().flatten(),
+            _ => None,
+        };
+        if let Some(n) = learn {
             let keys = FlagKeys {
                 buckets: (0..n)
                     .map(|b| {
